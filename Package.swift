@@ -1,0 +1,57 @@
+// swift-tools-version: 6.0
+import PackageDescription
+
+let package = Package(
+    name: "qbackup",
+    platforms: [.macOS(.v13)],
+    products: [
+        .executable(name: "qbackup", targets: ["qbackup"]),
+        .library(name: "QCowImage", targets: ["QCowImage"]),
+        .library(name: "BitmapStore", targets: ["BitmapStore"]),
+        .library(name: "BackupChain", targets: ["BackupChain"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-system", from: "1.8.1"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-crypto", from: "3.12.3"),
+    ],
+    targets: [
+        .systemLibrary(name: "CZlib", path: "Sources/CZlib", pkgConfig: "zlib",
+                       providers: [.apt(["zlib1g-dev"])]),
+        .systemLibrary(name: "CZstd", path: "Sources/CZstd", pkgConfig: "libzstd",
+                       providers: [.apt(["libzstd-dev"])]),
+        .systemLibrary(name: "CLZ4", path: "Sources/CLZ4", pkgConfig: "liblz4",
+                       providers: [.apt(["liblz4-dev"])]),
+        .target(
+            name: "QCowImage",
+            dependencies: [
+                "CZlib", "CZstd", "CLZ4",
+                .product(name: "SystemPackage", package: "swift-system"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .target(name: "BitmapStore", dependencies: ["QCowImage"]),
+        .target(
+            name: "BackupChain",
+            dependencies: [
+                "QCowImage", "BitmapStore",
+                .product(name: "Crypto", package: "swift-crypto"),
+            ]
+        ),
+        .executableTarget(
+            name: "qbackup",
+            dependencies: [
+                "QCowImage", "BitmapStore", "BackupChain",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .target(name: "TestSupport", dependencies: ["QCowImage"], path: "Tests/TestSupport"),
+        .testTarget(name: "QCowImageTests", dependencies: ["QCowImage", "TestSupport"]),
+        .testTarget(name: "BitmapStoreTests", dependencies: ["BitmapStore", "TestSupport"]),
+        .testTarget(name: "BackupChainTests", dependencies: ["BackupChain", "TestSupport"]),
+        .testTarget(name: "CLITests", dependencies: ["TestSupport"]),
+    ],
+    swiftLanguageModes: [.v6]
+)

@@ -1,0 +1,2 @@
+import QCowImage
+import BitmapStore

@@ -1,0 +1,5 @@
+// Linux constants that Glibc hides behind _GNU_SOURCE, which Swift does not define.
+let SEEK_DATA: Int32 = 3
+let SEEK_HOLE: Int32 = 4
+let F_OFD_GETLK: Int32 = 36
+let F_OFD_SETLK: Int32 = 37

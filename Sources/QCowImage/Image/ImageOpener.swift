@@ -1,0 +1,122 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// Opens images by path: probes the format, opens the backing chain with
+/// names resolved as QEMU does, and refuses loops and absurd depths.
+public enum ImageOpener {
+    /// Deeper chains than this are refused as a likely loop or mistake.
+    public static let maxChainDepth = 256
+
+    /// The formats an image may be opened as.
+    public enum Format: String, Sendable, CaseIterable { case qcow2, raw }
+
+    /// Opens `path` and its whole backing chain. With `format` nil, the format is probed.
+    public static func open(_ path: String, format: Format? = nil, writable: Bool = false,
+                            lock: Bool = true) throws -> GuestImage {
+        var seen: Set<String> = []
+        return try open(path, format: format, writable: writable, lock: lock, depth: 0, seen: &seen)
+    }
+
+    static func open(_ path: String, format: Format?, writable: Bool, lock: Bool, depth: Int,
+                     seen: inout Set<String>) throws -> GuestImage {
+        guard depth <= maxChainDepth else {
+            throw QCowError(.invalidFormat, "backing chain is deeper than \(maxChainDepth) images", path: path,
+                            region: "backing chain")
+        }
+        let real = realPath(path) ?? path
+        guard !seen.contains(real) else {
+            throw QCowError(.invalidFormat, "backing chain loops back to this image", path: path, region: "backing chain")
+        }
+        seen.insert(real)
+        let device = try FileDevice(path: path, writable: writable)
+        if lock { try ImageLock.acquire(device, writable: writable) }
+        let detected = try probe(device)
+        let chosen = format ?? detected
+        if chosen == .qcow2 && detected != .qcow2 {
+            throw QCowError(.invalidFormat, "not a qcow2 image (no QFI\\xfb magic)", path: path, offset: 0, region: "header")
+        }
+        switch chosen {
+        case .raw:
+            return try RawImage(device: device)
+        case .qcow2:
+            var external: FileDevice?
+            let peek = try QCowFile.peekHeader(device)
+            if peek.incompatibleFeatures.contains(.externalDataFile), let name = peek.externalDataFile {
+                external = try FileDevice(path: combine(base: path, relative: name), writable: writable)
+            }
+            let image = try QCowFile(device: device, writable: writable, externalDataDevice: external)
+            if let name = image.header.backingFile {
+                guard !name.hasPrefix("json:"), !name.contains("://") else {
+                    throw QCowError(.unsupported, "backing file '\(name)' is not a local file", path: path,
+                                    region: "backing file name")
+                }
+                let backingPath = combine(base: path, relative: name)
+                let backingFormat: Format?
+                if let f = image.header.backingFormat {
+                    guard let known = Format(rawValue: f) else {
+                        throw QCowError(.unsupported, "backing format '\(f)' is not supported (qcow2 or raw)", path: path,
+                                        region: "backing format extension")
+                    }
+                    backingFormat = known
+                } else {
+                    backingFormat = nil
+                }
+                do {
+                    let backing = try open(backingPath, format: backingFormat, writable: false, lock: lock,
+                                           depth: depth + 1, seen: &seen)
+                    image.attachBacking(backing)
+                } catch let error as QCowError {
+                    image.close()
+                    if error.region == "backing chain" || error.path != backingPath { throw error }
+                    var wrapped = error
+                    wrapped.message = "cannot open backing file of \(path): " + error.message
+                    throw wrapped
+                }
+            }
+            return image
+        }
+    }
+
+    /// qcow2 when the file starts with the qcow2 magic, else raw.
+    public static func probe(_ device: BlockDevice) throws -> Format {
+        var magic = [UInt8](repeating: 0, count: 4)
+        let n = try magic.withUnsafeMutableBytes { try device.read(into: $0, at: 0) }
+        return n == 4 && magic == [0x51, 0x46, 0x49, 0xfb] ? .qcow2 : .raw
+    }
+
+    /// QEMU's path_combine: an absolute name stands; a relative one is taken from the directory of `base`.
+    public static func combine(base: String, relative: String) -> String {
+        if relative.hasPrefix("/") { return relative }
+        guard let slash = base.lastIndex(of: "/") else { return relative }
+        return String(base[...slash]) + relative
+    }
+
+    static func realPath(_ path: String) -> String? {
+        guard let p = realpath(path, nil) else { return nil }
+        defer { free(p) }
+        return String(cString: p)
+    }
+}
+
+extension QCowFile {
+    /// Decodes just the header of `device` (for the opener to find external data files).
+    static func peekHeader(_ device: BlockDevice) throws -> QCowHeader {
+        let size = try device.size()
+        let probe = try device.readBytes(Int(min(size, 512)), at: 0, region: "header")
+        guard probe.count >= 72 else {
+            throw QCowError(.truncated, "file is \(size) bytes, too short for a qcow2 header", path: device.name, offset: 0,
+                            region: "header")
+        }
+        let bits = try ByteReader(probe, region: "header").u32(at: 20)
+        let first = bits >= 9 && bits <= 21 ? min(size, UInt64(1) << UInt64(bits)) : UInt64(probe.count)
+        do {
+            return try QCowHeader(decoding: first > UInt64(probe.count)
+                ? try device.readBytes(Int(first), at: 0, region: "header") : probe)
+        } catch let error as QCowError {
+            throw error.inFile(device.name)
+        }
+    }
+}

@@ -1,0 +1,156 @@
+import Logging
+
+/// An open qcow2 image: its header, L1 table, caches, and (once opened by
+/// `ImageOpener`) its backing file. Reading is in `QCowFile+Read.swift`.
+public final class QCowFile: GuestImage {
+    public let filename: String
+    public var formatName: String { "qcow2" }
+    public let device: BlockDevice
+    /// Where guest data lives: `device`, or the external data file.
+    public internal(set) var dataDevice: BlockDevice
+    public internal(set) var header: QCowHeader
+    public internal(set) var l1: [UInt64]
+    public internal(set) var snapshots: [Snapshot]
+    public internal(set) var backing: GuestImage?
+    public let writable: Bool
+    public var logger: Logger
+
+    public let clusterBits: Int
+    public let clusterSize: Int
+    /// log2 of the entries of one L2 table.
+    public let l2Bits: Int
+    public var extendedL2: Bool { header.extendedL2 }
+    /// Size of the file when opened (updated by writes), used to reject references past its end.
+    public internal(set) var fileSize: UInt64
+    public internal(set) var dataFileSize: UInt64
+
+    let l2Cache: TableCache
+    /// The last decompressed cluster, for reads that walk a compressed cluster piece by piece.
+    var decompressedHost: UInt64?
+    var decompressed: [UInt8] = []
+
+    public var virtualSize: UInt64 { header.size }
+
+    /// Opens a qcow2 image on `device`, validating header, extensions, L1 and snapshot table.
+    /// The backing file is not opened here (see `ImageOpener`).
+    public init(device: BlockDevice, writable: Bool = false, externalDataDevice: BlockDevice? = nil,
+                logger: Logger = Logger(label: "qbackup.qcow", factory: { _ in SwiftLogNoOpLogHandler() })) throws {
+        self.device = device
+        self.filename = device.name
+        self.writable = writable
+        self.logger = logger
+        do {
+            let size = try device.size()
+            fileSize = size
+            guard size >= 72 else {
+                throw QCowError(.truncated, "file is \(size) bytes, too short for a qcow2 header", offset: 0, region: "header")
+            }
+            let probe = try device.readBytes(Int(min(size, 512)), at: 0, region: "header")
+            // cluster_bits sits at byte 20; read as much of the first cluster as the file has.
+            let bits = try ByteReader(probe, region: "header").u32(at: 20)
+            let firstCluster = bits >= 9 && bits <= 21 ? min(size, UInt64(1) << UInt64(bits)) : UInt64(probe.count)
+            let headerBytes = firstCluster > UInt64(probe.count)
+                ? try device.readBytes(Int(firstCluster), at: 0, region: "header") : probe
+            header = try QCowHeader(decoding: headerBytes)
+            try header.validate(fileSize: size)
+            clusterBits = Int(header.clusterBits)
+            clusterSize = header.clusterSize
+            l2Bits = clusterBits - (header.extendedL2 ? 4 : 3)
+            let l2Budget = max(4 << 20, 2 * clusterSize)
+            l2Cache = TableCache(budgetBytes: l2Budget)
+
+            if header.l1Size > 0 {
+                l1 = decodeTable(try device.readBytes(Int(header.l1Size) * 8, at: header.l1TableOffset, region: "L1 table"))
+            } else {
+                l1 = []
+            }
+            snapshots = []
+            if let externalDataDevice {
+                dataDevice = externalDataDevice
+                dataFileSize = try externalDataDevice.size()
+            } else {
+                dataDevice = device
+                dataFileSize = size
+            }
+            snapshots = try readSnapshotTable()
+            try validateL1(l1, region: "L1 table", tableOffset: header.l1TableOffset)
+        } catch let error as QCowError {
+            throw error.inFile(device.name)
+        }
+        if writable {
+            if header.incompatibleFeatures.contains(.corrupt) {
+                throw QCowError(.refused, "image is marked corrupt (\(header.featureName(kind: .incompatible, bit: 1)) set); run 'qbackup check --repair all' first",
+                                path: filename, offset: 72, region: "header")
+            }
+        }
+    }
+
+    /// Releases the file descriptors of this image and its chain.
+    public func close() {
+        (device as? FileDevice)?.close()
+        if dataDevice !== device { (dataDevice as? FileDevice)?.close() }
+        backing?.close()
+    }
+
+    /// Attaches the opened backing image (done by `ImageOpener`).
+    public func attachBacking(_ image: GuestImage?) { backing = image }
+
+    // MARK: - Geometry
+
+    /// Guest bytes covered by one L2 table.
+    public var bytesPerL2: UInt64 { UInt64(1) << UInt64(clusterBits + l2Bits) }
+    public var l2EntryCount: Int { 1 << l2Bits }
+    public var subclusterSize: Int { extendedL2 ? clusterSize / 32 : clusterSize }
+
+    @inline(__always) func isClusterAligned(_ offset: UInt64) -> Bool { offset & UInt64(clusterSize - 1) == 0 }
+
+    // MARK: - Validation of tables read from the file
+
+    /// Every L2 reference in an L1 table is aligned, inside the file and free of reserved bits.
+    func validateL1(_ table: [UInt64], region: String, tableOffset: UInt64) throws {
+        for (i, raw) in table.enumerated() where raw != 0 {
+            let entry = L1Entry(rawValue: raw)
+            let at = tableOffset + UInt64(i) * 8
+            if entry.l2Offset == 0 { continue }
+            guard isClusterAligned(entry.l2Offset) else {
+                throw QCowError(.corrupt, "L2 table offset 0x\(String(entry.l2Offset, radix: 16)) is not cluster aligned (L1 index \(i))",
+                                path: filename, offset: at, region: region)
+            }
+            guard entry.l2Offset < fileSize, fileSize - entry.l2Offset >= UInt64(clusterSize) else {
+                throw QCowError(.corrupt, "L2 table at 0x\(String(entry.l2Offset, radix: 16)) lies past the end of the file (L1 index \(i))",
+                                path: filename, offset: at, region: region)
+            }
+        }
+    }
+
+    func readSnapshotTable() throws -> [Snapshot] {
+        guard header.nbSnapshots > 0 else { return [] }
+        // Each entry is at least 40 bytes; read what the file has, up to QEMU's table limit.
+        let maxBytes = min(Snapshot.maxTableBytes, fileSize - header.snapshotsOffset)
+        let minimum = UInt64(header.nbSnapshots) * 40
+        guard minimum <= maxBytes else {
+            throw QCowError(.truncated, "snapshot table of \(header.nbSnapshots) entries runs past the end of the file",
+                            offset: header.snapshotsOffset, region: "snapshot table")
+        }
+        // Read in growing chunks, so a small table costs one small read.
+        var want = min(maxBytes, max(minimum * 2, 4096))
+        while true {
+            let bytes = try device.readBytes(Int(want), at: header.snapshotsOffset, region: "snapshot table")
+            var r = ByteReader(bytes, baseOffset: header.snapshotsOffset, region: "snapshot table")
+            do {
+                let table = try Snapshot.decodeTable(&r, count: Int(header.nbSnapshots))
+                for (i, snap) in table.enumerated() {
+                    guard UInt64(snap.l1Size) * 8 <= QCowHeader.Limits.maxL1Bytes, isClusterAligned(snap.l1TableOffset),
+                          snap.l1TableOffset <= fileSize, UInt64(snap.l1Size) * 8 <= fileSize - snap.l1TableOffset
+                    else {
+                        throw QCowError(.corrupt, "snapshot \(i) ('\(snap.name)') has an invalid L1 table (\(snap.l1Size) entries at 0x\(String(snap.l1TableOffset, radix: 16)))",
+                                        offset: header.snapshotsOffset, region: "snapshot table")
+                    }
+                }
+                return table
+            } catch let error as QCowError where error.code == .truncated && want < maxBytes {
+                want = min(maxBytes, want * 4)
+            }
+        }
+    }
+}
