@@ -1,0 +1,146 @@
+import Foundation
+
+/// Runs external programs (QEMU's tools, the qbackup binary) for tests.
+public enum Tools {
+    public struct Result: Sendable {
+        public var status: Int32
+        public var stdout: String
+        public var stderr: String
+        public var stdoutData: Data
+    }
+
+    public struct MissingTool: Error, CustomStringConvertible {
+        public let name: String
+        public var description: String {
+            "\(name) is not installed; install it with: apt-get install -y qemu-utils libnbd-bin " +
+                "(qemu-img, qemu-io, qemu-nbd come from qemu-utils; nbdinfo from libnbd-bin)"
+        }
+    }
+
+    /// The full path of `name` on PATH, or throws `MissingTool` (tests fail, never skip).
+    public static func which(_ name: String) throws -> String {
+        let path = ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin"
+        for dir in path.split(separator: ":") + ["/usr/bin", "/usr/sbin", "/usr/local/bin"] {
+            let candidate = "\(dir)/\(name)"
+            if FileManager.default.isExecutableFile(atPath: candidate) { return candidate }
+        }
+        throw MissingTool(name: name)
+    }
+
+    /// Runs `executable` (a name on PATH or a path) with `arguments`; never throws for a non-zero exit.
+    @discardableResult
+    public static func run(_ executable: String, _ arguments: [String], cwd: String? = nil,
+                           environment: [String: String]? = nil) throws -> Result {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: executable.contains("/") ? executable : try which(executable))
+        process.arguments = arguments
+        if let cwd { process.currentDirectoryURL = URL(fileURLWithPath: cwd) }
+        if let environment {
+            process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
+        }
+        let out = Pipe()
+        let err = Pipe()
+        process.standardOutput = out
+        process.standardError = err
+        process.standardInput = FileHandle.nullDevice
+        try process.run()
+        // Drain both pipes concurrently so a chatty child cannot block.
+        nonisolated(unsafe) var errData = Data()
+        let group = DispatchGroup()
+        group.enter()
+        DispatchQueue.global().async {
+            errData = err.fileHandleForReading.readDataToEndOfFile()
+            group.leave()
+        }
+        let outData = out.fileHandleForReading.readDataToEndOfFile()
+        group.wait()
+        process.waitUntilExit()
+        return Result(status: process.terminationStatus, stdout: String(decoding: outData, as: UTF8.self),
+                      stderr: String(decoding: errData, as: UTF8.self), stdoutData: outData)
+    }
+
+    /// Runs a QEMU tool and throws with its stderr when it fails.
+    @discardableResult
+    public static func qemu(_ tool: String, _ arguments: [String], cwd: String? = nil) throws -> Result {
+        let result = try run(try which(tool), arguments, cwd: cwd)
+        guard result.status == 0 else {
+            throw ToolFailure(command: ([tool] + arguments).joined(separator: " "), result: result)
+        }
+        return result
+    }
+
+    public struct ToolFailure: Error, CustomStringConvertible {
+        public let command: String
+        public let result: Result
+        public var description: String { "\(command) exited \(result.status): \(result.stderr)" }
+    }
+
+    /// `qemu-img ARGS`
+    @discardableResult
+    public static func qemuImg(_ arguments: String...) throws -> Result { try qemu("qemu-img", arguments) }
+
+    /// `qemu-io -c CMD ... IMAGE` (with -f when given).
+    @discardableResult
+    public static func qemuIO(_ image: String, format: String? = nil, _ commands: [String]) throws -> Result {
+        var args: [String] = []
+        if let format { args += ["-f", format] }
+        for c in commands { args += ["-c", c] }
+        args.append(image)
+        return try qemu("qemu-io", args)
+    }
+}
+
+/// A temporary directory removed when the value is released.
+public final class TempDir: @unchecked Sendable {
+    public let path: String
+    public init(_ prefix: String = "qbackup-test") {
+        let base = FileManager.default.temporaryDirectory.path
+        path = "\(base)/\(prefix)-\(UUID().uuidString.prefix(8))"
+        try? FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
+    }
+    deinit { try? FileManager.default.removeItem(atPath: path) }
+    /// `path/name`
+    public func file(_ name: String) -> String { "\(path)/\(name)" }
+}
+
+/// A small deterministic PRNG (SplitMix64) for seeded property tests.
+public struct SeededRandom: RandomNumberGenerator, Sendable {
+    private var state: UInt64
+    public init(seed: UInt64) { state = seed }
+    public mutating func next() -> UInt64 {
+        state &+= 0x9e37_79b9_7f4a_7c15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xbf58_476d_1ce4_e5b9
+        z = (z ^ (z >> 27)) &* 0x94d0_49bb_1331_11eb
+        return z ^ (z >> 31)
+    }
+}
+
+/// Locating the built qbackup binary for CLI tests.
+public enum QBackupBinary {
+    /// The qbackup executable next to the test bundle (swift build puts both in one folder).
+    public static func path() throws -> String {
+        if let env = ProcessInfo.processInfo.environment["QBACKUP_BIN"] { return env }
+        var dir = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
+        for _ in 0..<4 {
+            let candidate = dir.appendingPathComponent("qbackup").path
+            if FileManager.default.isExecutableFile(atPath: candidate) { return candidate }
+            dir = dir.deletingLastPathComponent()
+        }
+        for candidate in [".build/debug/qbackup", ".build/release/qbackup"] where FileManager.default.isExecutableFile(atPath: candidate) {
+            return FileManager.default.currentDirectoryPath + "/" + candidate
+        }
+        throw Tools.MissingTool(name: "qbackup binary (run swift build first)")
+    }
+
+    /// Runs `qbackup ARGS`.
+    @discardableResult
+    public static func run(_ arguments: [String], environment: [String: String]? = nil) throws -> Tools.Result {
+        try Tools.run(try path(), arguments, environment: environment)
+    }
+}
+
+extension Data {
+    /// Bytes of a file, for byte-exact comparisons.
+    public static func contents(of path: String) throws -> Data { try Data(contentsOf: URL(fileURLWithPath: path)) }
+}
