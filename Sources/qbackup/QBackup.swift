@@ -1,6 +1,43 @@
 import ArgumentParser
+import Foundation
 
+/// The qbackup command line: parses, calls one library entry point per
+/// command, renders the result. No format logic lives here.
 @main
 struct QBackup: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "qbackup", abstract: "x")
+    static let configuration = CommandConfiguration(
+        commandName: "qbackup",
+        abstract: "QEMU qcow2 images, persistent dirty bitmaps and incremental backup chains.",
+        discussion: """
+            Reads and writes qcow2 images exactly as QEMU does. Errors go to stderr as one
+            'qbackup: error:' line; exit status 0 is success, 1 a failed operation, 2 a usage
+            error ('check' and 'compare' use qemu-img's statuses).
+            """,
+        version: "0.1.0",
+        subcommands: [
+            InfoCommand.self,
+            MapCommand.self,
+            CompareCommand.self,
+            FlattenCommand.self,
+        ]
+    )
+
+    /// Custom entry so usage errors exit 2 (as DESIGN.md says) instead of 64.
+    static func main() {
+        do {
+            var command = try parseAsRoot()
+            try command.run()
+        } catch let exit as ExitCode {
+            Foundation.exit(exit.rawValue)
+        } catch {
+            let code = exitCode(for: error)
+            if code == .validationFailure {
+                let message = self.message(for: error)
+                FileHandle.standardError.write(Data("qbackup: error: \(message)\n".utf8))
+                FileHandle.standardError.write(Data("Run 'qbackup --help' (or 'qbackup COMMAND --help') for usage.\n".utf8))
+                Foundation.exit(ExitStatus.usage)
+            }
+            self.exit(withError: error)
+        }
+    }
 }

@@ -66,8 +66,14 @@ public struct ByteReader {
         position += count
     }
     /// Advances to the next multiple of `alignment` (relative to the start).
-    public mutating func align(to alignment: Int) throws {
+    /// With `allowingEnd`, padding that the data ends inside of is accepted (a
+    /// table written at the very end of a file may lack its last padding).
+    public mutating func align(to alignment: Int, allowingEnd: Bool = false) throws {
         let pad = (alignment - position % alignment) % alignment
+        if allowingEnd && remaining < pad {
+            position = bytes.count
+            return
+        }
         try skip(pad)
     }
 

@@ -50,7 +50,7 @@ public struct Snapshot: Equatable, Sendable {
             let extra = try r.bytes(extraSize)
             let id = try r.bytes(idSize)
             let name = try r.bytes(nameSize)
-            try r.align(to: 8)
+            try r.align(to: 8, allowingEnd: true)
             out.append(Snapshot(l1TableOffset: l1Offset, l1Size: l1Size, id: String(decoding: id, as: UTF8.self),
                                 name: String(decoding: name, as: UTF8.self), dateSeconds: dateSec,
                                 dateNanoseconds: dateNsec, vmClockNanoseconds: vmClock, vmStateSize: vmState,

@@ -1,0 +1,34 @@
+/// Writes the guest-visible contents of a chain as a raw file: data extents
+/// in large sequential writes, zero and unallocated ranges left as holes.
+public enum RawExporter {
+    /// Exports `image` to a new raw file at `path` (which must not exist, unless `overwrite`),
+    /// syncing it before returning. Returns the bytes of data written.
+    @discardableResult
+    public static func export(_ image: GuestImage, to path: String, overwrite: Bool = false,
+                              progress: ((UInt64, UInt64) -> Void)? = nil) throws -> UInt64 {
+        let out = try FileDevice(creating: path, truncate: overwrite)
+        defer { out.close() }
+        let total = image.virtualSize
+        try out.resize(to: total)
+        let chunk = 8 << 20
+        var buffer = [UInt8](repeating: 0, count: chunk)
+        var written: UInt64 = 0
+        var offset: UInt64 = 0
+        while offset < total {
+            let status = try image.blockStatus(at: offset, maxLength: min(UInt64(chunk), total - offset))
+            let n = Int(status.length)
+            if status.kind == .data {
+                try buffer.withUnsafeMutableBytes { raw in
+                    let part = UnsafeMutableRawBufferPointer(rebasing: raw[0..<n])
+                    try image.read(into: part, at: offset)
+                    try out.write(UnsafeRawBufferPointer(part), at: offset)
+                }
+                written += UInt64(n)
+            }
+            offset += UInt64(n)
+            progress?(offset, total)
+        }
+        try out.sync()
+        return written
+    }
+}
