@@ -19,6 +19,7 @@ struct QBackup: ParsableCommand {
             MapCommand.self,
             CompareCommand.self,
             FlattenCommand.self,
+            BitmapCommand.self,
         ]
     )
 
