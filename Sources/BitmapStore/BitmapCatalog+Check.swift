@@ -65,6 +65,8 @@ public struct BitmapCheckReport: Sendable {
     public var ownedClusters: [BitmapClusters]
     /// Bitmaps whose metadata is broken (what `repair` would drop), by name.
     public var brokenBitmaps: [String]
+    /// File offsets of the broken directory entries (two entries may share a name).
+    public var brokenEntryOffsets: [UInt64]
     /// Whether the directory itself cannot be read (repair would drop the extension).
     public var directoryBroken: Bool
 }
@@ -81,7 +83,7 @@ extension BitmapCatalog {
     /// is reported but its clusters are still listed: until `repair` drops it,
     /// dropping its refcounts would let its clusters be reused under it.
     public static func check(_ file: QCowFile) throws -> BitmapCheckReport {
-        var report = BitmapCheckReport(findings: [], ownedClusters: [], brokenBitmaps: [], directoryBroken: false)
+        var report = BitmapCheckReport(findings: [], ownedClusters: [], brokenBitmaps: [], brokenEntryOffsets: [], directoryBroken: false)
         let header = file.header
         guard let data = header.extensionData(HeaderExtension.bitmaps) else {
             return report
@@ -161,7 +163,10 @@ extension BitmapCatalog {
                     try checkTailBits(file: file, raw: raw, name: name, dataOffset: last.offset, index: last.index, into: &report)
                 }
             }
-            if broken { report.brokenBitmaps.append(name) }
+            if broken {
+                report.brokenBitmaps.append(name)
+                report.brokenEntryOffsets.append(entryOffset)
+            }
         }
         return report
     }
@@ -222,8 +227,7 @@ extension BitmapCatalog {
             let bytes = try bitmapLayer { try file.device.readBytes(ext.directorySize, at: ext.directoryOffset, region: "bitmap directory") }
             var names = Set<[UInt8]>()
             for (raw, offset) in try BitmapDirectory.decode(bytes, baseOffset: ext.directoryOffset, expectedCount: ext.count) {
-                let name = String(decoding: raw.name, as: UTF8.self)
-                guard !report.brokenBitmaps.contains(name), !names.contains(raw.name),
+                guard !report.brokenEntryOffsets.contains(offset), !names.contains(raw.name),
                       let entry = try? BitmapDirectoryEntry(validating: raw, entryOffset: offset, geometry: geometry) else { continue }
                 names.insert(raw.name)
                 keep.append(entry)
