@@ -69,16 +69,23 @@ extension QCowFile {
     func layerStatus(at offset: UInt64, maxLength: UInt64, l1Table: [UInt64]) throws -> LayerExtent {
         let end = offset + min(maxLength, virtualSize > offset ? virtualSize - offset : maxLength)
         let unit = UInt64(subclusterSize)
+        let lead = offsetIntoUnit(offset)
         var first: ClusterMapping?
+        // Unallocated subclusters of an allocated cluster keep their would-be host offset.
+        var firstUnallocatedHost: UInt64?
         var length: UInt64 = 0
         var pos = offset
+        func result() -> LayerExtent {
+            LayerExtent(length: length, mapping: shifted(first ?? .unallocated, by: lead),
+                        unallocatedHost: firstUnallocatedHost.map { $0 + lead })
+        }
         while pos < end {
             let l1Index = Int(pos >> UInt64(clusterBits + l2Bits))
             let l2Raw = l1Index < l1Table.count ? L1Entry(rawValue: l1Table[l1Index]).l2Offset : 0
             let tableEnd = min(end, (UInt64(l1Index) + 1) << UInt64(clusterBits + l2Bits))
             if l2Raw == 0 {
                 // No L2 table: everything it would cover is unallocated.
-                if let first, first != .unallocated { break }
+                if let first, first != .unallocated || firstUnallocatedHost != nil { break }
                 first = .unallocated
                 length += tableEnd - pos
                 pos = tableEnd
@@ -92,23 +99,34 @@ extension QCowFile {
                 let bitmap = extendedL2 ? table[2 * index + 1] : 0
                 let sub = extendedL2 ? Int((pos & UInt64(clusterSize - 1)) / unit) : 0
                 let mapping = try classify(entry: raw, bitmap: bitmap, subcluster: sub, entryOffset: entryOffset)
+                var unallocatedHost: UInt64?
+                if extendedL2, mapping == .unallocated, !L2Entry(rawValue: raw).compressed {
+                    let host = L2Entry(rawValue: raw).hostOffset
+                    if host != 0 { unallocatedHost = host + UInt64(sub) * unit }
+                }
                 let unitStart = extendedL2 ? pos & ~(unit - 1) : pos & ~UInt64(clusterSize - 1)
                 let unitEnd = unitStart + (extendedL2 ? unit : UInt64(clusterSize))
-                // Data in a compressed cluster never merges with the next cluster.
                 if let first {
-                    guard first.continues(mapping, after: pos - offset + offsetIntoUnit(offset)) else {
-                        return LayerExtent(length: length, mapping: shifted(first, by: offsetIntoUnit(offset)))
+                    let distance = pos - offset + lead
+                    let hostsContinue: Bool
+                    switch (firstUnallocatedHost, unallocatedHost) {
+                    case (nil, nil): hostsContinue = true
+                    case (let a?, let b?): hostsContinue = b == a + distance
+                    default: hostsContinue = false
                     }
+                    guard hostsContinue, first.continues(mapping, after: distance) else { return result() }
                 } else {
                     first = mapping
+                    firstUnallocatedHost = unallocatedHost
                 }
                 let take = min(unitEnd, end) - pos
                 length += take
                 pos += take
-                if case .compressed = mapping { return LayerExtent(length: length, mapping: mapping) }
+                // Data in a compressed cluster never merges with the next cluster.
+                if case .compressed = mapping { return result() }
             }
         }
-        return LayerExtent(length: length, mapping: shifted(first ?? .unallocated, by: offsetIntoUnit(offset)))
+        return result()
     }
 
     /// Host offsets in mappings are of the unit start; callers want the byte at `offset`.
