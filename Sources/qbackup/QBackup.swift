@@ -19,6 +19,8 @@ struct QBackup: ParsableCommand {
             MapCommand.self,
             CompareCommand.self,
             FlattenCommand.self,
+            ListCommand.self,
+            RestoreCommand.self,
         ]
     )
 
