@@ -3,8 +3,9 @@
 extension QCowFile {
     /// The L2 table at `offset`, from the cache or the file (entries as native
     /// integers; extended L2 tables hold entry/bitmap pairs).
-    func l2Table(at offset: UInt64) throws -> [UInt64] {
+    func l2Table(at offset: UInt64, l1Index: Int) throws -> [UInt64] {
         if let table = l2Cache[offset] { return table }
+        try validateL2Reference(offset, l1Index: l1Index)
         let table = decodeTable(try device.readBytes(clusterSize, at: offset, region: "L2 table"))
         l2Cache[offset] = table
         return table
@@ -19,7 +20,7 @@ extension QCowFile {
         let entry = L2Entry(rawValue: raw)
         if entry.compressed {
             let (host, sectors) = entry.compressedLocation(clusterBits: clusterBits)
-            guard host < dataFileSize else {
+            guard try isInsideFile(host, length: 1, data: true) else {
                 throw QCowError(.corrupt, "compressed cluster at 0x\(String(host, radix: 16)) lies past the end of the file",
                                 path: filename, offset: entryOffset, region: "L2 table")
             }
@@ -32,7 +33,8 @@ extension QCowFile {
                 throw QCowError(.corrupt, "cluster offset 0x\(String(host, radix: 16)) is not cluster aligned",
                                 path: filename, offset: entryOffset, region: "L2 table")
             }
-            guard host < dataFileSize || header.incompatibleFeatures.contains(.externalDataFile) else {
+            guard try header.incompatibleFeatures.contains(.externalDataFile) || isInsideFile(host, length: 1, data: true)
+            else {
                 throw QCowError(.corrupt, "data cluster at 0x\(String(host, radix: 16)) lies past the end of the file",
                                 path: filename, offset: entryOffset, region: "L2 table")
             }
@@ -91,7 +93,7 @@ extension QCowFile {
                 pos = tableEnd
                 continue
             }
-            let table = try l2Table(at: l2Raw)
+            let table = try l2Table(at: l2Raw, l1Index: l1Index)
             while pos < end && pos < tableEnd {
                 let index = Int((pos >> UInt64(clusterBits)) & UInt64(l2EntryCount - 1))
                 let entryOffset = l2Raw + UInt64(index * header.l2EntrySize)

@@ -73,7 +73,6 @@ public final class QCowFile: GuestImage {
                 dataFileSize = size
             }
             snapshots = try readSnapshotTable()
-            try validateL1(l1, region: "L1 table", tableOffset: header.l1TableOffset)
         } catch let error as QCowError {
             throw error.inFile(device.name)
         }
@@ -106,21 +105,28 @@ public final class QCowFile: GuestImage {
 
     // MARK: - Validation of tables read from the file
 
-    /// Every L2 reference in an L1 table is aligned, inside the file and free of reserved bits.
-    func validateL1(_ table: [UInt64], region: String, tableOffset: UInt64) throws {
-        for (i, raw) in table.enumerated() where raw != 0 {
-            let entry = L1Entry(rawValue: raw)
-            let at = tableOffset + UInt64(i) * 8
-            if entry.l2Offset == 0 { continue }
-            guard isClusterAligned(entry.l2Offset) else {
-                throw QCowError(.corrupt, "L2 table offset 0x\(String(entry.l2Offset, radix: 16)) is not cluster aligned (L1 index \(i))",
-                                path: filename, offset: at, region: region)
-            }
-            guard entry.l2Offset < fileSize, fileSize - entry.l2Offset >= UInt64(clusterSize) else {
-                throw QCowError(.corrupt, "L2 table at 0x\(String(entry.l2Offset, radix: 16)) lies past the end of the file (L1 index \(i))",
-                                path: filename, offset: at, region: region)
-            }
+    /// An L2 reference from the active L1 table is aligned and inside the file
+    /// (checked when used, as QEMU does, so `check` can still open the image).
+    func validateL2Reference(_ l2Offset: UInt64, l1Index i: Int) throws {
+        let at = header.l1TableOffset + UInt64(i) * 8
+        guard isClusterAligned(l2Offset) else {
+            throw QCowError(.corrupt, "L2 table offset 0x\(String(l2Offset, radix: 16)) is not cluster aligned (L1 index \(i))",
+                            path: filename, offset: at, region: "L1 table")
         }
+        guard try isInsideFile(l2Offset, length: UInt64(clusterSize), data: false) else {
+            throw QCowError(.corrupt, "L2 table at 0x\(String(l2Offset, radix: 16)) lies past the end of the file (L1 index \(i))",
+                            path: filename, offset: at, region: "L1 table")
+        }
+    }
+
+    /// Whether `offset` (and, for metadata, `length` bytes from it) lies inside the
+    /// image file, or the data file when `data`. Sizes are re-read before saying no,
+    /// since the file grows while we write.
+    func isInsideFile(_ offset: UInt64, length: UInt64, data: Bool) throws -> Bool {
+        func fits(_ size: UInt64) -> Bool { data ? offset < size : offset < size && size - offset >= length }
+        if fits(data ? dataFileSize : fileSize) { return true }
+        if data { dataFileSize = try dataDevice.size() } else { fileSize = try device.size() }
+        return fits(data ? dataFileSize : fileSize)
     }
 
     func readSnapshotTable() throws -> [Snapshot] {

@@ -85,11 +85,13 @@ import TestSupport
             // The first extension starts at header_length (112).
             try poke(path, at: 112 + 4, be(UInt32(0x00ff_0000)))
         },
-        Damage(name: "L1 entry past EOF", expect: ["L1 table", "0x"]) { path, _ in
+        Damage(name: "L1 entry past EOF", expect: ["L1 table", "0x"], commands: [["map", "--output", "json"], flatten]) {
+            path, _ in
             let l1Offset = try peek(path, at: 40, count: 8).reduce(0) { $0 << 8 | UInt64($1) }
             try poke(path, at: l1Offset, be(UInt64(1) << 63 | UInt64(1) << 40))
         },
-        Damage(name: "L1 entry misaligned", expect: ["L1 table", "aligned"]) { path, _ in
+        Damage(name: "L1 entry misaligned", expect: ["L1 table", "aligned"], commands: [["map", "--output", "json"], flatten]) {
+            path, _ in
             let l1Offset = try peek(path, at: 40, count: 8).reduce(0) { $0 << 8 | UInt64($1) }
             try poke(path, at: l1Offset, be(UInt64(1) << 63 | UInt64(0x40200)))
         },
