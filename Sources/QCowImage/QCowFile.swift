@@ -29,6 +29,22 @@ public final class QCowFile: GuestImage {
     var decompressedHost: UInt64?
     var decompressed: [UInt8] = []
 
+    // MARK: - Write state (QCowFile+Write.swift, Refcount/ClusterAllocator.swift)
+
+    /// Called for every guest range written, zeroed or discarded (BitmapStore marks
+    /// enabled bitmaps dirty through it). Called after the range's metadata is written.
+    public var writeObserver: ((Range<UInt64>, GuestWriteKind) -> Void)?
+    /// The refcount structures, loaded on the first allocation.
+    var refcountTable: RefcountTable?
+    /// Host cluster indices that hold metadata, for the overlap check (nil: rebuild on next use).
+    var metadataClusters: Set<UInt64>?
+    /// Next free byte in the cluster that compressed clusters are being packed into.
+    var compressedTail: UInt64?
+    /// Reusable memory for assembling data writes.
+    let scratch = ScratchBuffer()
+    /// Set when a write failed midway or hit metadata: the image takes no more writes.
+    var writeFailure: QCowError?
+
     public var virtualSize: UInt64 { header.size }
 
     /// Opens a qcow2 image on `device`, validating header, extensions, L1 and snapshot table.
@@ -81,6 +97,7 @@ public final class QCowFile: GuestImage {
                 throw QCowError(.refused, "image is marked corrupt (\(header.featureName(kind: .incompatible, bit: 1)) set); run 'qbackup check --repair all' first",
                                 path: filename, offset: 72, region: "header")
             }
+            try prepareForWriting()
         }
     }
 
