@@ -2,7 +2,8 @@ import Foundation
 import QCowImage
 
 /// `manifest.json` of a repository: which disk it backs up and its layers,
-/// oldest first. Layer i's backing file is layer i-1 (by relative name).
+/// oldest first. An incremental layer's backing file is the layer before it
+/// (by relative name); a full layer has none. Layer 0 is always full.
 public struct BackupManifest: Codable, Equatable, Sendable {
     public static let formatName = "qbackup-repository"
     public static let currentVersion = 1
@@ -115,9 +116,7 @@ public struct BackupManifest: Codable, Equatable, Sendable {
             guard layer.sha256.count == 64, layer.sha256.allSatisfy({ $0.isHexDigit }) else {
                 throw bad("layer \(i) sha256 is not 64 hex digits")
             }
-            guard (i == 0) == (layer.kind == .full) else {
-                throw bad("layer \(i) is \(layer.kind.rawValue), but only layer 0 may be (and must be) full")
-            }
+            guard i > 0 || layer.kind == .full else { throw bad("layer 0 is \(layer.kind.rawValue), it must be full") }
             guard layer.virtualSize <= QCowHeader.Limits.maxVirtualSize else { throw bad("layer \(i) virtual-size is too large") }
         }
         if let pending = pendingMerge {
@@ -125,6 +124,13 @@ public struct BackupManifest: Codable, Equatable, Sendable {
                   layers[pending.folded].file == pending.file, pending.sha256.count == 64
             else { throw bad("pending-merge record is inconsistent") }
         }
+    }
+
+    /// The index of the full layer that layer `index`'s chain starts from.
+    public func segmentStart(of index: Int) -> Int {
+        var i = index
+        while i > 0 && layers[i].kind != .full { i -= 1 }
+        return i
     }
 
     static func isPlainFileName(_ name: String) -> Bool {

@@ -73,12 +73,22 @@ public final class BackupRepository {
         manifest = new
     }
 
-    /// Removes leftovers of interrupted runs: `*.partial` layer files and a stale manifest temp.
+    /// Removes leftovers of interrupted runs: `*.partial` files, a stale manifest
+    /// temp, and layer files (by qbackup's naming) that the manifest does not list —
+    /// a layer renamed into place just before a crash, or folded by a merge.
     func removeLeftovers() throws {
         let names = (try? FileManager.default.contentsOfDirectory(atPath: path)) ?? []
-        for name in names where name.hasSuffix(Self.tempSuffix) || name == BackupManifest.fileName + ".tmp" {
-            try DurableFiles.remove(file(name))
+        let listed = Set(manifest?.layers.map(\.file) ?? [])
+        for name in names {
+            let stale = name.hasSuffix(Self.tempSuffix) || name == BackupManifest.fileName + ".tmp"
+                || (Self.isLayerFileName(name) && !listed.contains(name))
+            if stale { try DurableFiles.remove(file(name)) }
         }
+    }
+
+    /// Names qbackup gives layers: `full-20261125T094800Z.qcow2`, `incr-20261125T094800Z-2.qcow2`.
+    static func isLayerFileName(_ name: String) -> Bool {
+        name.range(of: #"^(full|incr)-[0-9]{8}T[0-9]{6}Z(-[0-9]+)?\.qcow2$"#, options: .regularExpression) != nil
     }
 
     /// A new layer file name that is not in use: `KIND-YYYYMMDDTHHMMSSZ[-N].qcow2`.

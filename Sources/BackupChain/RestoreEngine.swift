@@ -32,9 +32,10 @@ public enum RestoreEngine {
         let layerPath = repo.file(manifest.layers[index].file)
         let image = try ImageOpener.open(layerPath, format: .qcow2)
         let chain = image.chain
-        guard chain.count == index + 1 else {
+        let expectedDepth = index - manifest.segmentStart(of: index) + 1
+        guard chain.count == expectedDepth else {
             image.close()
-            throw ChainError(.corrupt, "layer \(index) has a backing chain of \(chain.count) files, the manifest says \(index + 1)",
+            throw ChainError(.corrupt, "layer \(index) has a backing chain of \(chain.count) files, the manifest says \(expectedDepth)",
                              path: layerPath)
         }
         for (depth, layer) in chain.enumerated() {

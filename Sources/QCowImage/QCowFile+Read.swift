@@ -3,7 +3,7 @@
 extension QCowFile {
     /// The L2 table at `offset`, from the cache or the file (entries as native
     /// integers; extended L2 tables hold entry/bitmap pairs).
-    func l2Table(at offset: UInt64, l1Index: Int) throws -> [UInt64] {
+    func l2Table(at offset: UInt64, l1Index: Int = -1) throws -> [UInt64] {
         if let table = l2Cache[offset] { return table }
         try validateL2Reference(offset, l1Index: l1Index)
         let table = decodeTable(try device.readBytes(clusterSize, at: offset, region: "L2 table"))

@@ -48,9 +48,10 @@ public final class QCowFile: GuestImage {
     public var virtualSize: UInt64 { header.size }
 
     /// Opens a qcow2 image on `device`, validating header, extensions, L1 and snapshot table.
-    /// The backing file is not opened here (see `ImageOpener`).
+    /// The backing file is not opened here (see `ImageOpener`). `forRepair` lets
+    /// `check --repair` open an image marked corrupt or dirty for writing.
     public init(device: BlockDevice, writable: Bool = false, externalDataDevice: BlockDevice? = nil,
-                logger: Logger = Logger(label: "qbackup.qcow", factory: { _ in SwiftLogNoOpLogHandler() })) throws {
+                forRepair: Bool = false, logger: Logger = Logger(label: "qbackup.qcow", factory: { _ in SwiftLogNoOpLogHandler() })) throws {
         self.device = device
         self.filename = device.name
         self.writable = writable
@@ -93,11 +94,12 @@ public final class QCowFile: GuestImage {
             throw error.inFile(device.name)
         }
         if writable {
-            if header.incompatibleFeatures.contains(.corrupt) {
+            if header.incompatibleFeatures.contains(.corrupt) && !forRepair {
                 throw QCowError(.refused, "image is marked corrupt (\(header.featureName(kind: .incompatible, bit: 1)) set); run 'qbackup check --repair all' first",
                                 path: filename, offset: 72, region: "header")
             }
-            try prepareForWriting()
+            // A repair opens corrupt or dirty images on purpose: that is what it fixes.
+            if !forRepair { try prepareForWriting() }
         }
     }
 
@@ -127,11 +129,11 @@ public final class QCowFile: GuestImage {
     func validateL2Reference(_ l2Offset: UInt64, l1Index i: Int) throws {
         let at = header.l1TableOffset + UInt64(i) * 8
         guard isClusterAligned(l2Offset) else {
-            throw QCowError(.corrupt, "L2 table offset 0x\(String(l2Offset, radix: 16)) is not cluster aligned (L1 index \(i))",
+            throw QCowError(.corrupt, "L2 table offset 0x\(String(l2Offset, radix: 16)) is not cluster aligned (L1 index \(i < 0 ? "?" : String(i)))",
                             path: filename, offset: at, region: "L1 table")
         }
         guard try isInsideFile(l2Offset, length: UInt64(clusterSize), data: false) else {
-            throw QCowError(.corrupt, "L2 table at 0x\(String(l2Offset, radix: 16)) lies past the end of the file (L1 index \(i))",
+            throw QCowError(.corrupt, "L2 table at 0x\(String(l2Offset, radix: 16)) lies past the end of the file (L1 index \(i < 0 ? "?" : String(i)))",
                             path: filename, offset: at, region: "L1 table")
         }
     }

@@ -21,6 +21,7 @@ struct QBackup: ParsableCommand {
             FlattenCommand.self,
             ListCommand.self,
             RestoreCommand.self,
+            CheckCommand.self,
         ]
     )
 
