@@ -28,6 +28,8 @@ public final class QCowFile: GuestImage {
     /// The last decompressed cluster, for reads that walk a compressed cluster piece by piece.
     var decompressedHost: UInt64?
     var decompressed: [UInt8] = []
+    /// Whether QEMU would take this image for metadata-preallocated (see `QCowFile+Preallocation.swift`).
+    var metadataPreallocation: Bool?
 
     // MARK: - Write state (QCowFile+Write.swift, Refcount/ClusterAllocator.swift)
 

@@ -20,9 +20,12 @@ extension QCowChecker {
         }
         if mode == .all && (missingBlock || needsRebuild || !stored.tableIsSound) {
             try rebuildRefcounts()
+            try fixCopiedFlags()
             return true
         }
-        guard !fixes.isEmpty else { return false }
+        guard !fixes.isEmpty else {
+            return mode == .all ? try fixCopiedFlags() : false
+        }
         let maxValue = RefcountCodec.maxValue(order: stored.order)
         var blockIndex = -1
         var block: [UInt8] = []
@@ -45,7 +48,55 @@ extension QCowChecker {
         }
         try flush()
         try image.device.sync()
+        if mode == .all { try fixCopiedFlags() }
         return true
+    }
+
+    /// Sets OFLAG_COPIED on active L1 and L2 entries exactly where the (repaired)
+    /// refcount is 1, as QEMU's repair does. Returns whether anything changed.
+    @discardableResult
+    mutating func fixCopiedFlags() throws -> Bool {
+        var refcounts = try StoredRefcounts(image: image)
+        let cs = clusterSize
+        let fileSize = try image.device.size()
+        var changed = false
+        let l1Offset = image.header.l1TableOffset
+        for (i, raw) in image.l1.enumerated() where raw != 0 {
+            let entry = L1Entry(rawValue: raw)
+            let l2 = entry.l2Offset
+            guard l2 != 0, l2 & (cs - 1) == 0, l2 < fileSize, fileSize - l2 >= cs else { continue }
+            let wantCopied = try refcounts.refcount(ofCluster: l2 / cs) == 1
+            if entry.copied != wantCopied {
+                let fixed = wantCopied ? raw | L1Entry.copiedFlag : raw & ~L1Entry.copiedFlag
+                try image.device.writeBytes(encodeTable([fixed][...]), at: l1Offset + UInt64(i) * 8)
+                image.l1[i] = fixed
+                changed = true
+            }
+            let extended = image.extendedL2
+            let step = extended ? 2 : 1
+            var table = decodeTable(try image.device.readBytes(Int(cs), at: l2, region: "L2 table"))
+            var tableChanged = false
+            for j in stride(from: 0, to: table.count, by: step) {
+                let e = L2Entry(rawValue: table[j])
+                guard !e.compressed, e.hostOffset != 0, e.hostOffset & (cs - 1) == 0, e.hostOffset < fileSize,
+                      !image.header.incompatibleFeatures.contains(.externalDataFile)
+                else { continue }
+                let want = try refcounts.refcount(ofCluster: e.hostOffset / cs) == 1
+                if e.copied != want {
+                    table[j] = want ? e.rawValue | L2Entry.copiedFlag : e.rawValue & ~L2Entry.copiedFlag
+                    tableChanged = true
+                }
+            }
+            if tableChanged {
+                try image.device.writeBytes(encodeTable(table[...]), at: l2)
+                changed = true
+            }
+        }
+        if changed {
+            try image.device.sync()
+            image.dropCaches()
+        }
+        return changed
     }
 
     /// Writes a fresh refcount table and blocks after the end of the file, covering
