@@ -23,6 +23,8 @@ enum LayerWriter {
         if compression == .zstd { options.compression = .zstd }
         let layer = try QCowCreator.create(at: path, options: options)
         defer { layer.close() }
+        // The file is new and thrown away if we die before it is complete: one fsync at the end will do.
+        layer.syncBarriers = false
         let cs = UInt64(clusterSize)
         let chunk = max(chunkBytes / clusterSize, 1) * clusterSize
         var buffer = [UInt8](repeating: 0, count: chunk)
