@@ -88,6 +88,14 @@ import TestSupport
                                                                        "write -P 3 1M 100k"])
             return dir.file("top.qcow2")
         })
+        all.append(Case(name: "bitmaps") { dir in
+            let path = dir.file("img.qcow2")
+            try Tools.qemuImg("create", "-q", "-f", "qcow2", path, "8M")
+            try Tools.qemuImg("bitmap", "--add", path, "nightly")
+            try Tools.qemuImg("bitmap", "--add", "-g", "512", "--disable", path, "frozen")
+            try Tools.qemuIO(path, format: "qcow2", ["write -P 1 100k 300k", "write -z 2M 64k"])
+            return path
+        })
         return all
     }()
 
