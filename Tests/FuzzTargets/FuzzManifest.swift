@@ -8,13 +8,13 @@ extension FuzzTargets {
         guard let manifest = try? BackupManifest(validating: Data(data), path: path) else { return }
         for i in manifest.layers.indices {
             let start = manifest.segmentStart(of: i)
-            precondition(start <= i && manifest.layers[start].kind == .full, "segment of layer \(i) starts at \(start)")
+            expect(start <= i && manifest.layers[start].kind == .full, "segment of layer \(i) starts at \(start)")
         }
         do {
             let again = try BackupManifest(validating: try manifest.encoded(), path: path)
-            precondition(again == manifest, "manifest does not survive encode/decode")
+            expect(again == manifest, "manifest does not survive encode/decode")
         } catch {
-            preconditionFailure("a valid manifest re-encodes to an invalid one: \(error)")
+            fatalError("a valid manifest re-encodes to an invalid one: \(error)")
         }
     }
 }
