@@ -11,6 +11,7 @@ public enum FuzzTargets {
     /// The targets by name, as `scripts/fuzz.sh TARGET` and the regression folders call them.
     public static let all: [String: @Sendable (UnsafeRawBufferPointer) -> Void] = [
         "image": image,
+        "bitmaps": bitmaps,
         "manifest": manifest,
     ]
 
