@@ -15,6 +15,7 @@ let package = Package(
         .target(name: "CFuzzerDriver"),
         .executableTarget(name: "FuzzImage", dependencies: ["CFuzzerDriver", .product(name: "FuzzTargets", package: "qbackup")]),
         .executableTarget(name: "FuzzBitmaps", dependencies: ["CFuzzerDriver", .product(name: "FuzzTargets", package: "qbackup")]),
+        .executableTarget(name: "FuzzWrite", dependencies: ["CFuzzerDriver", .product(name: "FuzzTargets", package: "qbackup")]),
         .executableTarget(name: "FuzzManifest", dependencies: ["CFuzzerDriver", .product(name: "FuzzTargets", package: "qbackup")]),
     ],
     swiftLanguageModes: [.v6]

@@ -8,7 +8,7 @@
 # Virtual sizes are small so every seed stays at most a few hundred KB.
 set -euo pipefail
 out="${1:?usage: fuzz-corpus.sh OUTDIR}"
-mkdir -p "$out/image" "$out/bitmaps" "$out/manifest"
+mkdir -p "$out/image" "$out/bitmaps" "$out/write" "$out/manifest"
 work="$(mktemp -d /tmp/qbackup-seeds.XXXXXX)"
 trap 'rm -rf "$work"' EXIT
 
@@ -77,6 +77,7 @@ for f in "$work"/*.qcow2; do
     cp "$f" "$out/image/"
 done
 cp "$work"/bitmaps-*.qcow2 "$out/bitmaps/"
+mkdir -p "$out/write" && cp "$out/image/"*.qcow2 "$out/write/"
 
 # Manifests: layer 0 full, incrementals after it, an optional pending merge.
 sha="$(printf 'a%.0s' {1..64})"

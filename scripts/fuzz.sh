@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds and runs one libFuzzer target for SECONDS:
 #   scripts/fuzz.sh TARGET SECONDS [extra libFuzzer flags...]
-# TARGET is one of: image, bitmaps, manifest (see Tests/FuzzTargets). Builds Fuzz/ with
+# TARGET is one of: image, bitmaps, write, manifest (see Tests/FuzzTargets). Builds Fuzz/ with
 # -sanitize=fuzzer,address into .build-fuzz, generates the seed corpus
 # (scripts/fuzz-corpus.sh) if missing, and fuzzes with nice -n 19. Exits
 # non-zero on any crash, sanitizer report, leak, timeout (10 s per input) or
@@ -16,8 +16,9 @@ shift 2
 case "$target" in
     image) product=FuzzImage ;;
     bitmaps) product=FuzzBitmaps ;;
+    write) product=FuzzWrite ;;
     manifest) product=FuzzManifest ;;
-    *) echo "fuzz.sh: unknown target '$target' (image, bitmaps, manifest)" >&2; exit 2 ;;
+    *) echo "fuzz.sh: unknown target '$target' (image, bitmaps, write, manifest)" >&2; exit 2 ;;
 esac
 scratch="$PWD/.build-fuzz"
 (cd Fuzz && nice -n 19 swift build -c release --scratch-path "$scratch" --product "$product" \

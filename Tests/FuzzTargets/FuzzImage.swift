@@ -12,6 +12,7 @@ public enum FuzzTargets {
     public static let all: [String: @Sendable (UnsafeRawBufferPointer) -> Void] = [
         "image": image,
         "bitmaps": bitmaps,
+        "write": write,
         "manifest": manifest,
     ]
 
