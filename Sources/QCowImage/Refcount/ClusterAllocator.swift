@@ -72,6 +72,13 @@ extension QCowFile {
                 extra = missing
                 continue
             }
+            // A "free" cluster that holds metadata means the refcounts are corrupt: allocating
+            // it would overwrite the metadata, so refuse and mark the image corrupt, as QEMU does.
+            let metadata = try metadataClusterSet()
+            if let hit = (start..<end).first(where: { metadata.contains($0) }) {
+                throw markCorrupt("cluster 0x\(String(hit << UInt64(clusterBits), radix: 16)) has refcount 0 but holds metadata",
+                                  offset: hit << UInt64(clusterBits), region: "refcount block")
+            }
             var next = start + UInt64(count)
             for index in firstBlock...lastBlock where table.entries[index] == 0 {
                 _ = table.createBlock(index, at: next << UInt64(clusterBits))
