@@ -142,6 +142,17 @@ import TestSupport
             #expect(result.status == 0, "\(result.stdout)")
         }
 
+        // flatten --format qcow2 (plain and zstd-compressed): QEMU reads the same contents and checks it clean.
+        for extra in [[], ["--compress", "zstd"]] {
+            let out = dir.file("ours-\(extra.count).qcow2")
+            let q = try QBackupBinary.run(["flatten", image, out] + extra)
+            #expect(q.status == 0, "\(q.stderr)")
+            #expect(try Tools.run("qemu-img", ["compare", out, dir.file("theirs.raw")]).status == 0, "flatten \(extra)")
+            let check = try Tools.run("qemu-img", ["check", out])
+            #expect(check.status == 0, "\(check.stdout)")
+            try? FileManager.default.removeItem(atPath: out)
+        }
+
         // compare: identical to the reference, different after one byte changes.
         let same = try QBackupBinary.run(["compare", image, dir.file("theirs.raw")])
         #expect(same.status == 0, "\(same.stdout)\(same.stderr)")
