@@ -3,8 +3,9 @@
 extension QCowFile {
     /// The L2 table at `offset`, from the cache or the file (entries as native
     /// integers; extended L2 tables hold entry/bitmap pairs).
-    func l2Table(at offset: UInt64) throws -> [UInt64] {
+    func l2Table(at offset: UInt64, l1Index: Int = -1) throws -> [UInt64] {
         if let table = l2Cache[offset] { return table }
+        try validateL2Reference(offset, l1Index: l1Index)
         let table = decodeTable(try device.readBytes(clusterSize, at: offset, region: "L2 table"))
         l2Cache[offset] = table
         return table
@@ -19,7 +20,7 @@ extension QCowFile {
         let entry = L2Entry(rawValue: raw)
         if entry.compressed {
             let (host, sectors) = entry.compressedLocation(clusterBits: clusterBits)
-            guard host < dataFileSize else {
+            guard try isInsideFile(host, length: 1, data: true) else {
                 throw QCowError(.corrupt, "compressed cluster at 0x\(String(host, radix: 16)) lies past the end of the file",
                                 path: filename, offset: entryOffset, region: "L2 table")
             }
@@ -32,7 +33,8 @@ extension QCowFile {
                 throw QCowError(.corrupt, "cluster offset 0x\(String(host, radix: 16)) is not cluster aligned",
                                 path: filename, offset: entryOffset, region: "L2 table")
             }
-            guard host < dataFileSize || header.incompatibleFeatures.contains(.externalDataFile) else {
+            guard try header.incompatibleFeatures.contains(.externalDataFile) || isInsideFile(host, length: 1, data: true)
+            else {
                 throw QCowError(.corrupt, "data cluster at 0x\(String(host, radix: 16)) lies past the end of the file",
                                 path: filename, offset: entryOffset, region: "L2 table")
             }
@@ -69,22 +71,29 @@ extension QCowFile {
     func layerStatus(at offset: UInt64, maxLength: UInt64, l1Table: [UInt64]) throws -> LayerExtent {
         let end = offset + min(maxLength, virtualSize > offset ? virtualSize - offset : maxLength)
         let unit = UInt64(subclusterSize)
+        let lead = offsetIntoUnit(offset)
         var first: ClusterMapping?
+        // Unallocated subclusters of an allocated cluster keep their would-be host offset.
+        var firstUnallocatedHost: UInt64?
         var length: UInt64 = 0
         var pos = offset
+        func result() -> LayerExtent {
+            LayerExtent(length: length, mapping: shifted(first ?? .unallocated, by: lead),
+                        unallocatedHost: firstUnallocatedHost.map { $0 + lead })
+        }
         while pos < end {
             let l1Index = Int(pos >> UInt64(clusterBits + l2Bits))
             let l2Raw = l1Index < l1Table.count ? L1Entry(rawValue: l1Table[l1Index]).l2Offset : 0
             let tableEnd = min(end, (UInt64(l1Index) + 1) << UInt64(clusterBits + l2Bits))
             if l2Raw == 0 {
                 // No L2 table: everything it would cover is unallocated.
-                if let first, first != .unallocated { break }
+                if let first, first != .unallocated || firstUnallocatedHost != nil { break }
                 first = .unallocated
                 length += tableEnd - pos
                 pos = tableEnd
                 continue
             }
-            let table = try l2Table(at: l2Raw)
+            let table = try l2Table(at: l2Raw, l1Index: l1Index)
             while pos < end && pos < tableEnd {
                 let index = Int((pos >> UInt64(clusterBits)) & UInt64(l2EntryCount - 1))
                 let entryOffset = l2Raw + UInt64(index * header.l2EntrySize)
@@ -92,23 +101,34 @@ extension QCowFile {
                 let bitmap = extendedL2 ? table[2 * index + 1] : 0
                 let sub = extendedL2 ? Int((pos & UInt64(clusterSize - 1)) / unit) : 0
                 let mapping = try classify(entry: raw, bitmap: bitmap, subcluster: sub, entryOffset: entryOffset)
+                var unallocatedHost: UInt64?
+                if extendedL2, mapping == .unallocated, !L2Entry(rawValue: raw).compressed {
+                    let host = L2Entry(rawValue: raw).hostOffset
+                    if host != 0 { unallocatedHost = host + UInt64(sub) * unit }
+                }
                 let unitStart = extendedL2 ? pos & ~(unit - 1) : pos & ~UInt64(clusterSize - 1)
                 let unitEnd = unitStart + (extendedL2 ? unit : UInt64(clusterSize))
-                // Data in a compressed cluster never merges with the next cluster.
                 if let first {
-                    guard first.continues(mapping, after: pos - offset + offsetIntoUnit(offset)) else {
-                        return LayerExtent(length: length, mapping: shifted(first, by: offsetIntoUnit(offset)))
+                    let distance = pos - offset + lead
+                    let hostsContinue: Bool
+                    switch (firstUnallocatedHost, unallocatedHost) {
+                    case (nil, nil): hostsContinue = true
+                    case (let a?, let b?): hostsContinue = b == a + distance
+                    default: hostsContinue = false
                     }
+                    guard hostsContinue, first.continues(mapping, after: distance) else { return result() }
                 } else {
                     first = mapping
+                    firstUnallocatedHost = unallocatedHost
                 }
                 let take = min(unitEnd, end) - pos
                 length += take
                 pos += take
-                if case .compressed = mapping { return LayerExtent(length: length, mapping: mapping) }
+                // Data in a compressed cluster never merges with the next cluster.
+                if case .compressed = mapping { return result() }
             }
         }
-        return LayerExtent(length: length, mapping: shifted(first ?? .unallocated, by: offsetIntoUnit(offset)))
+        return result()
     }
 
     /// Host offsets in mappings are of the unit start; callers want the byte at `offset`.

@@ -28,6 +28,13 @@ public final class QCowFile: GuestImage {
     /// The last decompressed cluster, for reads that walk a compressed cluster piece by piece.
     var decompressedHost: UInt64?
     var decompressed: [UInt8] = []
+    /// Whether the write engine fsyncs at its ordering barriers (data and refcounts
+    /// before the tables that point at them). Turn off only for a new file that is
+    /// thrown away after a crash — a backup layer written under a temporary name, an
+    /// export — where one `flush()` at the end is all the durability needed.
+    public var syncBarriers = true
+    /// Whether QEMU would take this image for metadata-preallocated (see `QCowFile+Preallocation.swift`).
+    var metadataPreallocation: Bool?
 
     // MARK: - Write state (QCowFile+Write.swift, Refcount/ClusterAllocator.swift)
 
@@ -48,9 +55,10 @@ public final class QCowFile: GuestImage {
     public var virtualSize: UInt64 { header.size }
 
     /// Opens a qcow2 image on `device`, validating header, extensions, L1 and snapshot table.
-    /// The backing file is not opened here (see `ImageOpener`).
+    /// The backing file is not opened here (see `ImageOpener`). `forRepair` lets
+    /// `check --repair` open an image marked corrupt or dirty for writing.
     public init(device: BlockDevice, writable: Bool = false, externalDataDevice: BlockDevice? = nil,
-                logger: Logger = Logger(label: "qbackup.qcow", factory: { _ in SwiftLogNoOpLogHandler() })) throws {
+                forRepair: Bool = false, logger: Logger = Logger(label: "qbackup.qcow", factory: { _ in SwiftLogNoOpLogHandler() })) throws {
         self.device = device
         self.filename = device.name
         self.writable = writable
@@ -89,16 +97,16 @@ public final class QCowFile: GuestImage {
                 dataFileSize = size
             }
             snapshots = try readSnapshotTable()
-            try validateL1(l1, region: "L1 table", tableOffset: header.l1TableOffset)
         } catch let error as QCowError {
             throw error.inFile(device.name)
         }
         if writable {
-            if header.incompatibleFeatures.contains(.corrupt) {
+            if header.incompatibleFeatures.contains(.corrupt) && !forRepair {
                 throw QCowError(.refused, "image is marked corrupt (\(header.featureName(kind: .incompatible, bit: 1)) set); run 'qbackup check --repair all' first",
                                 path: filename, offset: 72, region: "header")
             }
-            try prepareForWriting()
+            // A repair opens corrupt or dirty images on purpose: that is what it fixes.
+            if !forRepair { try prepareForWriting() }
         }
     }
 
@@ -123,21 +131,30 @@ public final class QCowFile: GuestImage {
 
     // MARK: - Validation of tables read from the file
 
-    /// Every L2 reference in an L1 table is aligned, inside the file and free of reserved bits.
-    func validateL1(_ table: [UInt64], region: String, tableOffset: UInt64) throws {
-        for (i, raw) in table.enumerated() where raw != 0 {
-            let entry = L1Entry(rawValue: raw)
-            let at = tableOffset + UInt64(i) * 8
-            if entry.l2Offset == 0 { continue }
-            guard isClusterAligned(entry.l2Offset) else {
-                throw QCowError(.corrupt, "L2 table offset 0x\(String(entry.l2Offset, radix: 16)) is not cluster aligned (L1 index \(i))",
-                                path: filename, offset: at, region: region)
-            }
-            guard entry.l2Offset < fileSize, fileSize - entry.l2Offset >= UInt64(clusterSize) else {
-                throw QCowError(.corrupt, "L2 table at 0x\(String(entry.l2Offset, radix: 16)) lies past the end of the file (L1 index \(i))",
-                                path: filename, offset: at, region: region)
-            }
+    /// An L2 reference from the active L1 table is aligned and inside the file
+    /// (checked when used, as QEMU does, so `check` can still open the image).
+    func validateL2Reference(_ l2Offset: UInt64, l1Index i: Int) throws {
+        // Callers that do not know the L1 index pass -1: the error then points at the L2 offset itself.
+        let at = i >= 0 ? header.l1TableOffset + UInt64(i) * 8 : l2Offset
+        let region = i >= 0 ? "L1 table" : "L2 table"
+        guard isClusterAligned(l2Offset) else {
+            throw QCowError(.corrupt, "L2 table offset 0x\(String(l2Offset, radix: 16)) is not cluster aligned (L1 index \(i < 0 ? "?" : String(i)))",
+                            path: filename, offset: at, region: region)
         }
+        guard try isInsideFile(l2Offset, length: UInt64(clusterSize), data: false) else {
+            throw QCowError(.corrupt, "L2 table at 0x\(String(l2Offset, radix: 16)) lies past the end of the file (L1 index \(i < 0 ? "?" : String(i)))",
+                            path: filename, offset: at, region: region)
+        }
+    }
+
+    /// Whether `offset` (and, for metadata, `length` bytes from it) lies inside the
+    /// image file, or the data file when `data`. Sizes are re-read before saying no,
+    /// since the file grows while we write.
+    func isInsideFile(_ offset: UInt64, length: UInt64, data: Bool) throws -> Bool {
+        func fits(_ size: UInt64) -> Bool { data ? offset < size : offset < size && size - offset >= length }
+        if fits(data ? dataFileSize : fileSize) { return true }
+        if data { dataFileSize = try dataDevice.size() } else { fileSize = try device.size() }
+        return fits(data ? dataFileSize : fileSize)
     }
 
     func readSnapshotTable() throws -> [Snapshot] {

@@ -19,6 +19,12 @@ struct QBackup: ParsableCommand {
             MapCommand.self,
             CompareCommand.self,
             FlattenCommand.self,
+            ListCommand.self,
+            RestoreCommand.self,
+            CheckCommand.self,
+            CreateCommand.self,
+            CommitCommand.self,
+            MergeCommand.self,
         ]
     )
 

@@ -43,10 +43,16 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
 
     deinit { close() }
 
-    /// Closes the descriptor (idempotent).
+    /// Set by `ImageLock.acquire`: the descriptor holds QEMU-style lock bytes.
+    var holdsImageLocks = false
+
+    /// Closes the descriptor (idempotent). Image locks are released first: a child
+    /// process forked meanwhile (before its exec) may keep the open file alive, and
+    /// its locks with it, which would make our own next open see a stranger's lock.
     public func close() {
         if !closed {
             closed = true
+            if holdsImageLocks { ImageLock.release(descriptor.rawValue) }
             try? descriptor.close()
         }
     }

@@ -32,6 +32,7 @@ public enum ImageLock {
         let held: [Permission] = writable ? [.consistentRead, .write, .resize] : [.consistentRead]
         let unshared: [Permission] = [.write, .resize]
         let fd = device.descriptor.rawValue
+        device.holdsImageLocks = true
         for p in held { try lock(fd, permissionBase + Int64(p.rawValue), device) }
         for p in unshared { try lock(fd, sharedBase + Int64(p.rawValue), device) }
         for p in held where isLockedByOthers(fd, sharedBase + Int64(p.rawValue)) {
@@ -74,7 +75,7 @@ public enum ImageLock {
         return fl.l_type != Int16(F_UNLCK)
     }
 
-    private static func release(_ fd: Int32) {
+    static func release(_ fd: Int32) {
         var fl = flock()
         fl.l_type = Int16(F_UNLCK)
         fl.l_whence = Int16(SEEK_SET)

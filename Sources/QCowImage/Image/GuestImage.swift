@@ -19,9 +19,13 @@ public protocol GuestImage: AnyObject {
 public struct LayerExtent: Equatable, Sendable {
     public var length: UInt64
     public var mapping: ClusterMapping
-    public init(length: UInt64, mapping: ClusterMapping) {
+    /// For unallocated subclusters of an allocated extended-L2 cluster: the host
+    /// offset they would use (QEMU reports it when nothing below is allocated).
+    public var unallocatedHost: UInt64?
+    public init(length: UInt64, mapping: ClusterMapping, unallocatedHost: UInt64? = nil) {
         self.length = length
         self.mapping = mapping
+        self.unallocatedHost = unallocatedHost
     }
 }
 
@@ -74,7 +78,7 @@ extension GuestImage {
             case .unallocated:
                 guard let next = image.backing else {
                     return BlockStatus(start: offset, length: length, depth: depth, kind: .unallocated,
-                                       hostOffset: nil, compressed: false)
+                                       hostOffset: ext.unallocatedHost, compressed: false)
                 }
                 if offset >= next.virtualSize {
                     // Past the end of a shorter backing file: reads as zeros, allocated nowhere.

@@ -41,14 +41,36 @@ extension GuestImage {
     public func forEachMapExtent(_ body: (MapExtent) throws -> Void) throws {
         let layers = chain
         var pending: MapExtent?
-        try forEachExtent(in: 0..<virtualSize) { status in
-            let file = status.depth < layers.count ? layers[status.depth].dataFilename : nil
-            let ext = MapExtent(status, filename: file)
+        func push(_ ext: MapExtent) throws {
             if let current = pending, current.merges(with: ext) {
                 pending?.length += ext.length
             } else {
                 if let current = pending { try body(current) }
                 pending = ext
+            }
+        }
+        try forEachExtent(in: 0..<virtualSize) { status in
+            let layer = status.depth < layers.count ? layers[status.depth] : nil
+            let file = layer?.dataFilename
+            if status.kind == .data, let host = status.hostOffset, let q = layer as? QCowFile,
+               try q.isMetadataPreallocated()
+            {
+                // QEMU looks through to the host file and reports its holes as zeros.
+                var start = status.start
+                var at = host
+                for (length, zero) in try q.hostHolePieces(host: host, length: status.length) {
+                    var piece = status
+                    piece.start = start
+                    piece.length = length
+                    piece.hostOffset = at
+                    var ext = MapExtent(piece, filename: file)
+                    ext.zero = zero
+                    try push(ext)
+                    start += length
+                    at += length
+                }
+            } else {
+                try push(MapExtent(status, filename: file))
             }
         }
         if let current = pending { try body(current) }

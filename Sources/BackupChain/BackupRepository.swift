@@ -1,0 +1,128 @@
+import Foundation
+import QCowImage
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A backup repository: one folder holding one disk's chain of qcow2 layers
+/// and `manifest.json`. Opening it for changes takes an exclusive lock, so two
+/// qbackup runs never change one repository at once.
+public final class BackupRepository {
+    public let path: String
+    public private(set) var manifest: BackupManifest?
+    private var lockFD: Int32 = -1
+
+    static let lockName = ".qbackup.lock"
+    static let tempSuffix = ".partial"
+
+    /// Opens the repository at `path` (the folder may not exist yet when `create`).
+    /// `exclusive` takes the repository lock for changes; otherwise a shared one.
+    public init(path: String, create: Bool = false, exclusive: Bool) throws {
+        self.path = path
+        var isDir: ObjCBool = false
+        if !FileManager.default.fileExists(atPath: path, isDirectory: &isDir) {
+            guard create else { throw ChainError(.invalidArgument, "no such repository folder", path: path) }
+            do {
+                try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
+            } catch {
+                throw ChainError(.io, "cannot create the repository folder: \(error.localizedDescription)", path: path)
+            }
+        } else if !isDir.boolValue {
+            throw ChainError(.invalidArgument, "not a folder", path: path)
+        }
+        lockFD = open(file(Self.lockName), O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
+        if lockFD < 0 && !exclusive {
+            // A read-only repository (mounted backup media): read without the lock.
+        } else if lockFD < 0 {
+            throw ChainError(.io, "cannot open the repository lock: \(String(cString: strerror(errno)))", path: path)
+        } else if flock(lockFD, (exclusive ? LOCK_EX : LOCK_SH) | LOCK_NB) != 0 {
+            Glibc.close(lockFD)
+            lockFD = -1
+            throw ChainError(.locked, "the repository is in use by another qbackup process", path: path)
+        }
+        manifest = try loadManifest()
+    }
+
+    deinit {
+        if lockFD >= 0 { Glibc.close(lockFD) }
+    }
+
+    /// `path/name`
+    public func file(_ name: String) -> String { "\(path)/\(name)" }
+
+    public var manifestPath: String { file(BackupManifest.fileName) }
+
+    func loadManifest() throws -> BackupManifest? {
+        guard DurableFiles.exists(manifestPath) else { return nil }
+        let device = try FileDevice(path: manifestPath, writable: false)
+        defer { device.close() }
+        let size = try device.size()
+        guard size <= UInt64(BackupManifest.maxBytes) else {
+            throw ChainError(.invalidFormat, "manifest is \(size) bytes, more than the limit of \(BackupManifest.maxBytes)",
+                             path: manifestPath)
+        }
+        let bytes = try device.readBytes(Int(size), at: 0, region: "manifest")
+        return try BackupManifest(validating: Data(bytes), path: manifestPath)
+    }
+
+    /// Writes the manifest atomically and durably.
+    func save(_ new: BackupManifest) throws {
+        try new.validate(path: manifestPath)
+        try DurableFiles.replace(manifestPath, with: try new.encoded())
+        manifest = new
+    }
+
+    /// Removes leftovers of interrupted runs: `*.partial` files, a stale manifest
+    /// temp, and layer files (by qbackup's naming) that the manifest does not list —
+    /// a layer renamed into place just before a crash, or folded by a merge.
+    func removeLeftovers() throws {
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: path)) ?? []
+        let listed = Set(manifest?.layers.map(\.file) ?? [])
+        for name in names {
+            let stale = name.hasSuffix(Self.tempSuffix) || name == BackupManifest.fileName + ".tmp"
+                || (Self.isLayerFileName(name) && !listed.contains(name))
+            if stale { try DurableFiles.remove(file(name)) }
+        }
+    }
+
+    /// Names qbackup gives layers: `full-20261125T094800Z.qcow2`, `incr-20261125T094800Z-2.qcow2`.
+    static func isLayerFileName(_ name: String) -> Bool {
+        name.range(of: #"^(full|incr)-[0-9]{8}T[0-9]{6}Z(-[0-9]+)?\.qcow2$"#, options: .regularExpression) != nil
+    }
+
+    /// A new layer file name that is not in use: `KIND-YYYYMMDDTHHMMSSZ[-N].qcow2`.
+    func newLayerName(kind: BackupManifest.Layer.Kind, at date: Date) -> String {
+        let stamp = Self.compactStamp(date)
+        let prefix = kind == .full ? "full" : "incr"
+        var name = "\(prefix)-\(stamp).qcow2"
+        var n = 1
+        let used = Set(manifest?.layers.map(\.file) ?? [])
+        while used.contains(name) || DurableFiles.exists(file(name)) {
+            n += 1
+            name = "\(prefix)-\(stamp)-\(n).qcow2"
+        }
+        return name
+    }
+
+    static func compactStamp(_ date: Date) -> String {
+        let f = DateFormatter()
+        f.locale = Locale(identifier: "en_US_POSIX")
+        f.timeZone = TimeZone(identifier: "UTC")
+        f.dateFormat = "yyyyMMdd'T'HHmmss'Z'"
+        return f.string(from: date)
+    }
+
+    static func isoStamp(_ date: Date) -> String {
+        let f = ISO8601DateFormatter()
+        f.formatOptions = [.withInternetDateTime]
+        f.timeZone = TimeZone(identifier: "UTC")
+        return f.string(from: date)
+    }
+
+    /// A new random repository id (16 hex digits).
+    static func newID() -> String {
+        var rng = SystemRandomNumberGenerator()
+        return String(format: "%016llx", rng.next() as UInt64)
+    }
+}

@@ -1,0 +1,53 @@
+import QCowImage
+
+/// What the backup engine reads from: the guest-visible disk (block status and
+/// positional reads) and the dirty extents of its tracking bitmap. A local
+/// qcow2 chain implements it today; an NBD export of a running VM (data via NBD
+/// reads, the bitmap via the qemu:dirty-bitmap meta context) can later.
+public protocol BackupSource: AnyObject {
+    /// A name for messages and the manifest (the image path).
+    var name: String { get }
+    var virtualSize: UInt64 { get }
+    /// Guest-visible status of the disk at `offset` (at least one byte, at most `maxLength`).
+    func blockStatus(at offset: UInt64, maxLength: UInt64) throws -> BlockStatus
+    /// Reads guest data.
+    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws
+    /// The state of the tracking bitmap `name`.
+    func bitmapState(_ name: String) throws -> TrackingBitmapState
+    /// Calls `body` with the dirty byte ranges of bitmap `name`, in order.
+    func forEachDirtyExtent(_ name: String, _ body: (Range<UInt64>) throws -> Void) throws
+    /// Makes `name` an empty, enabled, consistent bitmap (created if missing), durably.
+    func resetBitmap(_ name: String) throws
+    /// Releases the source (and its locks).
+    func close()
+}
+
+/// Whether a tracking bitmap can drive an incremental backup.
+public enum TrackingBitmapState: Equatable, Sendable {
+    case missing
+    case disabled
+    /// in_use or otherwise inconsistent; the reason says which.
+    case inconsistent(String)
+    case ready(granularity: UInt64)
+}
+
+/// A guest image (any chain) as a backup source without a tracking bitmap:
+/// used to fold layers (merge) and to restore to qcow2.
+final class GuestImageSource: BackupSource {
+    let image: GuestImage
+    init(_ image: GuestImage) { self.image = image }
+    var name: String { image.filename }
+    var virtualSize: UInt64 { image.virtualSize }
+    func blockStatus(at offset: UInt64, maxLength: UInt64) throws -> BlockStatus {
+        try image.blockStatus(at: offset, maxLength: maxLength)
+    }
+    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
+        try image.read(into: buffer, at: offset)
+    }
+    func bitmapState(_ name: String) throws -> TrackingBitmapState { .missing }
+    func forEachDirtyExtent(_ name: String, _ body: (Range<UInt64>) throws -> Void) throws {}
+    func resetBitmap(_ name: String) throws {
+        throw ChainError(.unsupported, "\(image.filename) has no tracking bitmaps")
+    }
+    func close() { image.close() }
+}

@@ -1,0 +1,92 @@
+import Logging
+import QCowImage
+
+/// Restores a point in time of a repository: the chain up to layer INDEX,
+/// flattened into one standalone image. Never modifies the repository.
+public enum RestoreEngine {
+    public enum OutputFormat: String, Sendable, CaseIterable { case qcow2, raw }
+
+    public struct Request: Sendable {
+        public var repository: String
+        public var output: String
+        /// The layer to restore; nil for the latest.
+        public var index: Int?
+        public var format: OutputFormat
+        public init(repository: String, output: String, index: Int? = nil, format: OutputFormat = .qcow2) {
+            self.repository = repository
+            self.output = output
+            self.index = index
+            self.format = format
+        }
+    }
+
+    public struct Result: Sendable {
+        public var index: Int
+        public var layer: BackupManifest.Layer
+        public var virtualSize: UInt64
+        public var dataBytes: UInt64
+    }
+
+    /// Opens the chain of layer `index`, checking that the files' backing links are what the manifest says.
+    static func openPoint(_ repo: BackupRepository, _ manifest: BackupManifest, index: Int) throws -> GuestImage {
+        let layerPath = repo.file(manifest.layers[index].file)
+        let image = try ImageOpener.open(layerPath, format: .qcow2)
+        let chain = image.chain
+        let expectedDepth = index - manifest.segmentStart(of: index) + 1
+        guard chain.count == expectedDepth else {
+            image.close()
+            throw ChainError(.corrupt, "layer \(index) has a backing chain of \(chain.count) files, the manifest says \(expectedDepth)",
+                             path: layerPath)
+        }
+        for (depth, layer) in chain.enumerated() {
+            let expected = repo.file(manifest.layers[index - depth].file)
+            guard layer.filename == expected else {
+                image.close()
+                throw ChainError(.corrupt, "backing chain of layer \(index) reaches \(layer.filename), the manifest says \(expected)",
+                                 path: layerPath)
+            }
+        }
+        return image
+    }
+
+    public static func restore(_ request: Request, logger: Logger = Logger(label: "qbackup.restore"),
+                               progress: ((UInt64, UInt64) -> Void)? = nil) throws -> Result {
+        let repo = try BackupRepository(path: request.repository, exclusive: false)
+        guard let manifest = repo.manifest, !manifest.layers.isEmpty else {
+            throw ChainError(.invalidArgument, "the repository holds no backup", path: request.repository)
+        }
+        if manifest.pendingMerge != nil {
+            throw ChainError(.refused, "a merge was interrupted; run 'qbackup merge' or 'qbackup verify' to finish it first",
+                             path: request.repository)
+        }
+        let index = request.index ?? manifest.layers.count - 1
+        guard index >= 0, index < manifest.layers.count else {
+            throw ChainError(.invalidArgument, "no layer \(index): the repository has layers 0 to \(manifest.layers.count - 1)",
+                             path: request.repository)
+        }
+        guard !DurableFiles.exists(request.output) else {
+            throw ChainError(.invalidArgument, "the output file exists; restore never overwrites", path: request.output)
+        }
+        let image = try openPoint(repo, manifest, index: index)
+        defer { image.close() }
+        logger.debug("restoring", metadata: ["index": "\(index)", "output": "\(request.output)"])
+        let written: UInt64
+        switch request.format {
+        case .raw:
+            written = try RawExporter.export(image, to: request.output, progress: progress)
+        case .qcow2:
+            // The point in time as one standalone qcow2: data copied, zeros and holes left unallocated.
+            let source = GuestImageSource(image)
+            let plan = try CopyPlan.make(kind: .full, source: source, bitmap: "", clusterSize: UInt64(manifest.clusterSize))
+            do {
+                written = try LayerWriter.write(plan: plan, from: source, to: request.output,
+                                                clusterSize: manifest.clusterSize, backing: nil, compression: .none,
+                                                durable: false, progress: progress)
+            } catch {
+                try? DurableFiles.remove(request.output)
+                throw error
+            }
+        }
+        return Result(index: index, layer: manifest.layers[index], virtualSize: image.virtualSize, dataBytes: written)
+    }
+}

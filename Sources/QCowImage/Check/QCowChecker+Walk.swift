@@ -1,0 +1,220 @@
+// MARK: - Walking every reference
+
+extension QCowChecker {
+    mutating func walkActiveL1() throws {
+        let h = image.header
+        reference(h.l1TableOffset, UInt64(h.l1Size) * 8, "L1 table", at: 40)
+        try walkL1(image.l1, tableOffset: h.l1TableOffset, active: true, name: "L1 table")
+    }
+
+    mutating func walkSnapshots() throws {
+        let h = image.header
+        guard h.nbSnapshots > 0 else { return }
+        var w = ByteWriter()
+        for s in image.snapshots { s.encode(into: &w) }
+        reference(h.snapshotsOffset, UInt64(w.bytes.count), "snapshot table", at: 64)
+        for (i, snap) in image.snapshots.enumerated() {
+            let name = "snapshot \(i) ('\(snap.name)') L1 table"
+            reference(snap.l1TableOffset, UInt64(snap.l1Size) * 8, name, at: h.snapshotsOffset)
+            let table: [UInt64]
+            do {
+                table = decodeTable(try image.device.readBytes(Int(snap.l1Size) * 8, at: snap.l1TableOffset, region: name))
+            } catch let error as QCowError {
+                report.checkErrors += 1
+                note(.corruption, name, snap.l1TableOffset, error.message)
+                continue
+            }
+            try walkL1(table, tableOffset: snap.l1TableOffset, active: false, name: name)
+        }
+    }
+
+    /// Walks one L1 table and its L2 tables. Only the active table's COPIED flags are checked.
+    mutating func walkL1(_ table: [UInt64], tableOffset: UInt64, active: Bool, name: String) throws {
+        let fileSize = nbClusters * clusterSize
+        for (i, raw) in table.enumerated() where raw != 0 {
+            let entry = L1Entry(rawValue: raw)
+            let at = tableOffset + UInt64(i) * 8
+            if entry.reservedBits != 0 {
+                note(.corruption, name, at, "L1 entry \(i) has reserved bits set (0x\(hex(entry.reservedBits)))")
+            }
+            let l2 = entry.l2Offset
+            if l2 == 0 { continue }
+            guard l2 & (clusterSize - 1) == 0 else {
+                note(.corruption, name, at, "L2 table offset 0x\(hex(l2)) is not cluster aligned (L1 index \(i))")
+                continue
+            }
+            reference(l2, clusterSize, "L2 table", at: at)
+            guard l2 + clusterSize <= fileSize else { continue }
+            if active {
+                let refcount = try stored.refcount(ofCluster: l2 >> UInt64(clusterBits))
+                if entry.copied != (refcount == 1) {
+                    note(.corruption, name, at,
+                         "OFLAG_COPIED of L1 entry \(i) is \(entry.copied ? "set" : "clear") but the L2 table's refcount is \(refcount)")
+                }
+            }
+            let l2Table: [UInt64]
+            do {
+                l2Table = decodeTable(try image.device.readBytes(Int(clusterSize), at: l2, region: "L2 table"))
+            } catch let error as QCowError {
+                report.checkErrors += 1
+                note(.corruption, "L2 table", l2, error.message)
+                continue
+            }
+            try walkL2(l2Table, at: l2, l1Index: i, active: active)
+        }
+    }
+
+    mutating func walkL2(_ table: [UInt64], at l2: UInt64, l1Index: Int, active: Bool) throws {
+        let extended = image.extendedL2
+        let entrySize = extended ? 16 : 8
+        let count = Int(clusterSize) / entrySize
+        var previousHost: UInt64?
+        for index in 0..<count {
+            let raw = extended ? table[2 * index] : table[index]
+            let bitmap = extended ? L2Bitmap(rawValue: table[2 * index + 1]) : L2Bitmap(rawValue: 0)
+            let at = l2 + UInt64(index * entrySize)
+            let entry = L2Entry(rawValue: raw)
+            if entry.compressed {
+                if entry.copied {
+                    note(.corruption, "L2 table", at, "compressed cluster entry has OFLAG_COPIED set")
+                }
+                if extended && bitmap.rawValue != 0 {
+                    note(.corruption, "L2 table", at + 8, "compressed cluster has a non-zero subcluster bitmap")
+                }
+                let (host, sectors) = entry.compressedLocation(clusterBits: clusterBits)
+                reference(host & ~511, UInt64(sectors) * 512, "compressed cluster", at: at)
+                if active {
+                    report.allocatedClusters += 1
+                    report.compressedClusters += 1
+                    report.fragmentedClusters += 1
+                }
+                previousHost = nil
+                continue
+            }
+            if entry.reservedBits != 0 {
+                note(.corruption, "L2 table", at, "L2 entry has reserved bits set (0x\(hex(entry.reservedBits)))")
+            }
+            let host = entry.hostOffset
+            if extended {
+                if entry.zeroFlag {
+                    note(.corruption, "L2 table", at, "bit 0 of an extended L2 entry is reserved but set")
+                }
+                if bitmap.allocated & bitmap.zero != 0 {
+                    note(.corruption, "L2 table", at + 8, "subclusters marked both allocated and zero (0x\(hex(UInt64(bitmap.allocated & bitmap.zero))))")
+                }
+                if host == 0 && bitmap.allocated != 0 {
+                    note(.corruption, "L2 table", at + 8, "subclusters marked allocated in a cluster with no host offset")
+                }
+            }
+            guard host != 0 else { continue }
+            guard host & (clusterSize - 1) == 0 else {
+                note(.corruption, "L2 table", at, "cluster offset 0x\(hex(host)) is not cluster aligned (L1 index \(l1Index), L2 index \(index))")
+                continue
+            }
+            reference(host, clusterSize, "data cluster", at: at)
+            if active {
+                report.allocatedClusters += 1
+                if let previousHost, host != previousHost + clusterSize { report.fragmentedClusters += 1 }
+                previousHost = host
+                if !image.header.incompatibleFeatures.contains(.externalDataFile), host < nbClusters * clusterSize {
+                    let refcount = try stored.refcount(ofCluster: host >> UInt64(clusterBits))
+                    if entry.copied != (refcount == 1) {
+                        note(.corruption, "L2 table", at,
+                             "OFLAG_COPIED of data cluster 0x\(hex(host)) is \(entry.copied ? "set" : "clear") but its refcount is \(refcount)")
+                    }
+                }
+            }
+        }
+    }
+
+    mutating func walkRefcountStructures() {
+        let h = image.header
+        reference(h.refcountTableOffset, UInt64(h.refcountTableClusters) * clusterSize, "refcount table", at: 48)
+        for (i, entry) in stored.table.enumerated() where entry.rawValue != 0 {
+            let at = h.refcountTableOffset + UInt64(i) * 8
+            if entry.reservedBits != 0 {
+                note(.corruption, "refcount table", at, "refcount table entry \(i) has reserved bits set")
+            }
+            let block = entry.blockOffset
+            guard block & (clusterSize - 1) == 0 else {
+                note(.corruption, "refcount table", at, "refcount block \(i) offset 0x\(hex(block)) is not cluster aligned")
+                continue
+            }
+            reference(block, clusterSize, "refcount block", at: at)
+        }
+    }
+
+    mutating func walkExtensions() {
+        // The full disk encryption header extension names a host range (offset, length).
+        if let data = image.header.extensionData(HeaderExtension.fullDiskEncryption), data.count >= 16 {
+            let r = ByteReader(data, region: "encryption header extension")
+            if let offset = try? r.u64(at: 0), let length = try? r.u64(at: 8) {
+                reference(offset, length, "encryption header", at: offset)
+            }
+        }
+    }
+
+    // MARK: - Comparing
+
+    mutating func compareRefcounts() throws {
+        var highest: UInt64?
+        for c in 0..<nbClusters {
+            let want = UInt64(computed[Int(c)])
+            let have = try stored.refcount(ofCluster: c)
+            if have > 0 { highest = c }
+            if have == want { continue }
+            let offset = c * clusterSize
+            if have < want {
+                note(.corruption, "refcount block", offset,
+                     "cluster 0x\(hex(offset)) has refcount \(have) but \(want) reference(s)")
+            } else {
+                note(.leak, "refcount block", offset,
+                     "cluster 0x\(hex(offset)) is leaked (refcount \(have), \(want) reference(s))")
+            }
+        }
+        report.imageEndOffset = ((highest ?? 0) + 1) * clusterSize
+    }
+}
+
+/// The refcounts the image stores, read defensively: invalid table entries and
+/// unreadable blocks count as zero (the walk reports them).
+struct StoredRefcounts {
+    let image: QCowFile
+    let table: [RefcountTableEntry]
+    let order: Int
+    let entriesPerBlock: UInt64
+    let fileSize: UInt64
+    private var cachedIndex: Int = -1
+    private var cachedBlock: [UInt8] = []
+
+    init(image: QCowFile) throws {
+        self.image = image
+        let h = image.header
+        order = Int(h.refcountOrder)
+        entriesPerBlock = UInt64(RefcountCodec.entriesPerBlock(clusterSize: image.clusterSize, order: order))
+        fileSize = try image.device.size()
+        let bytes = UInt64(h.refcountTableClusters) * UInt64(image.clusterSize)
+        let available = h.refcountTableOffset < fileSize ? min(bytes, fileSize - h.refcountTableOffset) : 0
+        let raw = try image.device.readBytes(Int(available), at: h.refcountTableOffset, region: "refcount table")
+        table = decodeTable(raw).map { RefcountTableEntry(rawValue: $0) }
+    }
+
+    mutating func refcount(ofCluster c: UInt64) throws -> UInt64 {
+        let index = Int(c / entriesPerBlock)
+        guard index < table.count else { return 0 }
+        if index != cachedIndex {
+            let block = table[index].blockOffset
+            let cs = UInt64(image.clusterSize)
+            cachedIndex = index
+            if block == 0 || block & (cs - 1) != 0 || block >= fileSize || fileSize - block < cs {
+                cachedBlock = []
+            } else {
+                cachedBlock = try image.device.readBytes(Int(cs), at: block, region: "refcount block")
+            }
+        }
+        guard !cachedBlock.isEmpty else { return 0 }
+        return cachedBlock.withUnsafeBytes {
+            RefcountCodec.get($0, order: order, index: Int(c % entriesPerBlock))
+        }
+    }
+}

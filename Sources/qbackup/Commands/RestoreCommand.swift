@@ -1,0 +1,44 @@
+import ArgumentParser
+import BackupChain
+import QCowImage
+
+/// `qbackup restore DIR --to OUT [--at INDEX] [--format qcow2|raw]`
+struct RestoreCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "restore",
+        abstract: "Write the disk as it was at one backup layer as a standalone image.",
+        discussion: "The repository is never modified. OUT must not exist.")
+
+    @Argument(help: "The repository folder.") var repository: String
+
+    @Option(name: .long, help: "The output image file (must not exist).") var to: String
+
+    @Option(name: .long, help: "The layer index to restore (default: the latest; see 'qbackup list').")
+    var at: Int?
+
+    @Option(name: .long, help: "Output format: qcow2 or raw.")
+    var format: RestoreEngine.OutputFormat = .qcow2
+
+    @OptionGroup var options: GlobalOptions
+
+    func run() throws {
+        try ExitStatus.run {
+            let progress = options.progressReporter("restore")
+            let result = try RestoreEngine.restore(
+                RestoreEngine.Request(repository: repository, output: to, index: at, format: format),
+                progress: progress?.update)
+            progress?.finish()
+            if options.json {
+                emit(JSON.object([("index", .int(Int64(result.index))), ("layer", .string(result.layer.file)),
+                                  ("output", .string(to)), ("format", .string(format.rawValue)),
+                                  ("virtual-size", .uint(result.virtualSize)), ("data-bytes", .uint(result.dataBytes))])
+                    .pretty() + "\n")
+            } else {
+                emit("restored layer \(result.index) (\(result.layer.created)) to \(to)\n")
+            }
+            return 0
+        }
+    }
+}
+
+extension RestoreEngine.OutputFormat: ExpressibleByArgument {}

@@ -1,0 +1,95 @@
+import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A read-only `qemu-nbd` export of one image on a unix socket in a temp dir,
+/// for reading QEMU's view of a dirty bitmap with `nbdinfo`. Stopped by pid.
+public final class QemuNBD {
+    /// One extent of `nbdinfo --map`, adjacent extents of the same state merged.
+    public struct Extent: Equatable, Sendable, CustomStringConvertible {
+        public var start: UInt64
+        public var length: UInt64
+        public var dirty: Bool
+        public init(start: UInt64, length: UInt64, dirty: Bool) {
+            self.start = start
+            self.length = length
+            self.dirty = dirty
+        }
+        public var description: String { "\(start)+\(length) \(dirty ? "dirty" : "clean")" }
+    }
+
+    public let socket: String
+    private let pid: pid_t
+
+    /// Starts `qemu-nbd -r -t -B BITMAP -k SOCKET -f qcow2 IMAGE` as a daemon
+    /// (`--fork`: it returns once the export is ready) and reads its pid.
+    public init(image: String, bitmap: String, directory: TempDir) throws {
+        let tag = UUID().uuidString.prefix(6)
+        socket = directory.file("nbd-\(tag).sock")
+        let pidFile = directory.file("nbd-\(tag).pid")
+        // The daemon outlives this call, so it must not keep the write end of another
+        // test's pipe open (that test would wait for EOF forever): bash closes every
+        // inherited descriptor above stderr before exec'ing qemu-nbd.
+        let closeInherited = "for fd in $(ls /proc/$$/fd); do if [ \"$fd\" -gt 2 ]; then eval \"exec $fd>&-\" 2>/dev/null; fi; done; exec \"$@\""
+        try Tools.qemu("bash", ["-c", closeInherited, "qemu-nbd", try Tools.which("qemu-nbd"), "--fork", "--pid-file=\(pidFile)",
+                                "-r", "-t", "-B", bitmap, "-k", socket, "-f", "qcow2", image])
+        let text = (try? String(contentsOfFile: pidFile, encoding: .utf8)) ?? ""
+        guard let pid = pid_t(text.trimmingCharacters(in: .whitespacesAndNewlines)), pid > 0,
+              FileManager.default.fileExists(atPath: socket)
+        else {
+            throw Tools.ToolFailure(command: "qemu-nbd --fork (no pid file or socket)",
+                                    result: Tools.Result(status: -1, stdout: "", stderr: text, stdoutData: Data()))
+        }
+        self.pid = pid
+    }
+
+    deinit { stop() }
+
+    /// Stops the server by its pid and waits (up to 10 s) until it is gone.
+    /// SIGKILL, not SIGTERM: the daemon inherits the test thread's signal mask, in
+    /// which SIGTERM may be blocked; the export is read-only, so nothing is lost.
+    public func stop() {
+        guard Self.isAlive(pid) else { return }
+        kill(pid, SIGKILL)
+        let deadline = Date().addingTimeInterval(10)
+        while Self.isAlive(pid) && Date() < deadline { usleep(1_000) }
+    }
+
+    /// Whether `pid` runs (a zombie, which nobody may reap in a container, counts as gone).
+    static func isAlive(_ pid: pid_t) -> Bool {
+        guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+              let close = stat.lastIndex(of: ")")
+        else { return false }
+        let state = stat[stat.index(after: close)...].trimmingCharacters(in: .whitespaces).prefix(1)
+        return state != "Z" && state != "X"
+    }
+
+    /// `nbdinfo --json --map=qemu:dirty-bitmap:NAME` against this export, merged.
+    public func dirtyMap(bitmap: String) throws -> [Extent] {
+        let result = try Tools.qemu("nbdinfo", ["--json", "--map=qemu:dirty-bitmap:\(bitmap)", "nbd+unix:///?socket=\(socket)"])
+        guard let items = try JSONSerialization.jsonObject(with: result.stdoutData) as? [[String: Any]] else {
+            throw Tools.ToolFailure(command: "nbdinfo (unexpected JSON)", result: result)
+        }
+        var extents: [Extent] = []
+        for item in items {
+            guard let offset = (item["offset"] as? NSNumber)?.uint64Value, let length = (item["length"] as? NSNumber)?.uint64Value,
+                  let type = (item["type"] as? NSNumber)?.intValue
+            else { throw Tools.ToolFailure(command: "nbdinfo (extent without offset/length/type)", result: result) }
+            let dirty = type & 1 != 0
+            if let last = extents.last, last.dirty == dirty, last.start + last.length == offset {
+                extents[extents.count - 1].length += length
+            } else {
+                extents.append(Extent(start: offset, length: length, dirty: dirty))
+            }
+        }
+        return extents
+    }
+
+    /// QEMU's view of `bitmap` in `image`: starts an export, maps it, stops it.
+    public static func dirtyMap(image: String, bitmap: String, directory: TempDir) throws -> [Extent] {
+        let server = try QemuNBD(image: image, bitmap: bitmap, directory: directory)
+        defer { server.stop() }
+        return try server.dirtyMap(bitmap: bitmap)
+    }
+}

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The whole test suite: unit, interop (QEMU as the oracle) and CLI tests.
+# Needs qemu-img, qemu-io, qemu-nbd and nbdinfo (scripts/install-deps.sh); tests fail, never skip, without them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+swift build --build-tests
+swift test --skip-build "$@"
