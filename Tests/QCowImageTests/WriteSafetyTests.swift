@@ -95,3 +95,30 @@ import TestSupport
         try Tools.qemuImg("check", "-f", "qcow2", path)
     }
 }
+
+/// Growing the virtual size, with and without a bigger L1 table.
+@Suite struct ResizeTests {
+    @Test(arguments: [(65536, UInt64(100) << 20), (512, UInt64(3) << 20)])
+    func growsAndStaysClean(clusterSize: Int, newSize: UInt64) throws {
+        let dir = TempDir()
+        let path = dir.file("grow.qcow2")
+        var options = QCowCreateOptions(size: 1 << 20)
+        options.clusterSize = clusterSize
+        let image = try QCowCreator.create(at: path, options: options)
+        let head = [UInt8](repeating: 0x31, count: 5000)
+        try head.withUnsafeBytes { try image.write($0, at: 1000) }
+        try image.grow(to: newSize)
+        #expect(image.virtualSize == newSize)
+        let tail = [UInt8](repeating: 0x32, count: 7000)
+        try tail.withUnsafeBytes { try image.write($0, at: newSize - 7000) }
+        #expect(throws: QCowError.self) { try image.grow(to: 512) }
+        try image.flush()
+        image.close()
+        try Tools.qemuImg("check", "-f", "qcow2", path)
+        let verify = try Tools.qemuIO(path, format: "qcow2", ["read -P 0x31 1000 5000", "read -P 0x32 \(newSize - 7000) 7000",
+                                                              "read -P 0 \(1 << 20) 4096"])
+        #expect(!verify.stdout.contains("fail"), "\(verify.stdout)")
+        let info = try JSONSerialization.jsonObject(with: Tools.qemuImg("info", "--output=json", path).stdoutData) as? [String: Any]
+        #expect(info?["virtual-size"] as? UInt64 == newSize)
+    }
+}
