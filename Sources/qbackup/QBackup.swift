@@ -25,6 +25,7 @@ struct QBackup: ParsableCommand {
             CreateCommand.self,
             CommitCommand.self,
             MergeCommand.self,
+            BitmapCommand.self,
         ]
     )
 
