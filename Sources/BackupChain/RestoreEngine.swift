@@ -64,6 +64,9 @@ public enum RestoreEngine {
             throw ChainError(.invalidArgument, "no layer \(index): the repository has layers 0 to \(manifest.layers.count - 1)",
                              path: request.repository)
         }
+        guard !DurableFiles.exists(request.output) else {
+            throw ChainError(.invalidArgument, "the output file exists; restore never overwrites", path: request.output)
+        }
         let image = try openPoint(repo, manifest, index: index)
         defer { image.close() }
         logger.debug("restoring", metadata: ["index": "\(index)", "output": "\(request.output)"])
@@ -72,7 +75,17 @@ public enum RestoreEngine {
         case .raw:
             written = try RawExporter.export(image, to: request.output, progress: progress)
         case .qcow2:
-            throw ChainError(.unsupported, "qcow2 restore output needs the write engine; use --format raw")
+            // The point in time as one standalone qcow2: data copied, zeros and holes left unallocated.
+            let source = GuestImageSource(image)
+            let plan = try CopyPlan.make(kind: .full, source: source, bitmap: "", clusterSize: UInt64(manifest.clusterSize))
+            do {
+                written = try LayerWriter.write(plan: plan, from: source, to: request.output,
+                                                clusterSize: manifest.clusterSize, backing: nil, compression: .none,
+                                                durable: false, progress: progress)
+            } catch {
+                try? DurableFiles.remove(request.output)
+                throw error
+            }
         }
         return Result(index: index, layer: manifest.layers[index], virtualSize: image.virtualSize, dataBytes: written)
     }

@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import Logging
 
 /// `--output human|json`, shared by every command that reports.
 enum OutputFormat: String, ExpressibleByArgument, CaseIterable {
@@ -19,6 +20,13 @@ struct GlobalOptions: ParsableArguments {
     var verbose = false
 
     var json: Bool { output == .json }
+
+    /// A logger to stderr: debug with --verbose, else warnings only.
+    var logger: Logger {
+        var logger = Logger(label: "qbackup") { StreamLogHandler.standardError(label: $0) }
+        logger.logLevel = verbose ? .debug : .warning
+        return logger
+    }
 
     /// A progress reporter, or nil when progress is off.
     func progressReporter(_ label: String) -> ProgressReporter? {

@@ -22,6 +22,7 @@ struct QBackup: ParsableCommand {
             ListCommand.self,
             RestoreCommand.self,
             CheckCommand.self,
+            MergeCommand.self,
         ]
     )
 

@@ -1,10 +1,11 @@
 /// Writes the guest-visible contents of a chain as a raw file: data extents
 /// in large sequential writes, zero and unallocated ranges left as holes.
 public enum RawExporter {
-    /// Exports `image` to a new raw file at `path` (which must not exist, unless `overwrite`),
-    /// syncing it before returning. Returns the bytes of data written.
+    /// Exports `image` to a new raw file at `path` (which must not exist, unless `overwrite`).
+    /// With `durable`, the file is fsynced before returning (like qemu-img, a plain export
+    /// does not wait for the disk). Returns the bytes of data written.
     @discardableResult
-    public static func export(_ image: GuestImage, to path: String, overwrite: Bool = false,
+    public static func export(_ image: GuestImage, to path: String, overwrite: Bool = false, durable: Bool = false,
                               progress: ((UInt64, UInt64) -> Void)? = nil) throws -> UInt64 {
         let out = try FileDevice(creating: path, truncate: overwrite)
         defer { out.close() }
@@ -28,7 +29,7 @@ public enum RawExporter {
             offset += UInt64(n)
             progress?(offset, total)
         }
-        try out.sync()
+        if durable { try out.sync() }
         return written
     }
 }
