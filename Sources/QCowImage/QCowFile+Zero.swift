@@ -15,14 +15,14 @@ extension QCowFile {
         let metadataOnly = header.version >= 3 || backing == nil
         let unit = UInt64(metadataOnly ? subclusterSize : clusterSize)
         // The cluster that holds the end of the disk counts as whole when the range reaches the end.
-        let wholeStart = min(end, (offset + unit - 1) / unit * unit)
-        let wholeEnd = max(wholeStart, end == virtualSize ? (end + unit - 1) / unit * unit : end / unit * unit)
+        let wholeStart = (offset + unit - 1) / unit * unit
+        let wholeEnd = end == virtualSize ? (end + unit - 1) / unit * unit : end / unit * unit
         try guarded {
             if !metadataOnly || wholeStart >= wholeEnd {
                 try writeRealZeros(offset, end)
                 return
             }
-            try writeRealZeros(offset, wholeStart)
+            try writeRealZeros(offset, min(wholeStart, end))
             try forEachBatch(wholeStart..<wholeEnd, needsTable: true) { cluster, mask, entry, bitmap in
                 if header.version < 3 {
                     return (0, 0, true)
@@ -36,7 +36,7 @@ extension QCowFile {
             } fallback: { start, end in
                 try writeRealZeros(start, end)
             }
-            try writeRealZeros(max(wholeEnd, wholeStart), end)
+            try writeRealZeros(wholeEnd, end)
         }
     }
 

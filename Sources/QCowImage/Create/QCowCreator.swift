@@ -55,7 +55,10 @@ public enum QCowCreator {
             header.setExtension(HeaderExtension.backingFormat, Array(format.rawValue.utf8))
         }
         if options.version == 3 {
-            header.setExtension(HeaderExtension.featureNameTable, QCowHeader.standardFeatureNameTable)
+            // As QEMU: the feature name table is left out when it does not fit in cluster 0.
+            var withTable = header
+            withTable.setExtension(HeaderExtension.featureNameTable, QCowHeader.standardFeatureNameTable)
+            if (try? withTable.encoded(limit: cs)) != nil { header = withTable }
         }
         var first = try header.encoded(limit: cs)
         first += [UInt8](repeating: 0, count: cs - first.count)
