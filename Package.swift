@@ -9,6 +9,8 @@ let package = Package(
         .library(name: "QCowImage", targets: ["QCowImage"]),
         .library(name: "BitmapStore", targets: ["BitmapStore"]),
         .library(name: "BackupChain", targets: ["BackupChain"]),
+        // Hostile-input entry points, for the libFuzzer executables in Fuzz/ (not API).
+        .library(name: "FuzzTargets", targets: ["FuzzTargets"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
@@ -52,6 +54,8 @@ let package = Package(
         .testTarget(name: "BitmapStoreTests", dependencies: ["BitmapStore", "TestSupport"]),
         .testTarget(name: "BackupChainTests", dependencies: ["BackupChain", "TestSupport"]),
         .testTarget(name: "CLITests", dependencies: ["TestSupport"]),
+        .target(name: "FuzzTargets", dependencies: ["QCowImage", "BitmapStore", "BackupChain"], path: "Tests/FuzzTargets"),
+        .testTarget(name: "FuzzRegressionTests", dependencies: ["FuzzTargets", "TestSupport"]),
     ],
     swiftLanguageModes: [.v6]
 )

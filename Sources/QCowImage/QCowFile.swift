@@ -28,6 +28,11 @@ public final class QCowFile: GuestImage {
     /// The last decompressed cluster, for reads that walk a compressed cluster piece by piece.
     var decompressedHost: UInt64?
     var decompressed: [UInt8] = []
+    /// Whether the write engine fsyncs at its ordering barriers (data and refcounts
+    /// before the tables that point at them). Turn off only for a new file that is
+    /// thrown away after a crash — a backup layer written under a temporary name, an
+    /// export — where one `flush()` at the end is all the durability needed.
+    public var syncBarriers = true
     /// Whether QEMU would take this image for metadata-preallocated (see `QCowFile+Preallocation.swift`).
     var metadataPreallocation: Bool?
 
@@ -129,14 +134,16 @@ public final class QCowFile: GuestImage {
     /// An L2 reference from the active L1 table is aligned and inside the file
     /// (checked when used, as QEMU does, so `check` can still open the image).
     func validateL2Reference(_ l2Offset: UInt64, l1Index i: Int) throws {
-        let at = header.l1TableOffset + UInt64(i) * 8
+        // Callers that do not know the L1 index pass -1: the error then points at the L2 offset itself.
+        let at = i >= 0 ? header.l1TableOffset + UInt64(i) * 8 : l2Offset
+        let region = i >= 0 ? "L1 table" : "L2 table"
         guard isClusterAligned(l2Offset) else {
             throw QCowError(.corrupt, "L2 table offset 0x\(String(l2Offset, radix: 16)) is not cluster aligned (L1 index \(i < 0 ? "?" : String(i)))",
-                            path: filename, offset: at, region: "L1 table")
+                            path: filename, offset: at, region: region)
         }
         guard try isInsideFile(l2Offset, length: UInt64(clusterSize), data: false) else {
             throw QCowError(.corrupt, "L2 table at 0x\(String(l2Offset, radix: 16)) lies past the end of the file (L1 index \(i < 0 ? "?" : String(i)))",
-                            path: filename, offset: at, region: "L1 table")
+                            path: filename, offset: at, region: region)
         }
     }
 

@@ -133,6 +133,16 @@ extension QCowHeader {
         extensions.first { $0.type == type }?.data
     }
 
+    /// The file offset of the extension of `type` (its type field), for error messages.
+    public func extensionOffset(_ type: UInt32) -> UInt64? {
+        var position = UInt64(version == 2 ? Self.v2Length : Int(headerLength))
+        for ext in extensions {
+            if ext.type == type { return position }
+            position += 8 + UInt64((ext.data.count + 7) & ~7)
+        }
+        return nil
+    }
+
     /// Replaces (or with nil removes) the extension of `type`.
     public mutating func setExtension(_ type: UInt32, _ data: [UInt8]?) {
         if let index = extensions.firstIndex(where: { $0.type == type }) {

@@ -58,6 +58,7 @@ public enum ImageOpener {
                 if let f = image.header.backingFormat {
                     guard let known = Format(rawValue: f) else {
                         throw QCowError(.unsupported, "backing format '\(f)' is not supported (qcow2 or raw)", path: path,
+                                        offset: image.header.extensionOffset(HeaderExtension.backingFormat),
                                         region: "backing format extension")
                     }
                     backingFormat = known

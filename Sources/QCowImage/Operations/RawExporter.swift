@@ -1,3 +1,9 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
 /// Writes the guest-visible contents of a chain as a raw file: data extents
 /// in large sequential writes, zero and unallocated ranges left as holes.
 public enum RawExporter {
@@ -9,6 +15,9 @@ public enum RawExporter {
                               progress: ((UInt64, UInt64) -> Void)? = nil) throws -> UInt64 {
         let out = try FileDevice(creating: path, truncate: overwrite)
         defer { out.close() }
+        // A failed export (unreadable or corrupt source) leaves no partial output behind.
+        var finished = false
+        defer { if !finished { unlink(path) } }
         let total = image.virtualSize
         try out.resize(to: total)
         let chunk = 8 << 20
@@ -30,6 +39,7 @@ public enum RawExporter {
             progress?(offset, total)
         }
         if durable { try out.sync() }
+        finished = true
         return written
     }
 }

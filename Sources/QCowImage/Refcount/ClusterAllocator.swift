@@ -18,7 +18,7 @@ extension QCowFile {
         return try guarded {
             let first = try allocate(count)
             try commitRefcounts()
-            try device.sync()
+            try syncBarrier()
             return first << UInt64(clusterBits)
         }
     }
@@ -71,6 +71,13 @@ extension QCowFile {
                 // New blocks go right after the data; search again with room for them.
                 extra = missing
                 continue
+            }
+            // A "free" cluster that holds metadata means the refcounts are corrupt: allocating
+            // it would overwrite the metadata, so refuse and mark the image corrupt, as QEMU does.
+            let metadata = try metadataClusterSet()
+            if let hit = (start..<end).first(where: { metadata.contains($0) }) {
+                throw markCorrupt("cluster 0x\(String(hit << UInt64(clusterBits), radix: 16)) has refcount 0 but holds metadata",
+                                  offset: hit << UInt64(clusterBits), region: "refcount block")
             }
             var next = start + UInt64(count)
             for index in firstBlock...lastBlock where table.entries[index] == 0 {
@@ -139,7 +146,7 @@ extension QCowFile {
         try table.writeDirtyBlocks()
         if !table.dirtyEntries.isEmpty {
             // New blocks are durable before the table points at them.
-            try device.sync()
+            try syncBarrier()
             try table.writeDirtyEntries()
         }
         noteFileEnd()
@@ -211,7 +218,7 @@ extension QCowFile {
         noteFileEnd(newTableOffset + UInt64(tableBytes.count))
         // Step 3: sync, then switch the header to the new table (rewriteHeader syncs).
         // If we die before the switch, the new clusters lie outside what the old table describes.
-        try device.sync()
+        try syncBarrier()
         let oldOffset = table.tableOffset
         let oldClusters = table.tableClusters
         try rewriteHeader { h in

@@ -1,0 +1,37 @@
+import BitmapStore
+import QCowImage
+
+extension FuzzTargets {
+    /// Bitmap directory entries looked at per input, at most.
+    static let maxBitmaps = 16
+
+    /// Reads the bitmaps of an image from bytes: the bitmaps extension, the
+    /// directory and its entries, every bitmap table, and each bitmap's data
+    /// as `bitmap list`, `bitmap dump` and `info` see them. The dump's extents
+    /// must tile the disk in order, alternating clean and dirty.
+    public static func bitmaps(_ data: UnsafeRawBufferPointer) {
+        let device = MemoryDevice(name: "<fuzz>", bytes: Array(data))
+        guard let file = try? QCowFile(device: device), let catalog = try? BitmapCatalog(file: file) else { return }
+        _ = catalog.info()
+        _ = try? catalog.list()
+        for entry in catalog.entries.prefix(maxBitmaps) {
+            _ = catalog.inconsistency(of: entry)
+            _ = try? catalog.table(of: entry)
+            guard let dump = try? catalog.dump(entry.name) else { continue }
+            var next: UInt64 = 0
+            var previous: Bool?
+            var count = 0
+            for extent in dump.bitmap.extents() {
+                expect(extent.start == next && extent.length > 0, "bitmap '\(entry.name)': extent \(extent) after \(next)")
+                expect(previous != extent.dirty, "bitmap '\(entry.name)': two \(extent.dirty ? "dirty" : "clean") extents in a row at \(extent.start)")
+                next = extent.end
+                previous = extent.dirty
+                count += 1
+                if count >= maxExtents { break }
+            }
+            if count < maxExtents {
+                expect(next == dump.bitmap.virtualSize, "bitmap '\(entry.name)': extents end at \(next), disk at \(dump.bitmap.virtualSize)")
+            }
+        }
+    }
+}
