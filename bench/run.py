@@ -752,6 +752,7 @@ def run_pair(ctx, pair):
         log(f"{pair.name} [{cache}]: " + "  ".join(
             f"{s}={statistics.median(row[s].times):.3f}s" for s in ("qb", "peer") if row[s].times))
         res["rows"].append(row)
+    shutil.rmtree(os.path.join(ctx.scratch, pair.name), ignore_errors=True)  # disk space
     return res
 
 
