@@ -304,6 +304,14 @@ def chain_repo(ctx):
         repo = os.path.join(d, "repo")
         if not ctx.has("backup"):
             return synth_repo(ctx, repo), "repository synthesized from the QEMU-made chain (no qbackup backup yet)"
+        try:
+            return real_repo(d, repo), ""
+        except NotAvailable as e:
+            log(f"setup: {e}; falling back to a synthesized repository")
+            shutil.rmtree(repo, ignore_errors=True)
+            return synth_repo(ctx, repo), f"repository synthesized from the QEMU-made chain ({e})"
+
+    def real_repo(d, repo):
         live = os.path.join(d, "live.qcow2")
         log("setup: building the chain repository (full + incrementals)")
         shutil.copyfile(ctx.p("chain", "base.qcow2"), live)
@@ -318,7 +326,7 @@ def chain_repo(ctx):
         if bad:
             raise NotAvailable(f"setup: repository's latest layer differs from the chain ({bad})")
         os.unlink(live)
-        return repo, ""
+        return repo
     return ctx.once("chain_repo", build)
 
 
