@@ -953,6 +953,10 @@ def main():
         f"MiB/s = guest data moved / median; % of disk (cold rows) = qbackup MiB/s / raw read speed "
         f"(flatten, restore, compare: outputs are not fsynced) or raw write speed (backup, commit, merge: durable)",
     ])
+    busy = max(float(machine["load"].split()[0]), float(machine["load_end"].split()[0]))
+    if busy > 0.5 * (os.cpu_count() or 1):
+        header += (f"\nWARNING: the machine was busy (load average up to {busy:.1f} on {os.cpu_count()} CPUs): "
+                   f"other work shares the CPUs and the disk, so these numbers are noisy")
     text = render_text(rows)
     md = render_markdown(rows, header.replace("\n", "  \n"))
     print()
