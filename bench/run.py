@@ -24,6 +24,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
+sys.dont_write_bytecode = True  # nothing written inside the repository
 sys.path.insert(0, HERE)
 import gen  # noqa: E402
 
