@@ -62,7 +62,7 @@ final class BackupScenario {
 
     /// A raw copy of the disk as it is now (the reference for the next backup).
     func snapshotReference() throws {
-        let path = dir.file("ref\(references.count).raw")
+        let path = dir.file("ref\(references.count)-\(UUID().uuidString.prefix(6)).raw")
         try Tools.qemuImg("convert", "-O", "raw", disk, path)
         references.append(path)
     }
