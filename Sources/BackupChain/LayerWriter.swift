@@ -3,9 +3,10 @@ import QCowImage
 /// How a layer's clusters are stored: plain, or compressed with zlib or zstd.
 public enum LayerCompression: String, Sendable, CaseIterable { case none, zlib, zstd }
 
-/// Writes a backup layer: the planned ranges read from the source, in large
-/// chunks; clusters that read as zeros become zero clusters (incremental, so
-/// they hide older data) or stay unallocated (full).
+/// Writes a backup layer: the planned ranges read from the source in large
+/// chunks; clusters that read as zeros become zero clusters (when the layer has
+/// a backing file, so they hide older data) or stay unallocated (standalone).
+/// Compression runs on every core; the compressed clusters are written in order.
 enum LayerWriter {
     static let chunkBytes = 4 << 20
 
@@ -23,70 +24,107 @@ enum LayerWriter {
         if compression == .zstd { options.compression = .zstd }
         let layer = try QCowCreator.create(at: path, options: options)
         defer { layer.close() }
-        let cs = UInt64(clusterSize)
-        let chunk = max(chunkBytes / clusterSize, 1) * clusterSize
-        var buffer = [UInt8](repeating: 0, count: chunk)
-        var written: UInt64 = 0
+        // The file is new and thrown away if we die before it is complete: one fsync at the end will do.
+        layer.syncBarriers = false
+        var copier = ChunkCopier(layer: layer, clusterSize: clusterSize, hideZeros: backing != nil,
+                                 compressor: compression == .none ? nil : ParallelCompressor(layer.header.compression))
         var done: UInt64 = 0
-        let hideZeros = backing != nil
-        try buffer.withUnsafeMutableBytes { raw in
-            for range in plan.ranges {
-                var offset = range.lowerBound
-                while offset < range.upperBound {
-                    let n = Int(min(UInt64(chunk), range.upperBound - offset))
-                    let part = UnsafeMutableRawBufferPointer(rebasing: raw[0..<n])
-                    try source.read(into: part, at: offset)
-                    // Walk the chunk cluster by cluster, writing runs of data and of zeros.
-                    var runStart = 0
-                    var runIsZero = false
-                    var pos = 0
-                    func flushRun(to end: Int) throws {
-                        guard end > runStart else { return }
-                        let at = offset + UInt64(runStart)
-                        if runIsZero {
-                            if hideZeros { try layer.writeZeroes(at: at, length: UInt64(end - runStart)) }
-                        } else if compression != .none {
-                            var c = runStart
-                            while c < end {
-                                let e = min(end, c + clusterSize)
-                                let piece = UnsafeRawBufferPointer(rebasing: raw[c..<e])
-                                if e - c == clusterSize {
-                                    try layer.writeCompressed(cluster: piece, at: offset + UInt64(c))
-                                } else {
-                                    try layer.write(piece, at: offset + UInt64(c))
-                                }
-                                c = e
-                            }
-                            written += UInt64(end - runStart)
-                        } else {
-                            try layer.write(UnsafeRawBufferPointer(rebasing: raw[runStart..<end]), at: at)
-                            written += UInt64(end - runStart)
-                        }
-                    }
-                    while pos < n {
-                        let end = min(n, pos + Int(cs))
-                        let zero = isZero(UnsafeRawBufferPointer(rebasing: raw[pos..<end]))
-                        if pos == 0 {
-                            runIsZero = zero
-                        } else if zero != runIsZero {
-                            try flushRun(to: pos)
-                            runStart = pos
-                            runIsZero = zero
-                        }
-                        pos = end
-                    }
-                    try flushRun(to: n)
-                    offset += UInt64(n)
-                    done += UInt64(n)
-                    progress?(done, plan.bytes)
-                }
+        for range in plan.ranges {
+            var offset = range.lowerBound
+            while offset < range.upperBound {
+                let n = Int(min(UInt64(copier.chunk), range.upperBound - offset))
+                try copier.copy(from: source, at: offset, count: n)
+                offset += UInt64(n)
+                done += UInt64(n)
+                progress?(done, plan.bytes)
             }
         }
         if durable { try layer.flush() }
-        return written
+        return copier.written
+    }
+}
+
+/// Copies one chunk at a time with buffers reused across chunks.
+struct ChunkCopier {
+    let layer: QCowFile
+    let clusterSize: Int
+    let hideZeros: Bool
+    let compressor: ParallelCompressor?
+    let chunk: Int
+    var buffer: [UInt8]
+    var compressed: [UInt8]
+    var sizes: [Int]
+    var zero: [Bool]
+    var written: UInt64 = 0
+
+    init(layer: QCowFile, clusterSize: Int, hideZeros: Bool, compressor: ParallelCompressor?) {
+        self.layer = layer
+        self.clusterSize = clusterSize
+        self.hideZeros = hideZeros
+        self.compressor = compressor
+        chunk = max(LayerWriter.chunkBytes / clusterSize, 1) * clusterSize
+        buffer = [UInt8](repeating: 0, count: chunk)
+        compressed = compressor == nil ? [] : [UInt8](repeating: 0, count: chunk)
+        let clusters = chunk / clusterSize
+        sizes = [Int](repeating: 0, count: clusters)
+        zero = [Bool](repeating: false, count: clusters)
     }
 
-    /// Whether every byte is zero (word at a time).
+    /// Reads `count` bytes at `offset` (cluster aligned) and writes them to the layer.
+    mutating func copy(from source: BackupSource, at offset: UInt64, count n: Int) throws {
+        let cs = clusterSize
+        let clusters = (n + cs - 1) / cs
+        let lastLength = n - (clusters - 1) * cs
+        try buffer.withUnsafeMutableBytes { raw in
+            try source.read(into: UnsafeMutableRawBufferPointer(rebasing: raw[0..<n]), at: offset)
+        }
+        buffer.withUnsafeBytes { raw in
+            for i in 0..<clusters {
+                let end = i == clusters - 1 ? n : (i + 1) * cs
+                zero[i] = ChunkCopier.isZero(UnsafeRawBufferPointer(rebasing: raw[(i * cs)..<end]))
+            }
+        }
+        if let compressor {
+            let zeroFlags = zero
+            buffer.withUnsafeBytes { input in
+                compressed.withUnsafeMutableBytes { output in
+                    sizes.withUnsafeMutableBufferPointer { sizes in
+                        // A short last cluster (the disk's end) is written plain.
+                        compressor.compress(input, clusterSize: cs, count: clusters, lastLength: lastLength,
+                                            into: output, sizes: sizes,
+                                            skip: { zeroFlags[$0] || ($0 == clusters - 1 && lastLength < cs) })
+                    }
+                }
+            }
+        }
+        // Write in order: runs of plain data in one write, compressed clusters one by one, zero runs as zeros.
+        var i = 0
+        while i < clusters {
+            let start = i
+            let at = offset + UInt64(start * cs)
+            if zero[i] {
+                while i < clusters && zero[i] { i += 1 }
+                if hideZeros { try layer.writeZeroes(at: at, length: UInt64(min(n, i * cs) - start * cs)) }
+            } else if compressor != nil && sizes[i] > 0 {
+                let length = sizes[i]
+                try compressed.withUnsafeBytes { raw in
+                    try layer.writePrecompressed(UnsafeRawBufferPointer(rebasing: raw[(i * cs)..<(i * cs + length)]),
+                                                 at: at, guestLength: cs)
+                }
+                written += UInt64(cs)
+                i += 1
+            } else {
+                while i < clusters && !zero[i] && (compressor == nil || sizes[i] == 0) { i += 1 }
+                let end = min(n, i * cs)
+                try buffer.withUnsafeBytes { raw in
+                    try layer.write(UnsafeRawBufferPointer(rebasing: raw[(start * cs)..<end]), at: at)
+                }
+                written += UInt64(end - start * cs)
+            }
+        }
+    }
+
+    /// Whether every byte is zero (a word at a time).
     static func isZero(_ bytes: UnsafeRawBufferPointer) -> Bool {
         let words = bytes.count / 8
         for i in 0..<words where bytes.loadUnaligned(fromByteOffset: i * 8, as: UInt64.self) != 0 { return false }

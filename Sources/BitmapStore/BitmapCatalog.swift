@@ -11,16 +11,19 @@ public final class BitmapCatalog {
     /// The image.
     public let file: QCowFile
     /// Cluster size, file size and virtual size, as validation sees them.
-    public private(set) var geometry: BitmapGeometry
+    public var geometry: BitmapGeometry {
+        let size = (try? file.device.size()) ?? file.fileSize
+        return BitmapGeometry(clusterSize: file.clusterSize, fileSize: max(size, file.fileSize), virtualSize: file.virtualSize)
+    }
     /// The bitmaps extension, nil when the image has none.
-    public private(set) var bitmapsExtension: BitmapsExtension?
+    public internal(set) var bitmapsExtension: BitmapsExtension?
     /// The directory entries, in directory order.
-    public private(set) var entries: [BitmapDirectoryEntry]
+    public internal(set) var entries: [BitmapDirectoryEntry]
     /// Whether the autoclear `bitmaps` bit is set (without it, every bitmap is inconsistent).
-    public private(set) var autoclearBitSet: Bool
+    public internal(set) var autoclearBitSet: Bool
     /// When the extension is stale (autoclear bit cleared) and its directory
     /// could not even be read: why. The bitmaps are then unknown and ignored, as QEMU ignores them.
-    public private(set) var staleDirectoryError: BitmapError?
+    public internal(set) var staleDirectoryError: BitmapError?
 
     /// Bitmaps held in memory while dirty tracking is on (see `startTracking`), by name.
     var tracked: [String: DirtyBitmap] = [:]
@@ -30,7 +33,6 @@ public final class BitmapCatalog {
     /// Reads the bitmaps of `file`, validating the extension and the directory.
     public init(file: QCowFile) throws {
         self.file = file
-        geometry = BitmapGeometry(clusterSize: file.clusterSize, fileSize: file.fileSize, virtualSize: file.virtualSize)
         bitmapsExtension = nil
         entries = []
         autoclearBitSet = false
@@ -39,7 +41,7 @@ public final class BitmapCatalog {
 
     /// Re-reads the extension and directory from the file's current header.
     func reload() throws {
-        geometry = BitmapGeometry(clusterSize: file.clusterSize, fileSize: file.fileSize, virtualSize: file.virtualSize)
+        let geometry = self.geometry
         let header = file.header
         autoclearBitSet = header.autoclearFeatures.contains(.bitmaps)
         staleDirectoryError = nil
@@ -90,6 +92,8 @@ public final class BitmapCatalog {
 
     /// Why a bitmap may not be used (nil when it is consistent).
     public func inconsistency(of entry: BitmapDirectoryEntry) -> BitmapInconsistency? {
+        // A bitmap tracked in memory is marked in_use on disk, but what we hold is right.
+        if tracked[entry.name] != nil { return nil }
         if !autoclearBitSet { return .staleExtension }
         if entry.isInUse { return .inUse }
         if entry.hasIncompatibleExtraData { return .incompatibleExtraData }

@@ -21,12 +21,12 @@ extension QCowFile {
         if entry.l2Offset != 0 { contents = try l2Table(at: entry.l2Offset) }
         try device.writeBytes(encodeTable(contents[...]), at: newOffset)
         try commitRefcounts()
-        try device.sync()
+        try syncBarrier()
         l2Cache[newOffset] = contents
         try writeL1Entry(l1Index, L1Entry(l2Offset: newOffset, copied: true).rawValue)
         metadataChanged(added: (newOffset >> UInt64(clusterBits))..<((newOffset >> UInt64(clusterBits)) + 1))
         if entry.l2Offset != 0 {
-            try device.sync()
+            try syncBarrier()
             try release(cluster: entry.l2Offset >> UInt64(clusterBits))
             try commitRefcounts()
         }
@@ -69,10 +69,10 @@ extension QCowFile {
                        barrier: Bool = true) throws {
         guard let changed else { return }
         try commitRefcounts()
-        if barrier { try device.sync() }
+        if barrier { try syncBarrier() }
         try writeL2Entries(table, at: l2Offset, range: changed)
         if !old.isEmpty {
-            try device.sync()
+            try syncBarrier()
             for raw in old { try releaseEntry(raw) }
             try commitRefcounts()
         }

@@ -32,22 +32,44 @@ extension QCowFile {
                 try copy.withUnsafeBytes { try writeBatch($0, at: offset) }
                 return
             }
-            let l1Index = Int(offset / bytesPerL2)
-            let l2Offset = try writableL2(l1Index: l1Index)
-            let host = try allocateBytes(n)
-            try checkDataOverlap(host: host, length: n)
-            try dataDevice.write(UnsafeRawBufferPointer(rebasing: output[0..<n]), at: host)
-            noteFileEnd(host + UInt64(n))
-            let sectors = Int(((host + UInt64(n) - 1) >> 9) - (host >> 9)) + 1
-            let entry = L2Entry.compressed(host: host, sectors: sectors, clusterBits: clusterBits).rawValue
-            var table = try l2Table(at: l2Offset)
-            let index = Int((offset >> UInt64(clusterBits)) & UInt64(l2EntryCount - 1))
-            let perEntry = extendedL2 ? 2 : 1
-            let old = table[perEntry * index]
-            table[perEntry * index] = entry
-            if extendedL2 { table[2 * index + 1] = 0 }
-            try switchEntries(l2Offset: l2Offset, table: table, changed: index...index, release: [old])
+            try storeCompressed(UnsafeRawBufferPointer(rebasing: output[0..<n]), at: offset)
         }
+    }
+
+    /// Writes one guest cluster from data the caller already compressed with the
+    /// image's codec (`ClusterCodec(header.compression)`), e.g. on several threads.
+    /// `compressed` must be smaller than a cluster; `offset` is cluster aligned.
+    public func writePrecompressed(_ compressed: UnsafeRawBufferPointer, at offset: UInt64, guestLength: Int) throws {
+        try checkWritable()
+        guard isClusterAligned(offset), offset < virtualSize, compressed.count > 0, compressed.count < clusterSize else {
+            throw QCowError(.invalidArgument, "a precompressed write takes under one cluster of data at a cluster-aligned offset",
+                            path: filename)
+        }
+        writeObserver?(offset..<(offset + UInt64(guestLength)), .data)
+        try guarded {
+            decompressedHost = nil
+            try storeCompressed(compressed, at: offset)
+        }
+    }
+
+    /// Packs compressed bytes into the file and points the cluster's L2 entry at them.
+    func storeCompressed(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {
+        let n = data.count
+        let l1Index = Int(offset / bytesPerL2)
+        let l2Offset = try writableL2(l1Index: l1Index)
+        let host = try allocateBytes(n)
+        try checkDataOverlap(host: host, length: n)
+        try dataDevice.write(data, at: host)
+        noteFileEnd(host + UInt64(n))
+        let sectors = Int(((host + UInt64(n) - 1) >> 9) - (host >> 9)) + 1
+        let entry = L2Entry.compressed(host: host, sectors: sectors, clusterBits: clusterBits).rawValue
+        var table = try l2Table(at: l2Offset)
+        let index = Int((offset >> UInt64(clusterBits)) & UInt64(l2EntryCount - 1))
+        let perEntry = extendedL2 ? 2 : 1
+        let old = table[perEntry * index]
+        table[perEntry * index] = entry
+        if extendedL2 { table[2 * index + 1] = 0 }
+        try switchEntries(l2Offset: l2Offset, table: table, changed: index...index, release: [old])
     }
 
     /// Reserves `count` bytes (less than a cluster) for compressed data, after the

@@ -94,6 +94,11 @@ extension QCowFile {
         noteFileEnd()
     }
 
+    /// An ordering barrier of the write engine: an fsync, unless `syncBarriers` is off.
+    func syncBarrier() throws {
+        if syncBarriers { try device.sync() }
+    }
+
     /// Makes every completed write durable (syncs the image file and the data file).
     public func flush() throws {
         guard writable else { return }

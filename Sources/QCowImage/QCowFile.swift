@@ -28,6 +28,11 @@ public final class QCowFile: GuestImage {
     /// The last decompressed cluster, for reads that walk a compressed cluster piece by piece.
     var decompressedHost: UInt64?
     var decompressed: [UInt8] = []
+    /// Whether the write engine fsyncs at its ordering barriers (data and refcounts
+    /// before the tables that point at them). Turn off only for a new file that is
+    /// thrown away after a crash — a backup layer written under a temporary name, an
+    /// export — where one `flush()` at the end is all the durability needed.
+    public var syncBarriers = true
     /// Whether QEMU would take this image for metadata-preallocated (see `QCowFile+Preallocation.swift`).
     var metadataPreallocation: Bool?
 

@@ -22,6 +22,8 @@ struct QBackup: ParsableCommand {
             ListCommand.self,
             RestoreCommand.self,
             CheckCommand.self,
+            CreateCommand.self,
+            CommitCommand.self,
             MergeCommand.self,
         ]
     )

@@ -88,6 +88,14 @@ import TestSupport
                                                                        "write -P 3 1M 100k"])
             return dir.file("top.qcow2")
         })
+        all.append(Case(name: "bitmaps") { dir in
+            let path = dir.file("img.qcow2")
+            try Tools.qemuImg("create", "-q", "-f", "qcow2", path, "8M")
+            try Tools.qemuImg("bitmap", "--add", path, "nightly")
+            try Tools.qemuImg("bitmap", "--add", "-g", "512", "--disable", path, "frozen")
+            try Tools.qemuIO(path, format: "qcow2", ["write -P 1 100k 300k", "write -z 2M 64k"])
+            return path
+        })
         return all
     }()
 
@@ -132,6 +140,17 @@ import TestSupport
             let result = try Tools.run("qemu-img", ["compare", "-f", "raw", "-F", "raw", dir.file("ours.raw"),
                                                     dir.file("theirs.raw")])
             #expect(result.status == 0, "\(result.stdout)")
+        }
+
+        // flatten --format qcow2 (plain and zstd-compressed): QEMU reads the same contents and checks it clean.
+        for extra in [[], ["--compress", "zstd"]] {
+            let out = dir.file("ours-\(extra.count).qcow2")
+            let q = try QBackupBinary.run(["flatten", image, out] + extra)
+            #expect(q.status == 0, "\(q.stderr)")
+            #expect(try Tools.run("qemu-img", ["compare", out, dir.file("theirs.raw")]).status == 0, "flatten \(extra)")
+            let check = try Tools.run("qemu-img", ["check", out])
+            #expect(check.status == 0, "\(check.stdout)")
+            try? FileManager.default.removeItem(atPath: out)
         }
 
         // compare: identical to the reference, different after one byte changes.

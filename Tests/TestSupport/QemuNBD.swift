@@ -20,43 +20,49 @@ public final class QemuNBD {
     }
 
     public let socket: String
-    private let process: Process
+    private let pid: pid_t
 
-    /// Starts `qemu-nbd -r -t -B BITMAP -k SOCKET -f qcow2 IMAGE` and waits for the socket.
+    /// Starts `qemu-nbd -r -t -B BITMAP -k SOCKET -f qcow2 IMAGE` as a daemon
+    /// (`--fork`: it returns once the export is ready) and reads its pid.
     public init(image: String, bitmap: String, directory: TempDir) throws {
-        socket = directory.file("nbd-\(UUID().uuidString.prefix(6)).sock")
-        process = Process()
-        process.executableURL = URL(fileURLWithPath: try Tools.which("qemu-nbd"))
-        process.arguments = ["-r", "-t", "-B", bitmap, "-k", socket, "-f", "qcow2", image]
-        let err = Pipe()
-        process.standardError = err
-        process.standardOutput = FileHandle.nullDevice
-        process.standardInput = FileHandle.nullDevice
-        try process.run()
-        let deadline = Date().addingTimeInterval(10)
-        while !FileManager.default.fileExists(atPath: socket) {
-            if !process.isRunning {
-                let message = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-                throw Tools.ToolFailure(command: "qemu-nbd " + (process.arguments ?? []).joined(separator: " "),
-                                        result: Tools.Result(status: process.terminationStatus, stdout: "", stderr: message,
-                                                             stdoutData: Data()))
-            }
-            guard Date() < deadline else {
-                stop()
-                throw Tools.ToolFailure(command: "qemu-nbd (socket \(socket) did not appear within 10 s)",
-                                        result: Tools.Result(status: -1, stdout: "", stderr: "", stdoutData: Data()))
-            }
-            usleep(10_000)
+        let tag = UUID().uuidString.prefix(6)
+        socket = directory.file("nbd-\(tag).sock")
+        let pidFile = directory.file("nbd-\(tag).pid")
+        // The daemon outlives this call, so it must not keep the write end of another
+        // test's pipe open (that test would wait for EOF forever): bash closes every
+        // inherited descriptor above stderr before exec'ing qemu-nbd.
+        let closeInherited = "for fd in $(ls /proc/$$/fd); do if [ \"$fd\" -gt 2 ]; then eval \"exec $fd>&-\" 2>/dev/null; fi; done; exec \"$@\""
+        try Tools.qemu("bash", ["-c", closeInherited, "qemu-nbd", try Tools.which("qemu-nbd"), "--fork", "--pid-file=\(pidFile)",
+                                "-r", "-t", "-B", bitmap, "-k", socket, "-f", "qcow2", image])
+        let text = (try? String(contentsOfFile: pidFile, encoding: .utf8)) ?? ""
+        guard let pid = pid_t(text.trimmingCharacters(in: .whitespacesAndNewlines)), pid > 0,
+              FileManager.default.fileExists(atPath: socket)
+        else {
+            throw Tools.ToolFailure(command: "qemu-nbd --fork (no pid file or socket)",
+                                    result: Tools.Result(status: -1, stdout: "", stderr: text, stdoutData: Data()))
         }
+        self.pid = pid
     }
 
     deinit { stop() }
 
-    /// Stops the server by its pid and waits for it.
+    /// Stops the server by its pid and waits (up to 10 s) until it is gone.
+    /// SIGKILL, not SIGTERM: the daemon inherits the test thread's signal mask, in
+    /// which SIGTERM may be blocked; the export is read-only, so nothing is lost.
     public func stop() {
-        guard process.isRunning else { return }
-        kill(process.processIdentifier, SIGTERM)
-        process.waitUntilExit()
+        guard Self.isAlive(pid) else { return }
+        kill(pid, SIGKILL)
+        let deadline = Date().addingTimeInterval(10)
+        while Self.isAlive(pid) && Date() < deadline { usleep(1_000) }
+    }
+
+    /// Whether `pid` runs (a zombie, which nobody may reap in a container, counts as gone).
+    static func isAlive(_ pid: pid_t) -> Bool {
+        guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+              let close = stat.lastIndex(of: ")")
+        else { return false }
+        let state = stat[stat.index(after: close)...].trimmingCharacters(in: .whitespaces).prefix(1)
+        return state != "Z" && state != "X"
     }
 
     /// `nbdinfo --json --map=qemu:dirty-bitmap:NAME` against this export, merged.

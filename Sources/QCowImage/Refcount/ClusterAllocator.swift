@@ -18,7 +18,7 @@ extension QCowFile {
         return try guarded {
             let first = try allocate(count)
             try commitRefcounts()
-            try device.sync()
+            try syncBarrier()
             return first << UInt64(clusterBits)
         }
     }
@@ -146,7 +146,7 @@ extension QCowFile {
         try table.writeDirtyBlocks()
         if !table.dirtyEntries.isEmpty {
             // New blocks are durable before the table points at them.
-            try device.sync()
+            try syncBarrier()
             try table.writeDirtyEntries()
         }
         noteFileEnd()
@@ -218,7 +218,7 @@ extension QCowFile {
         noteFileEnd(newTableOffset + UInt64(tableBytes.count))
         // Step 3: sync, then switch the header to the new table (rewriteHeader syncs).
         // If we die before the switch, the new clusters lie outside what the old table describes.
-        try device.sync()
+        try syncBarrier()
         let oldOffset = table.tableOffset
         let oldClusters = table.tableClusters
         try rewriteHeader { h in

@@ -11,8 +11,20 @@ struct FlattenCommand: ParsableCommand {
     @Argument(help: "The top image of the chain.") var top: String
     @Argument(help: "The output file (must not exist).") var out: String
 
-    @Option(name: .long, help: "Output format: raw (qcow2 output comes with the write engine).")
-    var format: ImageOpener.Format = .raw
+    @Option(name: .long, help: "Output format: qcow2 (default) or raw.")
+    var format: ImageOpener.Format = .qcow2
+
+    @Option(name: .long, help: "Compress the qcow2 output's clusters: zlib or zstd.")
+    var compress: CompressionName?
+
+    @Option(name: .long, help: "Cluster size of a qcow2 output (default 64K).")
+    var clusterSize: String?
+
+    enum CompressionName: String, ExpressibleByArgument { case zlib, zstd }
+
+    func validate() throws {
+        if compress != nil && format == .raw { throw ValidationError("--compress needs --format qcow2") }
+    }
 
     @OptionGroup var options: GlobalOptions
 
@@ -21,13 +33,13 @@ struct FlattenCommand: ParsableCommand {
             let source = try ImageOpener.open(top)
             defer { source.close() }
             let progress = options.progressReporter("flatten")
-            let written: UInt64
-            switch format {
-            case .raw:
-                written = try RawExporter.export(source, to: out, progress: progress?.update)
-            case .qcow2:
-                throw QCowError(.unsupported, "qcow2 output is not available yet; use --format raw")
-            }
+            var flatten = FlattenOptions()
+            flatten.format = format
+            flatten.compression = compress.map { $0 == .zstd ? .zstd : .zlib }
+            if let clusterSize { flatten.clusterSize = Int(try parseSize(clusterSize)) }
+            let result = try ImageFlattener.flatten(source, to: out, options: flatten, logger: options.logger,
+                                                    progress: progress?.update)
+            let written = result.dataBytes
             progress?.finish()
             if options.json {
                 emit(JSON.object([("file", .string(out)), ("format", .string(format.rawValue)),

@@ -1,4 +1,5 @@
 import ArgumentParser
+import BitmapStore
 import Foundation
 import QCowImage
 
@@ -26,17 +27,21 @@ struct InfoCommand: ParsableCommand {
             defer { opened.close() }
             let layers = backingChain ? opened.chain : [opened]
             let infos = layers.map { ImageInfo($0) }
+            // Bitmaps as qemu-img shows them; a broken bitmap directory hides only the bitmaps.
+            let bitmaps: [[BitmapInfo]] = layers.map { layer in
+                (layer as? QCowFile).flatMap { try? BitmapCatalog.info(for: $0) } ?? []
+            }
             if options.json {
-                let values = infos.map(InfoCommand.json)
+                let values = zip(infos, bitmaps).map { InfoCommand.json($0, bitmaps: $1) }
                 emit((backingChain ? JSON.array(values) : values[0]).pretty() + "\n")
             } else {
-                emit(infos.map(InfoCommand.human).joined(separator: "\n"))
+                emit(zip(infos, bitmaps).map { InfoCommand.human($0, bitmaps: $1) }.joined(separator: "\n"))
             }
             return 0
         }
     }
 
-    static func json(_ info: ImageInfo) -> JSON {
+    static func json(_ info: ImageInfo, bitmaps: [BitmapInfo]) -> JSON {
         var pairs: [(String, JSON)] = []
         if let format = info.backingFormat { pairs.append(("backing-filename-format", .string(format))) }
         if !info.snapshots.isEmpty { pairs.append(("snapshots", .array(info.snapshots.map(snapshotJSON)))) }
@@ -48,6 +53,12 @@ struct InfoCommand: ParsableCommand {
         if let q = info.qcow2 {
             var data: [(String, JSON)] = [("compat", .string(q.compat)), ("compression-type", .string(q.compressionType))]
             if let lazy = q.lazyRefcounts { data.append(("lazy-refcounts", .bool(lazy))) }
+            if !bitmaps.isEmpty {
+                data.append(("bitmaps", .array(bitmaps.map { b in
+                    .object([("flags", .array(b.flags.map { .string($0) })), ("name", .string(b.name)),
+                             ("granularity", .uint(b.granularity))])
+                })))
+            }
             data.append(("refcount-bits", .int(Int64(q.refcountBits))))
             if let corrupt = q.corrupt { data.append(("corrupt", .bool(corrupt))) }
             if let ext = q.extendedL2 { data.append(("extended-l2", .bool(ext))) }
@@ -74,7 +85,7 @@ struct InfoCommand: ParsableCommand {
         return .object(pairs)
     }
 
-    static func human(_ info: ImageInfo) -> String {
+    static func human(_ info: ImageInfo, bitmaps: [BitmapInfo]) -> String {
         var lines = ["image: \(info.filename)", "file format: \(info.format)",
                      "virtual size: \(humanSize(info.virtualSize)) (\(info.virtualSize) bytes)"]
         if let actual = info.actualSize { lines.append("disk size: \(humanSize(actual))") }
@@ -101,6 +112,16 @@ struct InfoCommand: ParsableCommand {
             lines.append("    compat: \(q.compat)")
             lines.append("    compression type: \(q.compressionType)")
             if let lazy = q.lazyRefcounts { lines.append("    lazy refcounts: \(lazy)") }
+            if !bitmaps.isEmpty {
+                lines.append("    bitmaps:")
+                for (i, b) in bitmaps.enumerated() {
+                    lines.append("        [\(i)]:")
+                    lines.append("            flags:")
+                    for (j, f) in b.flags.enumerated() { lines.append("                [\(j)]: \(f)") }
+                    lines.append("            name: \(b.name)")
+                    lines.append("            granularity: \(b.granularity)")
+                }
+            }
             lines.append("    refcount bits: \(q.refcountBits)")
             if let corrupt = q.corrupt { lines.append("    corrupt: \(corrupt)") }
             if let ext = q.extendedL2 { lines.append("    extended l2: \(ext)") }

@@ -1,0 +1,33 @@
+import ArgumentParser
+import BitmapStore
+import QCowImage
+
+/// `qbackup commit TOP` — merge TOP into its backing file, like qemu-img commit.
+struct CommitCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "commit",
+        abstract: "Write TOP's changes into its backing file (like qemu-img commit).",
+        discussion: """
+            Enabled bitmaps in the backing file get every committed range marked dirty, so
+            incremental backups of the backing file see the change. TOP is left as it is.
+            """)
+
+    @Argument(help: "The top image (qcow2) whose backing file receives its data.") var top: String
+
+    @OptionGroup var options: GlobalOptions
+
+    func run() throws {
+        try ExitStatus.run {
+            let progress = options.progressReporter("commit")
+            let result = try CommitTracking.commit(topPath: top, logger: options.logger, progress: progress?.update)
+            progress?.finish()
+            if options.json {
+                emit(JSON.object([("top", .string(top)), ("data-bytes", .uint(result.dataBytes)),
+                                  ("zero-bytes", .uint(result.zeroBytes))]).pretty() + "\n")
+            } else {
+                emit("Image committed.\n")
+            }
+            return 0
+        }
+    }
+}
