@@ -21,6 +21,9 @@ case "$target" in
     *) echo "fuzz.sh: unknown target '$target' (image, bitmaps, write, manifest)" >&2; exit 2 ;;
 esac
 scratch="$PWD/.build-fuzz"
+# SwiftPM does not notice files added to a path dependency (the main package) once
+# it has planned a build; dropping the plan makes it scan the sources again.
+rm -f "$scratch/release.yaml" "$scratch/release/description.json"
 (cd Fuzz && nice -n 19 swift build -c release --scratch-path "$scratch" --product "$product" \
     -Xswiftc -sanitize=fuzzer,address -Xswiftc -parse-as-library -Xswiftc -g) >&2
 bin="$scratch/release/$product"

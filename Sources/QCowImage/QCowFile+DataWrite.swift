@@ -86,7 +86,10 @@ extension QCowFile {
                 oldData = entry.hostOffset != 0 && !entry.zeroFlag ? 1 : 0
             }
             if entry.hostOffset != 0 && !entry.compressed && entry.copied {
-                // In place: the cluster is ours alone.
+                // In place: the cluster is ours alone. An entry the read path refuses
+                // (unaligned, past the end of the file) is refused here too.
+                _ = try classify(entry: raw, bitmap: oldBits.rawValue, subcluster: 0,
+                                 entryOffset: l2Offset + UInt64(p.index * header.l2EntrySize))
                 p.host = entry.hostOffset
                 p.allocated = oldData | touched
                 if touched & ~full & ~oldData == 0 {

@@ -132,9 +132,8 @@ import TestSupport
             // 512 MiB of address space and 10 seconds: an allocation sized by an untrusted
             // field, or a loop that does not end, fails the test.
             let binary = try QBackupBinary.path()
-            let quoted = ([binary] + args).map { "'\($0)'" }.joined(separator: " ")
             let started = Date()
-            let result = try Tools.run("/bin/bash", ["-c", "ulimit -v 524288; exec timeout 10 \(quoted)"])
+            let result = try Bounded.run([binary] + args, mebibytes: 512, seconds: 10)
             let elapsed = Date().timeIntervalSince(started)
             let lines = result.stderr.split(separator: "\n", omittingEmptySubsequences: true)
             #expect(result.status == 1, "\(args): exit \(result.status), stderr: \(result.stderr)")

@@ -284,9 +284,8 @@ import TestSupport
             let label = "\(damage.name): \(command.args.first ?? "") \(command.args.dropFirst().filter { $0.hasPrefix("-") }.joined(separator: " "))"
             // 1 GiB of address space and 10 seconds: an allocation sized by an untrusted
             // field, or a loop that does not end, fails the case.
-            let quoted = ([binary] + command.args).map { "'\($0)'" }.joined(separator: " ")
             let started = Date()
-            let result = try Tools.run("/bin/bash", ["-c", "ulimit -v 1048576; exec timeout 10 \(quoted)"])
+            let result = try Bounded.run([binary] + command.args, mebibytes: 1024, seconds: 10)
             let elapsed = Date().timeIntervalSince(started)
             statuses.append("\(command.args[0])=\(result.status)")
             #expect(command.allowed.contains(result.status), "\(label): exit \(result.status), stderr: \(result.stderr)")

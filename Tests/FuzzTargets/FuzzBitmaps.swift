@@ -33,5 +33,28 @@ extension FuzzTargets {
                 expect(next == dump.bitmap.virtualSize, "bitmap '\(entry.name)': extents end at \(next), disk at \(dump.bitmap.virtualSize)")
             }
         }
+        bitmapWrites(data)
+    }
+
+    /// What `backup` does to a source image's bitmaps, on a hostile image: clear
+    /// an existing bitmap, add one, track a guest write in it, store it. Any
+    /// step may refuse; a bitmap that was stored must show the write as dirty.
+    static func bitmapWrites(_ data: UnsafeRawBufferPointer) {
+        guard UInt64(data.count) <= 4 << 20 else { return }
+        let device = MemoryDevice(name: "<fuzz>", bytes: Array(data))
+        guard let file = try? QCowFile(device: device, writable: true), file.virtualSize > 0,
+              let catalog = try? BitmapCatalog(file: file)
+        else { return }
+        if let first = catalog.entries.first { _ = try? catalog.clear(first.name) }
+        let name = "fuzz-\(catalog.entries.count)"
+        guard (try? catalog.add(name, granularity: 65536)) != nil, (try? catalog.startTracking()) != nil else { return }
+        let at = file.virtualSize / 2 & ~511
+        let length = Int(min(4096, file.virtualSize - at))
+        let written = (try? [UInt8](repeating: 0x5a, count: length).withUnsafeBytes { try file.write($0, at: at) }) != nil
+        guard (try? catalog.stopTracking()) != nil, written,
+              let again = try? BitmapCatalog(file: file), let bitmap = try? again.load(name)
+        else { return }
+        expect(bitmap.isDirty(at: at), "bitmap '\(name)' stored after a write at \(at) does not show it dirty")
+        _ = try? QCowChecker.check(file)
     }
 }

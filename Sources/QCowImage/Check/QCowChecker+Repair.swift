@@ -110,7 +110,10 @@ extension QCowChecker {
         func drop(_ offset: UInt64, _ length: UInt64) {
             guard length > 0 else { return }
             var c = offset / cs
-            while c <= (offset + length - 1) / cs && c < UInt64(refs.count) {
+            // Offsets come from the file: one near 2^64 must not overflow.
+            let (end, overflow) = offset.addingReportingOverflow(length - 1)
+            let last = overflow ? UInt64.max : end / cs
+            while c <= last && c < UInt64(refs.count) {
                 if refs[Int(c)] > 0 { refs[Int(c)] -= 1 }
                 c += 1
             }
