@@ -58,7 +58,7 @@ struct BitmapCommand: ParsableCommand {
         func run() throws {
             try ExitStatus.run {
                 let bytes = try granularity.map { text -> UInt64 in
-                    guard let value = parseGranularity(text) else {
+                    guard let value = try? parseSize(text) else {
                         throw BitmapError(.invalidArgument, "invalid granularity '\(text)'")
                     }
                     return value
@@ -159,22 +159,20 @@ struct BitmapCommand: ParsableCommand {
                 if let warning = dump.warning {
                     FileHandle.standardError.write(Data("qbackup: warning: \(warning)\n".utf8))
                 }
-                var out = StreamingOutput()
                 if options.json {
                     var first = true
-                    out.write("[")
+                    emit("[")
                     for e in dump.bitmap.extents() {
-                        out.write((first ? "" : ",\n") + "{\"start\":\(e.start),\"length\":\(e.length),\"dirty\":\(e.dirty)}")
+                        emit((first ? "" : ",\n") + "{\"start\":\(e.start),\"length\":\(e.length),\"dirty\":\(e.dirty)}")
                         first = false
                     }
-                    out.write("]\n")
+                    emit("]\n")
                 } else {
-                    out.write("Offset          Length          State\n")
+                    emit("Offset          Length          State\n")
                     for e in dump.bitmap.extents() {
-                        out.write(hex(e.start).padding(16) + hex(e.length).padding(16) + (e.dirty ? "dirty" : "clean") + "\n")
+                        emit(hex(e.start).padding(16) + hex(e.length).padding(16) + (e.dirty ? "dirty" : "clean") + "\n")
                     }
                 }
-                out.flush()
                 return 0
             }
         }
@@ -189,32 +187,3 @@ private func edit(_ image: String, _ body: @escaping (BitmapCatalog) throws -> V
     }
 }
 
-/// Buffers stdout in 64 KiB pieces, so a million extents stream without building one string.
-struct StreamingOutput {
-    private var buffer: [UInt8] = []
-    init() { buffer.reserveCapacity(1 << 16) }
-    mutating func write(_ text: String) {
-        buffer.append(contentsOf: text.utf8)
-        if buffer.count >= 1 << 16 { flush() }
-    }
-    mutating func flush() {
-        guard !buffer.isEmpty else { return }
-        FileHandle.standardOutput.write(Data(buffer))
-        buffer.removeAll(keepingCapacity: true)
-    }
-}
-
-/// "64K", "2M", "512" → bytes (K/M/G/T suffixes, powers of 1024).
-func parseGranularity(_ text: String) -> UInt64? {
-    let units: [Character: UInt64] = ["K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40]
-    var digits = text.uppercased()
-    var factor: UInt64 = 1
-    if digits.hasSuffix("B") { digits.removeLast() }
-    if let last = digits.last, let unit = units[last] {
-        factor = unit
-        digits.removeLast()
-    }
-    guard let value = UInt64(digits) else { return nil }
-    let (product, overflow) = value.multipliedReportingOverflow(by: factor)
-    return overflow ? nil : product
-}
