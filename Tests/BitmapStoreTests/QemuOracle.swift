@@ -80,7 +80,7 @@ enum QemuOracle {
 
     /// Opens `image` read-only as a qcow2 file.
     static func open(_ image: String, writable: Bool = false) throws -> QCowFile {
-        let opened = try ImageOpener.open(image, format: .qcow2, writable: writable)
+        let opened = try openRetryingLock(image, format: .qcow2, writable: writable)
         guard let file = opened as? QCowFile else {
             opened.close()
             throw BitmapError(.invalidFormat, "not a qcow2 image", path: image)

@@ -17,3 +17,16 @@ public func openWritableRetryingLock(_ path: String, format: ImageOpener.Format?
         }
     }
 }
+
+/// Opens an image (read-only or writable), retrying briefly while it is `.locked`; see above.
+public func openRetryingLock(_ path: String, format: ImageOpener.Format? = nil, writable: Bool) throws -> GuestImage {
+    var attempt = 0
+    while true {
+        do {
+            return try ImageOpener.open(path, format: format, writable: writable)
+        } catch let error as QCowError where error.code == .locked && attempt < 50 {
+            attempt += 1
+            usleep(20_000)
+        }
+    }
+}

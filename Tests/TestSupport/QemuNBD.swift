@@ -21,6 +21,7 @@ public final class QemuNBD {
 
     public let socket: String
     private let pid: pid_t
+    private let image: String
 
     /// Starts `qemu-nbd -r -t -B BITMAP -k SOCKET -f qcow2 IMAGE` as a daemon
     /// (`--fork`: it returns once the export is ready) and reads its pid. With
@@ -28,6 +29,7 @@ public final class QemuNBD {
     public init(image: String, bitmap: String?, directory: TempDir, readOnly: Bool = true) throws {
         let tag = UUID().uuidString.prefix(6)
         socket = directory.file("nbd-\(tag).sock")
+        self.image = image
         let pidFile = directory.file("nbd-\(tag).pid")
         // The daemon outlives this call, so it must not keep the write end of another
         // test's pipe open (that test would wait for EOF forever): bash closes every
@@ -57,6 +59,9 @@ public final class QemuNBD {
         kill(pid, SIGKILL)
         let deadline = Date().addingTimeInterval(10)
         while Self.isAlive(pid) && Date() < deadline { usleep(1_000) }
+        // The kernel drops the daemon's image locks a moment after it is gone; wait for that,
+        // so the next open of the image does not see a stranger's lock.
+        while imageLocked(image) && Date() < deadline { usleep(2_000) }
     }
 
     /// Whether `pid` runs (a zombie, which nobody may reap in a container, counts as gone).
@@ -95,4 +100,22 @@ public final class QemuNBD {
         defer { server.stop() }
         return try server.dirtyMap(bitmap: bitmap)
     }
+}
+
+
+/// Whether another open file holds any of QEMU's lock bytes (100-107, 200-207) of `path`.
+public func imageLocked(_ path: String) -> Bool {
+    let fd = open(path, O_RDONLY | O_CLOEXEC)
+    guard fd >= 0 else { return false }
+    defer { close(fd) }
+    for base in [100, 200] {
+        var fl = flock()
+        fl.l_type = Int16(F_WRLCK)
+        fl.l_whence = Int16(SEEK_SET)
+        fl.l_start = off_t(base)
+        fl.l_len = 8
+        fl.l_pid = 0
+        if fcntl(fd, 36 /* F_OFD_GETLK */, &fl) == 0 && fl.l_type != Int16(F_UNLCK) { return true }
+    }
+    return false
 }

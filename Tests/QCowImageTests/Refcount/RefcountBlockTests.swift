@@ -50,7 +50,7 @@ import TestSupport
         let path = dir.file("a.qcow2")
         try Tools.qemuImg("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096,refcount_bits=\(bits)", path, "4M")
         try Tools.qemuIO(path, format: "qcow2", ["write -P 0x5a 0 300k"])
-        let image = try #require(try ImageOpener.open(path, writable: true) as? QCowFile)
+        let image = try #require(try openRetryingLock(path, writable: true) as? QCowFile)
         defer { image.close() }
         #expect(try image.refcount(ofHostOffset: 0) == 1)
         #expect(try image.refcount(ofHostOffset: image.header.refcountTableOffset) == 1)
