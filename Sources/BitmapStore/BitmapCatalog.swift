@@ -39,6 +39,15 @@ public final class BitmapCatalog {
         try reload()
     }
 
+    /// A catalog that does not read the directory (`reading` false), for repair.
+    init(file: QCowFile, reading: Bool) throws {
+        self.file = file
+        bitmapsExtension = nil
+        entries = []
+        autoclearBitSet = file.header.autoclearFeatures.contains(.bitmaps)
+        if reading { try reload() }
+    }
+
     /// Re-reads the extension and directory from the file's current header.
     func reload() throws {
         let geometry = self.geometry
@@ -233,4 +242,20 @@ public struct BitmapDump: Sendable {
     public var name: String
     public var bitmap: DirtyBitmap
     public var warning: String?
+}
+
+extension BitmapCatalog {
+    /// Opens `path` as qcow2 (read-only, or writable with the image lock held),
+    /// runs `body` on its catalog, stops tracking if it was started, and closes the image.
+    public static func withCatalog<T>(_ path: String, writable: Bool, _ body: (BitmapCatalog) throws -> T) throws -> T {
+        let opened = try ImageOpener.open(path, format: .qcow2, writable: writable)
+        defer { opened.close() }
+        guard let file = opened as? QCowFile else {
+            throw BitmapError(.invalidFormat, "not a qcow2 image", path: path)
+        }
+        let catalog = try BitmapCatalog(file: file)
+        let result = try body(catalog)
+        try catalog.close()
+        return result
+    }
 }

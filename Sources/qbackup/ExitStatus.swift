@@ -12,6 +12,7 @@ enum ExitStatus {
     /// stderr and exit `errorStatus` (1, or 2 for compare, as qemu-img).
     static func run(errorStatus: Int32 = failure, _ body: () throws -> Int32) throws {
         let status: Int32
+        defer { StandardOutput.flush() }
         do {
             status = try body()
         } catch let error as CodedError {
@@ -35,7 +36,26 @@ enum ExitStatus {
     }
 }
 
-/// Writes to stdout without buffering surprises.
+/// Writes to stdout through a 64 KiB buffer (a map or dump of a million extents
+/// is one write per 64 KiB, not one per line); `ExitStatus.run` flushes it.
 func emit(_ text: String) {
-    FileHandle.standardOutput.write(Data(text.utf8))
+    StandardOutput.buffer.append(contentsOf: text.utf8)
+    if StandardOutput.buffer.count >= 64 << 10 { StandardOutput.flush() }
+}
+
+enum StandardOutput {
+    nonisolated(unsafe) static var buffer: [UInt8] = []
+
+    static func flush() {
+        guard !buffer.isEmpty else { return }
+        buffer.withUnsafeBytes { raw in
+            var done = 0
+            while done < raw.count {
+                let n = write(STDOUT_FILENO, raw.baseAddress! + done, raw.count - done)
+                if n <= 0 { break }
+                done += n
+            }
+        }
+        buffer.removeAll(keepingCapacity: true)
+    }
 }

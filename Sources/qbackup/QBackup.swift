@@ -24,7 +24,10 @@ struct QBackup: ParsableCommand {
             CheckCommand.self,
             CreateCommand.self,
             CommitCommand.self,
+            BackupCommand.self,
             MergeCommand.self,
+            VerifyCommand.self,
+            BitmapCommand.self,
         ]
     )
 

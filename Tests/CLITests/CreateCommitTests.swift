@@ -55,4 +55,25 @@ import TestSupport
         #expect(try Tools.run("qemu-img", ["compare", dir.file("ours-base.qcow2"), dir.file("expected.raw")]).status == 0)
         #expect(try Tools.run("qemu-img", ["check", dir.file("ours-base.qcow2")]).status == 0)
     }
+
+    @Test func commitMarksTheBackingFilesEnabledBitmaps() throws {
+        let dir = TempDir()
+        let base = dir.file("base.qcow2")
+        try Tools.qemuImg("create", "-q", "-f", "qcow2", base, "64M")
+        try Tools.qemuImg("bitmap", "--add", base, "track")
+        try Tools.qemuImg("bitmap", "--add", "--disable", base, "frozen")
+        try Tools.qemuImg("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", dir.file("top.qcow2"))
+        try Tools.qemuIO(dir.file("top.qcow2"), format: "qcow2", ["write -P 3 5M 100k", "write -z 20M 64k"])
+        let out = try QBackupBinary.run(["commit", dir.file("top.qcow2")])
+        #expect(out.status == 0, "\(out.stderr)")
+        #expect(try Tools.run("qemu-img", ["check", base]).status == 0)
+        let nbd = try QemuNBD(image: base, bitmap: "track", directory: dir)
+        let dirty = try nbd.dirtyMap(bitmap: "track").filter(\.dirty)
+        nbd.stop()
+        #expect(dirty.contains { $0.start <= 5 << 20 && (5 << 20) + 100 * 1024 <= $0.start + $0.length }, "\(dirty)")
+        #expect(dirty.contains { $0.start <= 20 << 20 && (20 << 20) + 65536 <= $0.start + $0.length }, "\(dirty)")
+        let frozen = try QemuNBD(image: base, bitmap: "frozen", directory: dir)
+        defer { frozen.stop() }
+        #expect(try frozen.dirtyMap(bitmap: "frozen").allSatisfy { !$0.dirty })
+    }
 }

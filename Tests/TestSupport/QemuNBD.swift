@@ -23,8 +23,9 @@ public final class QemuNBD {
     private let pid: pid_t
 
     /// Starts `qemu-nbd -r -t -B BITMAP -k SOCKET -f qcow2 IMAGE` as a daemon
-    /// (`--fork`: it returns once the export is ready) and reads its pid.
-    public init(image: String, bitmap: String, directory: TempDir) throws {
+    /// (`--fork`: it returns once the export is ready) and reads its pid. With
+    /// `readOnly` false the export is writable, so QEMU holds the image's write lock.
+    public init(image: String, bitmap: String?, directory: TempDir, readOnly: Bool = true) throws {
         let tag = UUID().uuidString.prefix(6)
         socket = directory.file("nbd-\(tag).sock")
         let pidFile = directory.file("nbd-\(tag).pid")
@@ -32,8 +33,10 @@ public final class QemuNBD {
         // test's pipe open (that test would wait for EOF forever): bash closes every
         // inherited descriptor above stderr before exec'ing qemu-nbd.
         let closeInherited = "for fd in $(ls /proc/$$/fd); do if [ \"$fd\" -gt 2 ]; then eval \"exec $fd>&-\" 2>/dev/null; fi; done; exec \"$@\""
-        try Tools.qemu("bash", ["-c", closeInherited, "qemu-nbd", try Tools.which("qemu-nbd"), "--fork", "--pid-file=\(pidFile)",
-                                "-r", "-t", "-B", bitmap, "-k", socket, "-f", "qcow2", image])
+        var args = ["-c", closeInherited, "qemu-nbd", try Tools.which("qemu-nbd"), "--fork", "--pid-file=\(pidFile)", "-t"]
+        if readOnly { args.append("-r") }
+        if let bitmap { args += ["-B", bitmap] }
+        try Tools.qemu("bash", args + ["-k", socket, "-f", "qcow2", image])
         let text = (try? String(contentsOfFile: pidFile, encoding: .utf8)) ?? ""
         guard let pid = pid_t(text.trimmingCharacters(in: .whitespacesAndNewlines)), pid > 0,
               FileManager.default.fileExists(atPath: socket)

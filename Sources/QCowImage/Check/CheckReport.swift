@@ -21,6 +21,8 @@ public struct CheckReport: Sendable {
     public var findings: [Finding] = []
     /// Problems that stopped part of the check (an unreadable table).
     public var checkErrors = 0
+    /// Bitmaps a repair removed because their metadata was broken (filled in by the CLI).
+    public var droppedBitmaps: [String] = []
     public var corruptionsFixed = 0
     public var leaksFixed = 0
     public var imageEndOffset: UInt64 = 0

@@ -183,6 +183,9 @@ extension StoredRefcounts {
 }
 
 extension QCowFile {
+    /// Forgets cached tables and refcounts after another component repaired metadata.
+    public func dropCachesAfterRepair() { dropCaches() }
+
     /// Forgets cached tables and refcounts (after a repair rewrote them behind the caches).
     func dropCaches() {
         l2Cache.removeAll()

@@ -19,6 +19,7 @@ public struct QCowCreateOptions: Sendable, Equatable {
     /// qcow2 version: 3 (default) or 2 (compat=0.10).
     public var version: Int = 3
 
+    /// Defaults as qemu-img create: v3, 64 KiB clusters, 16-bit refcounts, zlib, no backing file.
     public init(size: UInt64) { self.size = size }
 }
 

@@ -1,4 +1,5 @@
 import ArgumentParser
+import BitmapStore
 import QCowImage
 
 /// `qbackup check IMAGE [--repair leaks|all]` — qemu-img check's statuses.
@@ -25,7 +26,15 @@ struct CheckCommand: ParsableCommand {
             let mode = repair ?? .none
             let file = try QCowChecker.open(image, repair: mode)
             defer { file.close() }
-            let report = try QCowChecker.check(file, repair: mode, contributors: CheckContributors.all)
+            var dropped: [String] = []
+            if mode == .all {
+                // Broken bitmaps go first (QEMU cannot open the image with them); their clusters become leaks.
+                let result = try BitmapCatalog.repair(file)
+                dropped = result.droppedExtension ? ["(the whole bitmaps extension)"] : result.dropped
+                if !dropped.isEmpty { file.dropCachesAfterRepair() }
+            }
+            var report = try QCowChecker.check(file, repair: mode, contributors: CheckContributors.all)
+            report.droppedBitmaps = dropped
             if options.json {
                 emit(Self.json(report).pretty() + "\n")
             } else {
@@ -53,6 +62,7 @@ struct CheckCommand: ParsableCommand {
             return .object(item)
         }
         pairs.append(("findings", .array(findings)))
+        if !r.droppedBitmaps.isEmpty { pairs.append(("bitmaps-removed", .array(r.droppedBitmaps.map { .string($0) }))) }
         return .object(pairs)
     }
 
@@ -66,6 +76,7 @@ struct CheckCommand: ParsableCommand {
         if r.findings.count < r.corruptions + r.leaks {
             out += "(\(r.corruptions + r.leaks - r.findings.count) more not listed)\n"
         }
+        for name in r.droppedBitmaps { out += "Removed broken bitmap \(name).\n" }
         if r.corruptionsFixed + r.leaksFixed > 0 {
             out += "Repaired \(r.leaksFixed) leaked cluster(s) and \(r.corruptionsFixed) corruption(s).\n"
         }

@@ -1,0 +1,160 @@
+import Foundation
+import Logging
+import QCowImage
+
+/// Nightly backups: a full layer, or an incremental layer of exactly the
+/// ranges the tracking bitmap marks dirty, on top of the repository's chain.
+///
+/// Order for durability (a kill at any moment loses no change):
+/// 1. the layer is written under `NAME.partial` and fsynced;
+/// 2. renamed to NAME, directory fsynced;
+/// 3. the manifest is replaced atomically (temp, fsync, rename, directory fsync);
+/// 4. only then is the bitmap reset in the source image.
+/// Dying before 3 leaves the manifest as it was and the bitmap still holding
+/// every change (the next run removes the leftover); dying between 3 and 4
+/// leaves extra dirty bits, so the next incremental copies a little more.
+public enum BackupEngine {
+    public enum Mode: String, Sendable { case auto, full, incremental }
+    public typealias Compression = LayerCompression
+
+    public struct Request: Sendable {
+        public var image: String
+        public var repository: String
+        public var bitmap: String?
+        public var mode: Mode
+        public var compression: Compression
+        public var dryRun: Bool
+        /// Cluster size of layers in a new repository (later layers keep the repository's).
+        public var clusterSize: Int?
+        public init(image: String, repository: String, bitmap: String? = nil, mode: Mode = .auto,
+                    compression: Compression = .none, dryRun: Bool = false, clusterSize: Int? = nil) {
+            self.image = image
+            self.repository = repository
+            self.bitmap = bitmap
+            self.mode = mode
+            self.compression = compression
+            self.dryRun = dryRun
+            self.clusterSize = clusterSize
+        }
+    }
+
+    public struct Result: Sendable {
+        public var kind: BackupManifest.Layer.Kind
+        /// The new layer (nil on a dry run).
+        public var layer: BackupManifest.Layer?
+        public var index: Int
+        public var bitmap: String
+        public var bytesCopied: UInt64
+        /// Ranges that were (or on a dry run would be) copied.
+        public var extents: Int
+        public var dryRun: Bool
+        public var virtualSize: UInt64
+    }
+
+    /// Runs one backup of `request.image` into `request.repository`.
+    public static func backup(_ request: Request, logger: Logger = Logger(label: "qbackup.backup"),
+                              progress: ((UInt64, UInt64) -> Void)? = nil) throws -> Result {
+        let repo = try BackupRepository(path: request.repository, create: !request.dryRun, exclusive: !request.dryRun)
+        if !request.dryRun {
+            try MergeEngine.recover(repo, logger: logger)
+            try repo.removeLeftovers()
+        }
+        let source = try LocalImageSource(path: request.image, writable: !request.dryRun)
+        defer { source.close() }
+        return try backup(request, repo: repo, source: source, logger: logger, progress: progress)
+    }
+
+    /// The engine proper, on any `BackupSource`.
+    public static func backup(_ request: Request, repo: BackupRepository, source: BackupSource, logger: Logger,
+                              progress: ((UInt64, UInt64) -> Void)?) throws -> Result {
+        let existing = repo.manifest
+        let sourcePath = LocalImageSource.canonicalPath(request.image)
+        if let m = existing {
+            if m.source != sourcePath {
+                throw ChainError(.refused, "the repository belongs to another disk (\(m.source)), not \(sourcePath)",
+                                 path: repo.path)
+            }
+            if let name = request.bitmap, name != m.bitmap {
+                throw ChainError(.refused, "the repository tracks changes with bitmap '\(m.bitmap)', not '\(name)'",
+                                 path: repo.path)
+            }
+            if source.virtualSize < m.virtualSize {
+                throw ChainError(.refused, "the disk shrank from \(m.virtualSize) to \(source.virtualSize) bytes since the last backup; start a new repository",
+                                 path: repo.path)
+            }
+        }
+        let id = existing?.id ?? BackupRepository.newID()
+        let bitmap = existing?.bitmap ?? request.bitmap ?? "qbackup-\(id)"
+        let hasChain = !(existing?.layers.isEmpty ?? true)
+
+        // Decide the kind of backup.
+        let kind: BackupManifest.Layer.Kind
+        switch request.mode {
+        case .full:
+            kind = .full
+        case .auto, .incremental:
+            guard hasChain else {
+                if request.mode == .incremental {
+                    throw ChainError(.refused, "the repository holds no full backup yet; run a full backup first",
+                                     path: repo.path)
+                }
+                kind = .full
+                break
+            }
+            switch try source.bitmapState(bitmap) {
+            case .ready:
+                kind = .incremental
+            case .missing:
+                throw ChainError(.refused, "bitmap '\(bitmap)' is missing from \(source.name), so changes since the last backup are unknown; only --full is allowed",
+                                 path: repo.path)
+            case .disabled:
+                throw ChainError(.refused, "bitmap '\(bitmap)' in \(source.name) is disabled and may have missed writes; only --full is allowed",
+                                 path: repo.path)
+            case .inconsistent(let why):
+                throw ChainError(.refused, "bitmap '\(bitmap)' in \(source.name) is inconsistent (\(why)); only --full is allowed",
+                                 path: repo.path)
+            }
+        }
+
+        let clusterSize = existing?.clusterSize ?? request.clusterSize ?? 65536
+        let plan = try CopyPlan.make(kind: kind, source: source, bitmap: bitmap, clusterSize: UInt64(clusterSize))
+        let index = existing?.layers.count ?? 0
+        if request.dryRun {
+            return Result(kind: kind, layer: nil, index: index, bitmap: bitmap, bytesCopied: plan.bytes,
+                          extents: plan.ranges.count, dryRun: true, virtualSize: source.virtualSize)
+        }
+
+        // 1. Write the layer under a temporary name.
+        let now = Date()
+        let name = repo.newLayerName(kind: kind, at: now)
+        let temp = repo.file(name + BackupRepository.tempSuffix)
+        let previous = kind == .incremental ? existing?.layers.last?.file : nil
+        logger.info("writing layer", metadata: ["file": "\(name)", "kind": "\(kind.rawValue)", "bytes": "\(plan.bytes)"])
+        let copied: UInt64
+        do {
+            copied = try LayerWriter.write(plan: plan, from: source, to: temp, clusterSize: clusterSize,
+                                           backing: previous, compression: request.compression, progress: progress)
+        } catch {
+            try? DurableFiles.remove(temp)
+            throw error
+        }
+        // 2. Rename into place.
+        try DurableFiles.rename(temp, to: repo.file(name))
+        // 3. Record it in the manifest.
+        let (sha, size) = try DurableFiles.sha256(of: repo.file(name))
+        let layer = BackupManifest.Layer(file: name, kind: kind, created: BackupRepository.isoStamp(now),
+                                         bytesCopied: copied, fileSize: size, virtualSize: source.virtualSize, sha256: sha)
+        var manifest = existing ?? BackupManifest(id: id, virtualSize: source.virtualSize, clusterSize: clusterSize,
+                                                  bitmap: bitmap, source: sourcePath)
+        manifest.virtualSize = source.virtualSize
+        // A full layer stands alone (no backing file) and starts a new segment of the chain;
+        // older points stay restorable until merge folds them away.
+        manifest.layers.append(layer)
+        try repo.save(manifest)
+        // 4. Only now: start tracking anew.
+        try source.resetBitmap(bitmap)
+        return Result(kind: kind, layer: layer, index: manifest.layers.count - 1, bitmap: bitmap,
+                      bytesCopied: copied, extents: plan.ranges.count, dryRun: false, virtualSize: source.virtualSize)
+    }
+}
+

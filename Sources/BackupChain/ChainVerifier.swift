@@ -1,0 +1,117 @@
+import BitmapStore
+import Logging
+import QCowImage
+
+/// `verify`: every layer opens and checks clean, matches its checksum and the
+/// manifest (backing link, virtual size); with an image, its tracking bitmap
+/// covers every cluster where the image differs from the latest point.
+public enum ChainVerifier {
+    public struct Report: Sendable {
+        public var layersChecked = 0
+        /// Problems found, one line each, naming the layer file.
+        public var problems: [String] = []
+        /// With an image: guest offsets (bitmap-granularity blocks) that differ from the
+        /// latest point but are clean in the bitmap — the first ones found.
+        public var missedOffsets: [UInt64] = []
+        public var missedCount: UInt64 = 0
+        public var imageChecked = false
+        public var ok: Bool { problems.isEmpty && missedCount == 0 }
+    }
+
+    public static let maxMissedListed = 20
+
+    public static func verify(repository: String, image: String? = nil, logger: Logger = Logger(label: "qbackup.verify"),
+                              progress: ((UInt64, UInt64) -> Void)? = nil) throws -> Report {
+        let repo = try BackupRepository(path: repository, exclusive: false)
+        guard let manifest = repo.manifest else {
+            throw ChainError(.invalidArgument, "the repository holds no backup", path: repository)
+        }
+        var report = Report()
+        if manifest.pendingMerge != nil {
+            report.problems.append("a merge was interrupted; run 'qbackup merge' to finish it")
+            return report
+        }
+        for (i, layer) in manifest.layers.enumerated() {
+            verifyLayer(repo, manifest, i, layer, &report)
+        }
+        if let image {
+            try verifyBitmap(repo, manifest, image: image, report: &report, progress: progress)
+        }
+        return report
+    }
+
+    static func verifyLayer(_ repo: BackupRepository, _ manifest: BackupManifest, _ i: Int,
+                            _ layer: BackupManifest.Layer, _ report: inout Report) {
+        let path = repo.file(layer.file)
+        func problem(_ text: String) { report.problems.append("layer \(i) (\(layer.file)): \(text)") }
+        report.layersChecked += 1
+        do {
+            let (sha, size) = try DurableFiles.sha256(of: path)
+            if size != layer.fileSize { problem("file is \(size) bytes, the manifest says \(layer.fileSize)") }
+            if sha != layer.sha256 { problem("checksum mismatch: sha256 is \(sha), the manifest says \(layer.sha256)") }
+            let device = try FileDevice(path: path, writable: false)
+            try ImageLock.acquire(device, writable: false)
+            let file = try QCowFile(device: device)
+            defer { file.close() }
+            let expectedBacking = layer.kind == .incremental && i > 0 ? manifest.layers[i - 1].file : nil
+            if file.header.backingFile != expectedBacking {
+                problem("backing file is \(file.header.backingFile ?? "none"), the manifest says \(expectedBacking ?? "none")")
+            }
+            if expectedBacking != nil && file.header.backingFormat != "qcow2" {
+                problem("backing format is \(file.header.backingFormat ?? "unset"), expected qcow2")
+            }
+            if file.virtualSize != layer.virtualSize {
+                problem("virtual size is \(file.virtualSize), the manifest says \(layer.virtualSize)")
+            }
+            let check = try QCowChecker.check(file)
+            if check.corruptions > 0 || check.leaks > 0 || check.checkErrors > 0 {
+                let first = check.findings.first.map { ": \($0.region) at 0x\(String($0.offset ?? 0, radix: 16)): \($0.message)" } ?? ""
+                problem("check found \(check.corruptions) corruption(s), \(check.leaks) leak(s)\(first)")
+            }
+        } catch let error as CodedError {
+            problem(error.description)
+        } catch {
+            problem("\(error)")
+        }
+    }
+
+    /// Every bitmap-granularity block where the image differs from the latest point must be dirty.
+    static func verifyBitmap(_ repo: BackupRepository, _ manifest: BackupManifest, image path: String,
+                             report: inout Report, progress: ((UInt64, UInt64) -> Void)?) throws {
+        let image = try ImageOpener.open(path)
+        defer { image.close() }
+        guard let file = image as? QCowFile else {
+            throw ChainError(.invalidArgument, "\(path) is not a qcow2 image; it has no bitmaps")
+        }
+        let catalog = try BitmapCatalog(file: file)
+        let bitmap = try catalog.load(manifest.bitmap)
+        let latest = try RestoreEngine.openPoint(repo, manifest, index: manifest.layers.count - 1)
+        defer { latest.close() }
+        report.imageChecked = true
+        let granularity = bitmap.granularity
+        let size = image.virtualSize
+        let chunk = UInt64(max(4 << 20, Int(granularity)))
+        var a = [UInt8](repeating: 0, count: Int(chunk))
+        var b = [UInt8](repeating: 0, count: Int(chunk))
+        var offset: UInt64 = 0
+        while offset < size {
+            let n = Int(min(chunk, size - offset))
+            try a.withUnsafeMutableBytes { try image.read(into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<n]), at: offset) }
+            try b.withUnsafeMutableBytes { try latest.read(into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<n]), at: offset) }
+            var block = 0
+            while block < n {
+                let end = min(n, block + Int(granularity))
+                if a[block..<end] != b[block..<end] {
+                    let at = offset + UInt64(block)
+                    if !bitmap.isDirty(at: at) {
+                        report.missedCount += 1
+                        if report.missedOffsets.count < maxMissedListed { report.missedOffsets.append(at) }
+                    }
+                }
+                block = end
+            }
+            offset += UInt64(n)
+            progress?(offset, size)
+        }
+    }
+}

@@ -1,0 +1,83 @@
+import BitmapStore
+import Foundation
+import QCowImage
+
+/// A local image (qcow2 with its backing chain) as a backup source: guest data
+/// through the chain, the tracking bitmap from the top image's BitmapCatalog.
+/// Opened for writing (QEMU's write lock) so no VM or qemu-nbd changes the disk
+/// while its data is copied and its bitmap reset; guest data is never written.
+final class LocalImageSource: BackupSource {
+    let image: GuestImage
+    let file: QCowFile
+    var catalog: BitmapCatalog
+
+    init(path: String, writable: Bool) throws {
+        image = try ImageOpener.open(path, writable: writable)
+        guard let file = image as? QCowFile else {
+            image.close()
+            throw ChainError(.invalidArgument, "\(path) is a raw image; backups need qcow2 for the tracking bitmap", path: path)
+        }
+        self.file = file
+        do {
+            catalog = try BitmapCatalog(file: file)
+        } catch {
+            image.close()
+            throw error
+        }
+    }
+
+    /// The absolute, symlink-free path that identifies a disk in the manifest.
+    static func canonicalPath(_ path: String) -> String {
+        URL(fileURLWithPath: path).standardizedFileURL.resolvingSymlinksInPath().path
+    }
+
+    var name: String { image.filename }
+    var virtualSize: UInt64 { image.virtualSize }
+
+    func blockStatus(at offset: UInt64, maxLength: UInt64) throws -> BlockStatus {
+        try image.blockStatus(at: offset, maxLength: maxLength)
+    }
+
+    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
+        try image.read(into: buffer, at: offset)
+    }
+
+    func bitmapState(_ name: String) throws -> TrackingBitmapState {
+        guard let entry = catalog.entry(named: name) else { return .missing }
+        if let why = catalog.inconsistency(of: entry) { return .inconsistent(why.description) }
+        guard entry.flags.contains(.auto) else { return .disabled }
+        return .ready(granularity: UInt64(1) << UInt64(entry.granularityBits))
+    }
+
+    func forEachDirtyExtent(_ name: String, _ body: (Range<UInt64>) throws -> Void) throws {
+        let bitmap = try catalog.load(name)
+        for extent in bitmap.dirtyExtents() { try body(extent.start..<extent.end) }
+    }
+
+    func resetBitmap(_ name: String) throws {
+        try catalog.resetForBackup(name)
+    }
+
+    func close() { image.close() }
+}
+
+extension BitmapCatalog {
+    /// After a backup is durable: the tracking bitmap becomes empty and enabled.
+    /// A consistent bitmap is cleared (one crash-safe update), then enabled if it
+    /// was disabled; an inconsistent one is removed and added anew. A crash between
+    /// two steps leaves extra dirty bits or a bitmap that asks for a full backup.
+    func resetForBackup(_ name: String) throws {
+        guard let entry = entry(named: name) else {
+            try add(name)
+            return
+        }
+        if inconsistency(of: entry) != nil {
+            let granularity = entry.granularity
+            try remove(name)
+            try add(name, granularity: granularity, enabled: true)
+            return
+        }
+        try clear(name)
+        if !entry.isEnabled { try enable(name) }
+    }
+}

@@ -1,0 +1,189 @@
+import ArgumentParser
+import BitmapStore
+import Foundation
+import QCowImage
+
+/// `qbackup bitmap list|add|remove|clear|enable|disable|merge|dump` — persistent dirty bitmaps.
+struct BitmapCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "bitmap",
+        abstract: "List, add, remove, clear, enable, disable, merge and dump persistent dirty bitmaps.",
+        discussion: """
+            Works like 'qemu-img bitmap'. A bitmap marked in_use (inconsistent) can only be listed,
+            dumped or removed.
+            """,
+        subcommands: [List.self, Add.self, Remove.self, Clear.self, Enable.self, Disable.self, Merge.self, Dump.self])
+
+    struct List: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Show each bitmap: name, granularity, enabled (auto), in_use, dirty bytes.")
+        @Argument(help: "The qcow2 image.") var image: String
+        @OptionGroup var options: GlobalOptions
+
+        func run() throws {
+            try ExitStatus.run {
+                let rows = try BitmapCatalog.withCatalog(image, writable: false) { try $0.list() }
+                if options.json {
+                    emit(JSON.array(rows.map(List.json)).pretty() + "\n")
+                } else {
+                    emit("NAME".padding(24) + "GRANULARITY".padding(13) + "ENABLED".padding(9) + "IN_USE".padding(8) + "DIRTY\n")
+                    for row in rows {
+                        let dirty = row.dirtyBytes.map(String.init) ?? "- (inconsistent)"
+                        emit(row.name.padding(24) + String(row.granularity).padding(13) + (row.enabled ? "yes" : "no").padding(9)
+                             + (row.inUse ? "yes" : "no").padding(8) + dirty + "\n")
+                    }
+                }
+                return 0
+            }
+        }
+
+        static func json(_ row: BitmapSummary) -> JSON {
+            var pairs: [(String, JSON)] = [("name", .string(row.name)), ("granularity", .uint(row.granularity)),
+                                           ("enabled", .bool(row.enabled)), ("in-use", .bool(row.inUse)),
+                                           ("dirty-bytes", row.dirtyBytes.map { .uint($0) } ?? .null)]
+            if let why = row.inconsistency { pairs.append(("inconsistent", .string(why.description))) }
+            return .object(pairs)
+        }
+    }
+
+    struct Add: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Add a new empty bitmap, enabled unless --disabled.")
+        @Argument(help: "The qcow2 image.") var image: String
+        @Argument(help: "The bitmap's name.") var name: String
+        @Option(name: [.short, .long], help: "Bytes per bit (K/M suffixes; default: the cluster size clamped to 4K-64K).")
+        var granularity: String?
+        @Flag(help: "Add the bitmap disabled (not tracking writes).") var disabled = false
+        @OptionGroup var options: GlobalOptions
+
+        func run() throws {
+            try ExitStatus.run {
+                let bytes = try granularity.map { text -> UInt64 in
+                    guard let value = try? parseSize(text) else {
+                        throw BitmapError(.invalidArgument, "invalid granularity '\(text)'")
+                    }
+                    return value
+                }
+                try BitmapCatalog.withCatalog(image, writable: true) { try $0.add(name, granularity: bytes, enabled: !disabled) }
+                return 0
+            }
+        }
+    }
+
+    struct Remove: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Remove a bitmap and free its clusters.")
+        @Argument(help: "The qcow2 image.") var image: String
+        @Argument(help: "The bitmap's name.") var name: String
+        @OptionGroup var options: GlobalOptions
+        func run() throws { try edit(image) { try $0.remove(name) } }
+    }
+
+    struct Clear: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Mark every byte of a bitmap clean.")
+        @Argument(help: "The qcow2 image.") var image: String
+        @Argument(help: "The bitmap's name.") var name: String
+        @OptionGroup var options: GlobalOptions
+        func run() throws { try edit(image) { try $0.clear(name) } }
+    }
+
+    struct Enable: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Make a bitmap track writes (set auto).")
+        @Argument(help: "The qcow2 image.") var image: String
+        @Argument(help: "The bitmap's name.") var name: String
+        @OptionGroup var options: GlobalOptions
+        func run() throws { try edit(image) { try $0.enable(name) } }
+    }
+
+    struct Disable: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Stop a bitmap tracking writes (clear auto).")
+        @Argument(help: "The qcow2 image.") var image: String
+        @Argument(help: "The bitmap's name.") var name: String
+        @OptionGroup var options: GlobalOptions
+        func run() throws { try edit(image) { try $0.disable(name) } }
+    }
+
+    struct Merge: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "TARGET |= each --source bitmap.",
+            discussion: """
+                Sources are bitmaps of IMAGE, or of --source-image (given once: for every source; given as
+                many times as --source: one per source). Source images must have IMAGE's virtual size;
+                any granularity is converted.
+                """)
+        @Argument(help: "The qcow2 image.") var image: String
+        @Argument(help: "The bitmap to merge into.") var target: String
+        @Option(name: .long, help: "A source bitmap (repeatable).") var source: [String] = []
+        @Option(name: .long, help: "The image holding the sources (repeatable).") var sourceImage: [String] = []
+        @OptionGroup var options: GlobalOptions
+
+        func validate() throws {
+            guard !source.isEmpty else { throw ValidationError("merge needs at least one --source") }
+            guard sourceImage.count <= 1 || sourceImage.count == source.count else {
+                throw ValidationError("give --source-image once, or once per --source")
+            }
+        }
+
+        func run() throws {
+            try ExitStatus.run {
+                var local: [String] = []
+                var foreign: [DirtyBitmap] = []
+                for (i, name) in source.enumerated() {
+                    let path = sourceImage.isEmpty ? image : sourceImage[sourceImage.count == 1 ? 0 : i]
+                    if path == image {
+                        local.append(name)
+                    } else {
+                        foreign.append(try BitmapCatalog.withCatalog(path, writable: false) { try $0.load(name) })
+                    }
+                }
+                try BitmapCatalog.withCatalog(image, writable: true) { catalog in
+                    try catalog.merge(into: target, bitmaps: try local.map { try catalog.load($0) } + foreign)
+                }
+                return 0
+            }
+        }
+    }
+
+    struct Dump: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Show a bitmap's extents over the whole disk.",
+            discussion: """
+                With --output json: [{"start":0,"length":131072,"dirty":true}, ...], in order, adjacent
+                extents of the same state merged — the extents nbdinfo --map=qemu:dirty-bitmap:NAME shows.
+                """)
+        @Argument(help: "The qcow2 image.") var image: String
+        @Argument(help: "The bitmap's name.") var name: String
+        @OptionGroup var options: GlobalOptions
+
+        func run() throws {
+            try ExitStatus.run {
+                let dump = try BitmapCatalog.withCatalog(image, writable: false) { try $0.dump(name) }
+                if let warning = dump.warning {
+                    FileHandle.standardError.write(Data("qbackup: warning: \(warning)\n".utf8))
+                }
+                if options.json {
+                    var first = true
+                    emit("[")
+                    for e in dump.bitmap.extents() {
+                        emit((first ? "" : ",\n") + "{\"start\":\(e.start),\"length\":\(e.length),\"dirty\":\(e.dirty)}")
+                        first = false
+                    }
+                    emit("]\n")
+                } else {
+                    emit("Offset          Length          State\n")
+                    for e in dump.bitmap.extents() {
+                        emit(hex(e.start).padding(16) + hex(e.length).padding(16) + (e.dirty ? "dirty" : "clean") + "\n")
+                    }
+                }
+                return 0
+            }
+        }
+    }
+}
+
+/// Opens IMAGE writable and runs one bitmap operation.
+private func edit(_ image: String, _ body: @escaping (BitmapCatalog) throws -> Void) throws {
+    try ExitStatus.run {
+        try BitmapCatalog.withCatalog(image, writable: true, body)
+        return 0
+    }
+}
+

@@ -1,0 +1,51 @@
+import ArgumentParser
+import BackupChain
+
+/// `qbackup verify DIR [--image IMAGE]`
+struct VerifyCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "verify",
+        abstract: "Verify a repository: every layer checks clean and matches the manifest and its checksum.",
+        discussion: """
+            With --image, also prove the tracking bitmap missed no write: every block where IMAGE
+            now differs from the latest backup must be dirty in the bitmap. Exit 0 when all is
+            well, 1 when a problem was found (each is listed).
+            """)
+
+    @Argument(help: "The repository folder.") var repository: String
+
+    @Option(name: .long, help: "The source image whose tracking bitmap to verify against the chain.")
+    var image: String?
+
+    @OptionGroup var options: GlobalOptions
+
+    func run() throws {
+        try ExitStatus.run {
+            let progress = options.progressReporter("verify")
+            let report = try ChainVerifier.verify(repository: repository, image: image, logger: options.logger,
+                                                  progress: progress?.update)
+            progress?.finish()
+            if options.json {
+                var pairs: [(String, JSON)] = [
+                    ("ok", .bool(report.ok)), ("layers-checked", .int(Int64(report.layersChecked))),
+                    ("problems", .array(report.problems.map { .string($0) })),
+                ]
+                if report.imageChecked {
+                    pairs.append(("missed-blocks", .uint(report.missedCount)))
+                    pairs.append(("missed-offsets", .array(report.missedOffsets.map { .uint($0) })))
+                }
+                emit(JSON.object(pairs).pretty() + "\n")
+            } else {
+                for p in report.problems { emit("problem: \(p)\n") }
+                if report.missedCount > 0 {
+                    let list = report.missedOffsets.map { "0x" + String($0, radix: 16) }.joined(separator: ", ")
+                    emit("bitmap missed \(report.missedCount) changed block(s), first at offsets: \(list)\n")
+                }
+                if report.ok {
+                    emit("verified \(report.layersChecked) layer(s)\(report.imageChecked ? " and the tracking bitmap" : ""): all good\n")
+                }
+            }
+            return report.ok ? 0 : 1
+        }
+    }
+}
