@@ -54,7 +54,8 @@ public enum BackupEngine {
     /// Runs one backup of `request.image` into `request.repository`.
     public static func backup(_ request: Request, logger: Logger = Logger(label: "qbackup.backup"),
                               progress: ((UInt64, UInt64) -> Void)? = nil) throws -> Result {
-        let repo = try BackupRepository(path: request.repository, create: !request.dryRun, exclusive: !request.dryRun)
+        let repo = try BackupRepository(path: request.repository, create: !request.dryRun, exclusive: !request.dryRun,
+                                        allowMissing: request.dryRun)
         if !request.dryRun {
             try MergeEngine.recover(repo, logger: logger)
             try repo.removeLeftovers()

@@ -18,10 +18,16 @@ public final class BackupRepository {
 
     /// Opens the repository at `path` (the folder may not exist yet when `create`).
     /// `exclusive` takes the repository lock for changes; otherwise a shared one.
-    public init(path: String, create: Bool = false, exclusive: Bool) throws {
+    /// With `allowMissing`, a folder that does not exist opens as an empty repository
+    /// without creating anything (a dry run of the first backup).
+    public init(path: String, create: Bool = false, exclusive: Bool, allowMissing: Bool = false) throws {
         self.path = path
         var isDir: ObjCBool = false
         if !FileManager.default.fileExists(atPath: path, isDirectory: &isDir) {
+            if allowMissing && !create {
+                manifest = nil
+                return
+            }
             guard create else { throw ChainError(.invalidArgument, "no such repository folder", path: path) }
             do {
                 try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)

@@ -1,4 +1,7 @@
 import BitmapStore
+#if canImport(Glibc)
+import Glibc
+#endif
 import Logging
 import QCowImage
 
@@ -95,20 +98,39 @@ public enum ChainVerifier {
         var b = [UInt8](repeating: 0, count: Int(chunk))
         var offset: UInt64 = 0
         while offset < size {
-            let n = Int(min(chunk, size - offset))
+            var n = Int(min(chunk, size - offset))
+            // Ranges that read as zeros on both sides need no reading at all.
+            let mine = try image.blockStatus(at: offset, maxLength: UInt64(n))
+            let theirs: BlockStatus? = offset < latest.virtualSize
+                ? try latest.blockStatus(at: offset, maxLength: mine.length) : nil
+            n = Int(theirs.map { min($0.length, mine.length) } ?? mine.length)
+            if mine.kind != .data && (theirs == nil || theirs?.kind != .data) {
+                offset += UInt64(n)
+                progress?(offset, size)
+                continue
+            }
             try a.withUnsafeMutableBytes { try image.read(into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<n]), at: offset) }
             try b.withUnsafeMutableBytes { try latest.read(into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<n]), at: offset) }
-            var block = 0
-            while block < n {
-                let end = min(n, block + Int(granularity))
-                if a[block..<end] != b[block..<end] {
-                    let at = offset + UInt64(block)
-                    if !bitmap.isDirty(at: at) {
-                        report.missedCount += 1
-                        if report.missedOffsets.count < maxMissedListed { report.missedOffsets.append(at) }
+            let differs = a.withUnsafeBytes { pa in b.withUnsafeBytes { pb in memcmp(pa.baseAddress!, pb.baseAddress!, n) != 0 } }
+            if differs {
+                // Find the differing blocks of the bitmap's granularity.
+                let g = Int(granularity)
+                var block = -Int(offset % granularity)
+                while block < n {
+                    let start = max(block, 0)
+                    let end = min(n, block + g)
+                    let same = a.withUnsafeBytes { pa in
+                        b.withUnsafeBytes { pb in memcmp(pa.baseAddress! + start, pb.baseAddress! + start, end - start) == 0 }
                     }
+                    if !same {
+                        let at = offset + UInt64(start)
+                        if !bitmap.isDirty(at: at) {
+                            report.missedCount += 1
+                            if report.missedOffsets.count < maxMissedListed { report.missedOffsets.append(at) }
+                        }
+                    }
+                    block += g
                 }
-                block = end
             }
             offset += UInt64(n)
             progress?(offset, size)

@@ -142,6 +142,10 @@ import TestSupport
     @Test func refusals() throws {
         let s = try BackupScenario(size: "64M", seed: 23)
         try s.dirty(writes: 5, maxOffset: 60 << 20)
+        // A dry run before the first backup plans a full one and creates nothing.
+        let plan = try s.qbackup(["backup", s.disk, "--repo", s.repo, "--dry-run", "--output", "json"])
+        #expect((try JSONHelpers.parse(plan.stdout) as? [String: Any])?["kind"] as? String == "full")
+        #expect(!FileManager.default.fileExists(atPath: s.repo))
         // No full backup yet: --incremental is refused.
         let first = try s.qbackup(["backup", s.disk, "--repo", s.repo, "--incremental"], expect: 1)
         #expect(first.stderr.hasPrefix("qbackup: error:"))

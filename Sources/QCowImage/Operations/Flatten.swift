@@ -12,6 +12,9 @@ public struct FlattenOptions: Sendable, Equatable {
     public var refcountBits: Int = 16
     /// Extended L2 entries in a qcow2 output.
     public var extendedL2: Bool = false
+    /// fsync the output before returning. Off by default, as qemu-img convert does not
+    /// wait for the disk either; the output is complete and consistent in the page cache.
+    public var durable: Bool = false
     /// qcow2 output, 64 KiB clusters, 16-bit refcounts, no compression.
     public init() {}
 }
@@ -36,7 +39,8 @@ public enum ImageFlattener {
                                logger: Logger = Logger(label: "qbackup.flatten", factory: { _ in SwiftLogNoOpLogHandler() }),
                                progress: ((UInt64, UInt64) -> Void)? = nil) throws -> FlattenResult {
         if options.format == .raw {
-            let written = try RawExporter.export(source, to: path, overwrite: overwrite, progress: progress)
+            let written = try RawExporter.export(source, to: path, overwrite: overwrite, durable: options.durable,
+                                                 progress: progress)
             return FlattenResult(dataBytes: written, zeroBytes: 0)
         }
         var create = QCowCreateOptions(size: (source.virtualSize + 511) & ~511)
@@ -46,14 +50,14 @@ public enum ImageFlattener {
         create.compression = options.compression ?? .zlib
         let out = try QCowCreator.create(at: path, options: create, overwrite: overwrite, logger: logger)
         defer { out.close() }
-        // A new file that is useless after a crash anyway: one flush at the end is all
-        // the durability it needs, so the engine's ordering barriers are skipped.
+        // A new file that is useless after a crash anyway: at most one flush at the end,
+        // so the engine's ordering barriers are skipped.
         out.syncBarriers = false
         logger.debug("flattening", metadata: ["source": "\(source.filename)", "output": "\(path)"])
         let result = options.compression == nil
             ? try copyExtents(from: source, to: out, progress: progress)
             : try copyCompressed(from: source, to: out, progress: progress)
-        try out.flush()
+        if options.durable { try out.flush() } else { try out.commitRefcounts() }
         return result
     }
 

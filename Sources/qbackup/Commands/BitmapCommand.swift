@@ -26,10 +26,11 @@ struct BitmapCommand: ParsableCommand {
                 if options.json {
                     emit(JSON.array(rows.map(List.json)).pretty() + "\n")
                 } else {
-                    emit("NAME".padding(24) + "GRANULARITY".padding(13) + "ENABLED".padding(9) + "IN_USE".padding(8) + "DIRTY\n")
+                    let width = max(24, (rows.map(\.name.count).max() ?? 0) + 2)
+                    emit("NAME".padding(width) + "GRANULARITY".padding(13) + "ENABLED".padding(9) + "IN_USE".padding(8) + "DIRTY\n")
                     for row in rows {
                         let dirty = row.dirtyBytes.map(String.init) ?? "- (inconsistent)"
-                        emit(row.name.padding(24) + String(row.granularity).padding(13) + (row.enabled ? "yes" : "no").padding(9)
+                        emit(row.name.padding(width) + String(row.granularity).padding(13) + (row.enabled ? "yes" : "no").padding(9)
                              + (row.inUse ? "yes" : "no").padding(8) + dirty + "\n")
                     }
                 }
