@@ -4,7 +4,7 @@ import TestSupport
 
 /// The corrupt-repository corpus: a repository (a full and an incremental layer
 /// made by QEMU, and a manifest) damaged one manifest field or layer file at a
-/// time, run through `list` and `restore`. Each must exit 0 or 1, on failure
+/// time, run through `list`, `restore` and `verify`. Each must exit 0 or 1, on failure
 /// with one `qbackup: error:` line naming the manifest or layer, quickly, with
 /// bounded memory, leaving the manifest and layers byte-identical.
 @Suite struct CorruptRepositoryTests {
@@ -12,6 +12,8 @@ import TestSupport
         var name: String
         /// Words the error line must contain when the command fails.
         var expect: [String]
+        /// `verify` must report this damage (exit 1): the manifest no longer matches the files.
+        var verifyFails = false
         var apply: @Sendable (_ repo: String, _ manifest: inout [String: Any]) throws -> Void
         var testDescription: String { name }
     }
@@ -72,7 +74,15 @@ import TestSupport
         Damage(name: "layer 1 backing file renamed inside the image", expect: ["inc-0001.qcow2"]) { repo, _ in
             try Tools.qemuImg("rebase", "-u", "-f", "qcow2", "-b", "other-0000.qcow2", "-F", "qcow2", "\(repo)/inc-0001.qcow2")
         },
-        Damage(name: "layer 1 L1 table offset past end of file", expect: ["inc-0001.qcow2", "0x28"]) { repo, _ in
+        Damage(name: "layer 1 sha256 of other bytes", expect: [], verifyFails: true) { _, m in layer(&m, 1, "sha256", String(repeating: "0", count: 64)) },
+        Damage(name: "layer 1 one data byte changed", expect: [], verifyFails: true) { repo, _ in
+            let path = "\(repo)/inc-0001.qcow2"
+            let size = try FileManager.default.attributesOfItem(atPath: path)[.size] as? UInt64 ?? 1
+            let old = try peek(path, at: size - 1, count: 1)[0]
+            try poke(path, at: size - 1, [old ^ 0xff])
+        },
+        Damage(name: "layer 0 file-size wrong", expect: [], verifyFails: true) { _, m in layer(&m, 0, "file-size", 12345) },
+        Damage(name: "layer 1 L1 table offset past end of file", expect: ["inc-0001.qcow2", "0x28"], verifyFails: true) { repo, _ in
             try poke("\(repo)/inc-0001.qcow2", at: 40, be(UInt64(1) << 40))
         },
     ]
@@ -123,6 +133,8 @@ import TestSupport
         let restore = try QBackupBinary.run(["restore", repo, "--to", dir.file("out.raw"), "--format", "raw"])
         #expect(restore.status == 0, "\(restore.stderr)")
         try Tools.qemuImg("compare", "-f", "raw", "-F", "qcow2", dir.file("out.raw"), "\(repo)/inc-0001.qcow2")
+        let verify = try QBackupBinary.run(["verify", repo])
+        #expect(verify.status == 0, "\(verify.stdout)\(verify.stderr)")
     }
 
     @Test(arguments: damages)
@@ -138,7 +150,7 @@ import TestSupport
         let binary = try QBackupBinary.path()
         let out = dir.file("out.raw")
         var statuses: [String] = []
-        for args in [["list", repo, "--output", "json"], ["restore", repo, "--to", out, "--format", "raw"]] {
+        for args in [["list", repo, "--output", "json"], ["restore", repo, "--to", out, "--format", "raw"], ["verify", repo]] {
             let label = "\(damage.name): \(args[0])"
             let started = Date()
             let result = try Bounded.run([binary] + args, mebibytes: 1024, seconds: 10)
@@ -146,7 +158,12 @@ import TestSupport
             statuses.append("\(args[0])=\(result.status)")
             #expect([0, 1].contains(result.status), "\(label): exit \(result.status), stderr: \(result.stderr)")
             #expect(elapsed < 5, "\(label) took \(elapsed) s")
-            if result.status == 1 {
+            if args[0] == "verify" && damage.verifyFails {
+                #expect(result.status == 1, "\(label): verify did not notice: \(result.stdout)")
+            }
+            // verify lists the problems it found on stdout (exit 1, nothing on stderr).
+            let listedProblems = args[0] == "verify" && result.stderr.isEmpty && result.stdout.contains("problem")
+            if result.status == 1 && !listedProblems {
                 let lines = result.stderr.split(separator: "\n")
                 #expect(lines.count == 1 && lines[0].hasPrefix("qbackup: error: "), "\(label): want one error line: \(result.stderr)")
                 #expect(result.stderr.contains(repo), "\(label): the error names no file of the repository: \(result.stderr)")

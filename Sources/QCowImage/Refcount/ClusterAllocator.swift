@@ -73,11 +73,15 @@ extension QCowFile {
                 continue
             }
             // A "free" cluster that holds metadata means the refcounts are corrupt: allocating
-            // it would overwrite the metadata, so refuse and mark the image corrupt, as QEMU does.
+            // it would overwrite the metadata. Nothing is written yet, so refuse and leave the
+            // file as it is (no corrupt bit: bad input never causes a write); this image takes
+            // no more writes in this session.
             let metadata = try metadataClusterSet()
             if let hit = (start..<end).first(where: { metadata.contains($0) }) {
-                throw markCorrupt("cluster 0x\(String(hit << UInt64(clusterBits), radix: 16)) has refcount 0 but holds metadata",
-                                  offset: hit << UInt64(clusterBits), region: "refcount block")
+                let error = QCowError(.corrupt, "cluster 0x\(String(hit << UInt64(clusterBits), radix: 16)) has refcount 0 but holds metadata (run 'qbackup check --repair all')",
+                                      path: filename, offset: hit << UInt64(clusterBits), region: "refcount block")
+                writeFailure = error
+                throw error
             }
             var next = start + UInt64(count)
             for index in firstBlock...lastBlock where table.entries[index] == 0 {
