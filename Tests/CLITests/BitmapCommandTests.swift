@@ -39,6 +39,7 @@ import TestSupport
             let nbd = try QemuNBD(image: path, bitmap: name, directory: dir)
             let theirs = try nbd.dirtyMap(bitmap: name)
             nbd.stop()
+            waitForImageLocksToClear(path)
             #expect(try Self.dump(path, name) == theirs, "bitmap \(name)")
         }
         #expect(try Self.dump(path, "b").allSatisfy { !$0.dirty })
@@ -74,6 +75,7 @@ import TestSupport
         // A writable qemu-nbd marks the bitmap in_use; SIGKILL leaves it so (a crashed VM).
         let nbd = try QemuNBD(image: path, bitmap: nil, directory: dir, readOnly: false)
         nbd.stop()
+        waitForImageLocksToClear(path)
         let clear = try QBackupBinary.run(["bitmap", "clear", path, "x"])
         #expect(clear.status == 1)
         #expect(clear.stderr.hasPrefix("qbackup: error:") && clear.stderr.contains("in_use"), "\(clear.stderr)")

@@ -70,6 +70,7 @@ import TestSupport
         let nbd = try QemuNBD(image: base, bitmap: "track", directory: dir)
         let dirty = try nbd.dirtyMap(bitmap: "track").filter(\.dirty)
         nbd.stop()
+        waitForImageLocksToClear(base)
         #expect(dirty.contains { $0.start <= 5 << 20 && (5 << 20) + 100 * 1024 <= $0.start + $0.length }, "\(dirty)")
         #expect(dirty.contains { $0.start <= 20 << 20 && (20 << 20) + 65536 <= $0.start + $0.length }, "\(dirty)")
         let frozen = try QemuNBD(image: base, bitmap: "frozen", directory: dir)

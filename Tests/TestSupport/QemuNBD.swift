@@ -21,7 +21,6 @@ public final class QemuNBD {
 
     public let socket: String
     private let pid: pid_t
-    private let image: String
 
     /// Starts `qemu-nbd -r -t -B BITMAP -k SOCKET -f qcow2 IMAGE` as a daemon
     /// (`--fork`: it returns once the export is ready) and reads its pid. With
@@ -29,7 +28,6 @@ public final class QemuNBD {
     public init(image: String, bitmap: String?, directory: TempDir, readOnly: Bool = true) throws {
         let tag = UUID().uuidString.prefix(6)
         socket = directory.file("nbd-\(tag).sock")
-        self.image = image
         let pidFile = directory.file("nbd-\(tag).pid")
         // The daemon outlives this call, so it must not keep the write end of another
         // test's pipe open (that test would wait for EOF forever): bash closes every
@@ -59,9 +57,6 @@ public final class QemuNBD {
         kill(pid, SIGKILL)
         let deadline = Date().addingTimeInterval(10)
         while Self.isAlive(pid) && Date() < deadline { usleep(1_000) }
-        // The kernel drops the daemon's image locks a moment after it is gone; wait for that,
-        // so the next open of the image does not see a stranger's lock.
-        while imageLocked(image) && Date() < deadline { usleep(2_000) }
     }
 
     /// Whether `pid` runs (a zombie, which nobody may reap in a container, counts as gone).
@@ -102,6 +97,14 @@ public final class QemuNBD {
     }
 }
 
+
+/// Waits (up to 5 s) until no open file holds QEMU's lock bytes of `path`: the kernel drops
+/// a killed daemon's locks a moment after it is gone. Only for a caller that does not hold
+/// the image open itself (a CLI test about to run the binary on it).
+public func waitForImageLocksToClear(_ path: String) {
+    let deadline = Date().addingTimeInterval(5)
+    while imageLocked(path) && Date() < deadline { usleep(2_000) }
+}
 
 /// Whether another open file holds any of QEMU's lock bytes (100-107, 200-207) of `path`.
 public func imageLocked(_ path: String) -> Bool {
