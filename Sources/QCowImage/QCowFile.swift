@@ -66,16 +66,7 @@ public final class QCowFile: GuestImage {
         do {
             let size = try device.size()
             fileSize = size
-            guard size >= 72 else {
-                throw QCowError(.truncated, "file is \(size) bytes, too short for a qcow2 header", offset: 0, region: "header")
-            }
-            let probe = try device.readBytes(Int(min(size, 512)), at: 0, region: "header")
-            // cluster_bits sits at byte 20; read as much of the first cluster as the file has.
-            let bits = try ByteReader(probe, region: "header").u32(at: 20)
-            let firstCluster = bits >= 9 && bits <= 21 ? min(size, UInt64(1) << UInt64(bits)) : UInt64(probe.count)
-            let headerBytes = firstCluster > UInt64(probe.count)
-                ? try device.readBytes(Int(firstCluster), at: 0, region: "header") : probe
-            header = try QCowHeader(decoding: headerBytes)
+            header = try Self.decodeHeader(device, fileSize: size)
             try header.validate(fileSize: size)
             clusterBits = Int(header.clusterBits)
             clusterSize = header.clusterSize

@@ -10,11 +10,7 @@ extension QCowChecker {
                 throw QCowError(.invalidFormat, "not a qcow2 image; check works on qcow2 images", path: path, offset: 0,
                                 region: "header")
             }
-            var external: FileDevice?
-            let peek = try QCowFile.peekHeader(device)
-            if peek.incompatibleFeatures.contains(.externalDataFile), let name = peek.externalDataFile {
-                external = try FileDevice(path: ImageOpener.combine(base: path, relative: name), writable: false)
-            }
+            let external = try QCowFile.openExternalDataFile(of: device, path: path, writable: false)
             return try QCowFile(device: device, writable: writable, externalDataDevice: external, forRepair: writable)
         } catch {
             device.close()

@@ -42,11 +42,7 @@ public enum ImageOpener {
         case .raw:
             return try RawImage(device: device)
         case .qcow2:
-            var external: FileDevice?
-            let peek = try QCowFile.peekHeader(device)
-            if peek.incompatibleFeatures.contains(.externalDataFile), let name = peek.externalDataFile {
-                external = try FileDevice(path: combine(base: path, relative: name), writable: writable)
-            }
+            let external = try QCowFile.openExternalDataFile(of: device, path: path, writable: writable)
             let image = try QCowFile(device: device, writable: writable, externalDataDevice: external)
             if let name = image.header.backingFile {
                 guard !name.hasPrefix("json:"), !name.contains("://") else {
@@ -103,21 +99,29 @@ public enum ImageOpener {
 }
 
 extension QCowFile {
-    /// Decodes just the header of `device` (for the opener to find external data files).
-    static func peekHeader(_ device: BlockDevice) throws -> QCowHeader {
-        let size = try device.size()
-        let probe = try device.readBytes(Int(min(size, 512)), at: 0, region: "header")
-        guard probe.count >= 72 else {
-            throw QCowError(.truncated, "file is \(size) bytes, too short for a qcow2 header", path: device.name, offset: 0,
-                            region: "header")
+    /// Reads and decodes the header from the first cluster (as much of it as the file has).
+    /// Checks only what decoding needs; `QCowHeader.validate` does the rest.
+    static func decodeHeader(_ device: BlockDevice, fileSize size: UInt64) throws -> QCowHeader {
+        guard size >= 72 else {
+            throw QCowError(.truncated, "file is \(size) bytes, too short for a qcow2 header", offset: 0, region: "header")
         }
+        let probe = try device.readBytes(Int(min(size, 512)), at: 0, region: "header")
+        // cluster_bits sits at byte 20.
         let bits = try ByteReader(probe, region: "header").u32(at: 20)
         let first = bits >= 9 && bits <= 21 ? min(size, UInt64(1) << UInt64(bits)) : UInt64(probe.count)
+        return try QCowHeader(decoding: first > UInt64(probe.count)
+            ? try device.readBytes(Int(first), at: 0, region: "header") : probe)
+    }
+
+    /// Opens the external data file the image on `device` names (relative to `path`), or nil.
+    static func openExternalDataFile(of device: BlockDevice, path: String, writable: Bool) throws -> FileDevice? {
+        let header: QCowHeader
         do {
-            return try QCowHeader(decoding: first > UInt64(probe.count)
-                ? try device.readBytes(Int(first), at: 0, region: "header") : probe)
+            header = try decodeHeader(device, fileSize: try device.size())
         } catch let error as QCowError {
             throw error.inFile(device.name)
         }
+        guard header.incompatibleFeatures.contains(.externalDataFile), let name = header.externalDataFile else { return nil }
+        return try FileDevice(path: ImageOpener.combine(base: path, relative: name), writable: writable)
     }
 }
