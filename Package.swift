@@ -55,7 +55,7 @@ let package = Package(
         .testTarget(name: "BackupChainTests", dependencies: ["BackupChain", "TestSupport"]),
         .testTarget(name: "CLITests", dependencies: ["TestSupport"]),
         .target(name: "FuzzTargets", dependencies: ["QCowImage", "BitmapStore", "BackupChain"], path: "Tests/FuzzTargets"),
-        .testTarget(name: "FuzzRegressionTests", dependencies: ["FuzzTargets", "TestSupport"]),
+        .testTarget(name: "FuzzRegressionTests", dependencies: ["FuzzTargets", "TestSupport", "BackupChain", "QCowImage"]),
     ],
     swiftLanguageModes: [.v6]
 )

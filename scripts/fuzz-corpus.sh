@@ -4,11 +4,14 @@
 # writes OUTDIR/image/*.qcow2 (qcow2 v2/v3, cluster sizes 512/4k/64k, extended
 # L2, zlib/zstd compressed clusters, snapshots, bitmaps, backing references,
 # refcount widths, lazy refcounts, an external data file reference),
-# OUTDIR/bitmaps/* (the images that carry bitmaps) and OUTDIR/manifest/*.json.
+# OUTDIR/bitmaps/* (the images that carry bitmaps), OUTDIR/manifest/*.json and
+# OUTDIR/repository/* (small repositories made by qbackup itself, each packed as
+# one file: records of u16 name length, name, u32 length, bytes; big-endian).
+# The repositories need the qbackup binary: $QBACKUP, else a debug build.
 # Virtual sizes are small so every seed stays at most a few hundred KB.
 set -euo pipefail
 out="${1:?usage: fuzz-corpus.sh OUTDIR}"
-mkdir -p "$out/image" "$out/bitmaps" "$out/write" "$out/manifest"
+mkdir -p "$out/image" "$out/bitmaps" "$out/write" "$out/manifest" "$out/repository"
 work="$(mktemp -d /tmp/qbackup-seeds.XXXXXX)"
 trap 'rm -rf "$work"' EXIT
 
@@ -94,4 +97,50 @@ printf '{%s,"layers":[%s,%s,%s],"pending-merge":{"file":"inc-0002.qcow2","sha256
     >"$out/manifest/pending-merge.json"
 printf '{%s,"layers":[%s,%s,%s]}\n' "$head" "$(layer full-0000.qcow2 full)" "$(layer inc-0001.qcow2 incremental)" \
     "$(layer full-0002.qcow2 full)" >"$out/manifest/two-segments.json"
-echo "fuzz-corpus: $(ls "$out/image" | wc -l) images, $(ls "$out/bitmaps" | wc -l) with bitmaps, $(ls "$out/manifest" | wc -l) manifests in $out"
+
+# Repositories: made by qbackup from a small disk, with 4 KiB layer clusters.
+qbackup="${QBACKUP:-}"
+if [ -z "$qbackup" ]; then
+    (cd "$(dirname "$0")/.." && swift build --product qbackup >&2)
+    qbackup="$(cd "$(dirname "$0")/.." && swift build --show-bin-path)/qbackup"
+fi
+pack() { # REPOSITORY OUTFILE
+    python3 - "$1" "$2" <<'PY'
+import os, struct, sys
+src, dst = sys.argv[1], sys.argv[2]
+with open(dst, "wb") as out:
+    for name in sorted(os.listdir(src)):
+        if name.startswith("."):
+            continue
+        data = open(os.path.join(src, name), "rb").read()
+        out.write(struct.pack(">H", len(name)) + name.encode() + struct.pack(">I", len(data)) + data)
+PY
+}
+repo() { # NAME BACKUP-OPTIONS... (a full backup and two incrementals; the disk changes in between)
+    local name="$1"
+    shift
+    local disk="$work/$name-disk.qcow2" r="$work/$name-repo"
+    qemu-img create -q -f qcow2 -o cluster_size=4096 "$disk" 128k
+    qemu-io -f qcow2 -c "write -P 0x11 0 12k" -c "write -P 0x12 64k 3k" "$disk" >/dev/null
+    "$qbackup" backup "$disk" --repo "$r" --cluster-size 4K "$@" >/dev/null
+    qemu-io -f qcow2 -c "write -P 0x21 4k 2k" -c "write -z 64k 4k" "$disk" >/dev/null
+    "$qbackup" backup "$disk" --repo "$r" "$@" >/dev/null
+    qemu-io -f qcow2 -c "write -P 0x31 100k 1k" -c "discard 0 4k" "$disk" >/dev/null
+    "$qbackup" backup "$disk" --repo "$r" "$@" >/dev/null
+}
+repo three-layers
+pack "$work/three-layers-repo" "$out/repository/three-layers"
+repo zstd --compress zstd
+pack "$work/zstd-repo" "$out/repository/zstd"
+repo merged
+"$qbackup" merge "$work/merged-repo" --keep 2 >/dev/null
+pack "$work/merged-repo" "$out/repository/merged"
+repo two-segments
+qemu-io -f qcow2 -c "write -P 0x41 8k 4k" "$work/two-segments-disk.qcow2" >/dev/null
+"$qbackup" backup "$work/two-segments-disk.qcow2" --repo "$work/two-segments-repo" --full >/dev/null
+pack "$work/two-segments-repo" "$out/repository/two-segments"
+for f in "$out/repository"/*; do
+    size=$(stat -c %s "$f")
+    if [ "$size" -gt $((512 * 1024)) ]; then echo "fuzz-corpus: $f is $size bytes, too big for a seed" >&2; exit 1; fi
+done
+echo "fuzz-corpus: $(ls "$out/image" | wc -l) images, $(ls "$out/bitmaps" | wc -l) with bitmaps, $(ls "$out/manifest" | wc -l) manifests, $(ls "$out/repository" | wc -l) repositories in $out"

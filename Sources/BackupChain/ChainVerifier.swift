@@ -19,6 +19,7 @@ public enum ChainVerifier {
         public var missedCount: UInt64 = 0
         public var imageChecked = false
         public var ok: Bool { problems.isEmpty && missedCount == 0 }
+        public init() {}
     }
 
     public static let maxMissedListed = 20
@@ -34,26 +35,30 @@ public enum ChainVerifier {
             report.problems.append("a merge was interrupted; run 'qbackup merge' to finish it")
             return report
         }
-        for (i, layer) in manifest.layers.enumerated() {
-            verifyLayer(repo, manifest, i, layer, &report)
-        }
+        verifyLayers(of: manifest, in: repo.path, report: &report)
         if let image {
             try verifyBitmap(repo, manifest, image: image, report: &report, progress: progress)
         }
         return report
     }
 
-    static func verifyLayer(_ repo: BackupRepository, _ manifest: BackupManifest, _ i: Int,
-                            _ layer: BackupManifest.Layer, _ report: inout Report) {
-        let path = repo.file(layer.file)
+    /// Checks every layer file of `manifest` in `directory` on its own; the files come from `files`.
+    public static func verifyLayers(of manifest: BackupManifest, in directory: String,
+                                    files: FileOpener = LocalFiles(), report: inout Report) {
+        for (i, layer) in manifest.layers.enumerated() {
+            verifyLayer("\(directory)/\(layer.file)", manifest, i, layer, files, &report)
+        }
+    }
+
+    static func verifyLayer(_ path: String, _ manifest: BackupManifest, _ i: Int,
+                            _ layer: BackupManifest.Layer, _ files: FileOpener, _ report: inout Report) {
         func problem(_ text: String) { report.problems.append("layer \(i) (\(layer.file)): \(text)") }
         report.layersChecked += 1
         do {
-            let (sha, size) = try DurableFiles.sha256(of: path)
+            let device = try files.open(path, writable: false, lock: true)
+            let (sha, size) = try DurableFiles.sha256(of: device)
             if size != layer.fileSize { problem("file is \(size) bytes, the manifest says \(layer.fileSize)") }
             if sha != layer.sha256 { problem("checksum mismatch: sha256 is \(sha), the manifest says \(layer.sha256)") }
-            let device = try FileDevice(path: path, writable: false)
-            try ImageLock.acquire(device, writable: false)
             let file = try QCowFile(device: device)
             defer { file.close() }
             let expectedBacking = layer.kind == .incremental && i > 0 ? manifest.layers[i - 1].file : nil
@@ -62,6 +67,9 @@ public enum ChainVerifier {
             }
             if expectedBacking != nil && file.header.backingFormat != "qcow2" {
                 problem("backing format is \(file.header.backingFormat ?? "unset"), expected qcow2")
+            }
+            if file.header.incompatibleFeatures.contains(.externalDataFile) {
+                problem("names an external data file; a layer keeps its data in itself")
             }
             if file.virtualSize != layer.virtualSize {
                 problem("virtual size is \(file.virtualSize), the manifest says \(layer.virtualSize)")
@@ -88,7 +96,7 @@ public enum ChainVerifier {
         }
         let catalog = try BitmapCatalog(file: file)
         let bitmap = try catalog.load(manifest.bitmap)
-        let latest = try RestoreEngine.openPoint(repo, manifest, index: manifest.layers.count - 1)
+        let latest = try RestoreEngine.openPoint(repo.path, manifest, index: manifest.layers.count - 1)
         defer { latest.close() }
         report.imageChecked = true
         let granularity = bitmap.granularity

@@ -55,6 +55,11 @@ enum DurableFiles {
     static func sha256(of path: String) throws -> (hex: String, size: UInt64) {
         let device = try FileDevice(path: path, writable: false)
         defer { device.close() }
+        return try sha256(of: device)
+    }
+
+    /// SHA-256 of a device's bytes, hex, read in 1 MiB pieces.
+    static func sha256(of device: BlockDevice) throws -> (hex: String, size: UInt64) {
         var hasher = SHA256()
         var buffer = [UInt8](repeating: 0, count: 1 << 20)
         var offset: UInt64 = 0

@@ -32,7 +32,7 @@ public enum MergeEngine {
         if target.kind != .full {
             // Write point k as a standalone layer under a temporary name.
             let temp = repo.file(target.file + ".merge" + BackupRepository.tempSuffix)
-            let image = try RestoreEngine.openPoint(repo, manifest, index: k)
+            let image = try RestoreEngine.openPoint(repo.path, manifest, index: k)
             let source = GuestImageSource(image)
             do {
                 defer { source.close() }

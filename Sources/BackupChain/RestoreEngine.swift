@@ -27,10 +27,13 @@ public enum RestoreEngine {
         public var dataBytes: UInt64
     }
 
-    /// Opens the chain of layer `index`, checking that the files' backing links are what the manifest says.
-    static func openPoint(_ repo: BackupRepository, _ manifest: BackupManifest, index: Int) throws -> GuestImage {
-        let layerPath = repo.file(manifest.layers[index].file)
-        let image = try ImageOpener.open(layerPath, format: .qcow2)
+    /// Opens the chain of layer `index` of the repository in `directory`, checking that the
+    /// files' backing links are what the manifest says. The files come from `files`.
+    public static func openPoint(_ directory: String, _ manifest: BackupManifest, index: Int,
+                                 files: FileOpener = LocalFiles()) throws -> GuestImage {
+        func file(_ name: String) -> String { "\(directory)/\(name)" }
+        let layerPath = file(manifest.layers[index].file)
+        let image = try ImageOpener.open(layerPath, format: .qcow2, files: files)
         let chain = image.chain
         let expectedDepth = index - manifest.segmentStart(of: index) + 1
         guard chain.count == expectedDepth else {
@@ -39,7 +42,7 @@ public enum RestoreEngine {
                              path: layerPath)
         }
         for (depth, layer) in chain.enumerated() {
-            let expected = repo.file(manifest.layers[index - depth].file)
+            let expected = file(manifest.layers[index - depth].file)
             guard layer.filename == expected else {
                 image.close()
                 throw ChainError(.corrupt, "backing chain of layer \(index) reaches \(layer.filename), the manifest says \(expected)",
@@ -67,7 +70,7 @@ public enum RestoreEngine {
         guard !DurableFiles.exists(request.output) else {
             throw ChainError(.invalidArgument, "the output file exists; restore never overwrites", path: request.output)
         }
-        let image = try openPoint(repo, manifest, index: index)
+        let image = try openPoint(repo.path, manifest, index: index)
         defer { image.close() }
         logger.debug("restoring", metadata: ["index": "\(index)", "output": "\(request.output)"])
         let written: UInt64

@@ -55,8 +55,21 @@ extension QCowFile {
             let (host, sectors) = entry.compressedLocation(clusterBits: clusterBits)
             try releaseCompressed(host: host, sectors: sectors)
         } else if entry.hostOffset != 0 {
-            try release(cluster: entry.hostOffset >> UInt64(clusterBits))
+            try releaseData(cluster: entry.hostOffset >> UInt64(clusterBits))
         }
+    }
+
+    /// Drops a guest data reference to `cluster`. A data reference to a cluster that holds
+    /// metadata means the image is corrupt: dropping it could free the metadata's cluster
+    /// for reuse, so this refuses instead (nothing written; no more writes this session).
+    func releaseData(cluster: UInt64) throws {
+        if try metadataClusterSet().contains(cluster) {
+            let error = QCowError(.corrupt, "cluster 0x\(String(cluster << UInt64(clusterBits), radix: 16)) is referenced as guest data but holds metadata (run 'qbackup check --repair all')",
+                                  path: filename, offset: cluster << UInt64(clusterBits), region: "L2 table")
+            writeFailure = error
+            throw error
+        }
+        try release(cluster: cluster)
     }
 
     /// Writes the changed entries of one L2 table after the data and refcounts

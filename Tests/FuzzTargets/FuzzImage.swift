@@ -14,6 +14,7 @@ public enum FuzzTargets {
         "bitmaps": bitmaps,
         "write": write,
         "manifest": manifest,
+        "repository": repository,
     ]
 
     /// Guest bytes read per input, at most: fuzzed virtual sizes reach 2^61.
@@ -60,7 +61,7 @@ public enum FuzzTargets {
 
     /// Reads every extent the map reports, through the same paths `flatten` and
     /// `compare` use, up to `maxReadBytes` of guest data and `maxExtents` extents.
-    static func readAllocated(_ file: QCowFile) {
+    static func readAllocated(_ file: GuestImage) {
         let chunk = 1 << 20
         var buffer = [UInt8](repeating: 0, count: chunk)
         var budget = maxReadBytes

@@ -3,8 +3,11 @@
 public struct Snapshot: Equatable, Sendable {
     public var l1TableOffset: UInt64
     public var l1Size: UInt32
-    public var id: String
-    public var name: String
+    /// The unique id and the name as stored: bytes, which need not be valid UTF-8.
+    public var idBytes: [UInt8]
+    public var nameBytes: [UInt8]
+    public var id: String { String(decoding: idBytes, as: UTF8.self) }
+    public var name: String { String(decoding: nameBytes, as: UTF8.self) }
     public var dateSeconds: UInt32
     public var dateNanoseconds: UInt32
     public var vmClockNanoseconds: UInt64
@@ -51,8 +54,7 @@ public struct Snapshot: Equatable, Sendable {
             let id = try r.bytes(idSize)
             let name = try r.bytes(nameSize)
             try r.align(to: 8, allowingEnd: true)
-            out.append(Snapshot(l1TableOffset: l1Offset, l1Size: l1Size, id: String(decoding: id, as: UTF8.self),
-                                name: String(decoding: name, as: UTF8.self), dateSeconds: dateSec,
+            out.append(Snapshot(l1TableOffset: l1Offset, l1Size: l1Size, idBytes: id, nameBytes: name, dateSeconds: dateSec,
                                 dateNanoseconds: dateNsec, vmClockNanoseconds: vmClock, vmStateSize: vmState,
                                 extraData: extra))
         }
@@ -64,16 +66,16 @@ public struct Snapshot: Equatable, Sendable {
         let start = w.bytes.count
         w.u64(l1TableOffset)
         w.u32(l1Size)
-        w.u16(UInt16(id.utf8.count))
-        w.u16(UInt16(name.utf8.count))
+        w.u16(UInt16(idBytes.count))
+        w.u16(UInt16(nameBytes.count))
         w.u32(dateSeconds)
         w.u32(dateNanoseconds)
         w.u64(vmClockNanoseconds)
         w.u32(vmStateSize)
         w.u32(UInt32(extraData.count))
         w.append(extraData)
-        w.append(Array(id.utf8))
-        w.append(Array(name.utf8))
+        w.append(idBytes)
+        w.append(nameBytes)
         w.zeros((8 - (w.bytes.count - start) % 8) % 8)
     }
 }

@@ -14,25 +14,25 @@ public enum ImageOpener {
     public enum Format: String, Sendable, CaseIterable { case qcow2, raw }
 
     /// Opens `path` and its whole backing chain. With `format` nil, the format is probed.
+    /// `files` supplies the image and the files it names (the file system unless told).
     public static func open(_ path: String, format: Format? = nil, writable: Bool = false,
-                            lock: Bool = true) throws -> GuestImage {
+                            lock: Bool = true, files: FileOpener = LocalFiles()) throws -> GuestImage {
         var seen: Set<String> = []
-        return try open(path, format: format, writable: writable, lock: lock, depth: 0, seen: &seen)
+        return try open(path, format: format, writable: writable, lock: lock, files: files, depth: 0, seen: &seen)
     }
 
-    static func open(_ path: String, format: Format?, writable: Bool, lock: Bool, depth: Int,
+    static func open(_ path: String, format: Format?, writable: Bool, lock: Bool, files: FileOpener, depth: Int,
                      seen: inout Set<String>) throws -> GuestImage {
         guard depth <= maxChainDepth else {
             throw QCowError(.invalidFormat, "backing chain is deeper than \(maxChainDepth) images", path: path,
                             region: "backing chain")
         }
-        let real = realPath(path) ?? path
+        let real = files.canonicalPath(path) ?? path
         guard !seen.contains(real) else {
             throw QCowError(.invalidFormat, "backing chain loops back to this image", path: path, region: "backing chain")
         }
         seen.insert(real)
-        let device = try FileDevice(path: path, writable: writable)
-        if lock { try ImageLock.acquire(device, writable: writable) }
+        let device = try files.open(path, writable: writable, lock: lock)
         let detected = try probe(device)
         let chosen = format ?? detected
         if chosen == .qcow2 && detected != .qcow2 {
@@ -42,7 +42,7 @@ public enum ImageOpener {
         case .raw:
             return try RawImage(device: device)
         case .qcow2:
-            let external = try QCowFile.openExternalDataFile(of: device, path: path, writable: writable)
+            let external = try QCowFile.openExternalDataFile(of: device, path: path, writable: writable, files: files)
             let image = try QCowFile(device: device, writable: writable, externalDataDevice: external)
             if let name = image.header.backingFile {
                 guard !name.hasPrefix("json:"), !name.contains("://") else {
@@ -63,7 +63,7 @@ public enum ImageOpener {
                 }
                 do {
                     let backing = try open(backingPath, format: backingFormat, writable: false, lock: lock,
-                                           depth: depth + 1, seen: &seen)
+                                           files: files, depth: depth + 1, seen: &seen)
                     image.attachBacking(backing)
                 } catch let error as QCowError {
                     image.close()
@@ -90,12 +90,6 @@ public enum ImageOpener {
         guard let slash = base.lastIndex(of: "/") else { return relative }
         return String(base[...slash]) + relative
     }
-
-    static func realPath(_ path: String) -> String? {
-        guard let p = realpath(path, nil) else { return nil }
-        defer { free(p) }
-        return String(cString: p)
-    }
 }
 
 extension QCowFile {
@@ -114,7 +108,8 @@ extension QCowFile {
     }
 
     /// Opens the external data file the image on `device` names (relative to `path`), or nil.
-    static func openExternalDataFile(of device: BlockDevice, path: String, writable: Bool) throws -> FileDevice? {
+    static func openExternalDataFile(of device: BlockDevice, path: String, writable: Bool,
+                                     files: FileOpener = LocalFiles()) throws -> BlockDevice? {
         let header: QCowHeader
         do {
             header = try decodeHeader(device, fileSize: try device.size())
@@ -122,6 +117,6 @@ extension QCowFile {
             throw error.inFile(device.name)
         }
         guard header.incompatibleFeatures.contains(.externalDataFile), let name = header.externalDataFile else { return nil }
-        return try FileDevice(path: ImageOpener.combine(base: path, relative: name), writable: writable)
+        return try files.open(ImageOpener.combine(base: path, relative: name), writable: writable, lock: false)
     }
 }

@@ -124,7 +124,8 @@ extension QCowFile {
         return start
     }
 
-    /// Drops one reference to `cluster`; at 0 the cluster is free for reuse.
+    /// Drops one reference to `cluster`; at 0 the cluster is free for reuse (and, if it held
+    /// metadata, no longer does). Guest data references go through `releaseData`.
     func release(cluster: UInt64) throws {
         let left = try refcounts().adjust(cluster, by: -1)
         if left == 0 {
@@ -139,7 +140,7 @@ extension QCowFile {
     func releaseCompressed(host: UInt64, sectors: Int) throws {
         let first = (host & ~511) >> UInt64(clusterBits)
         let last = ((host & ~511) + UInt64(sectors) * 512 - 1) >> UInt64(clusterBits)
-        for cluster in first...last { try release(cluster: cluster) }
+        for cluster in first...last { try releaseData(cluster: cluster) }
     }
 
     /// Writes pending refcount changes: blocks, then (after a sync, when a new
