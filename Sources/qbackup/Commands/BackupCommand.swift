@@ -8,11 +8,11 @@ struct BackupCommand: ParsableCommand {
         commandName: "backup",
         abstract: "Back up a qcow2 disk into a repository: a full layer, or the changes its dirty bitmap tracked.",
         discussion: """
-            The first backup into an empty repository is full: the whole guest-visible disk (read
-            through its backing chain) becomes a standalone qcow2 layer, and the tracking bitmap
-            starts empty and enabled in IMAGE. Later backups are incremental: exactly the ranges the
-            bitmap marks dirty become a new layer on top of the chain, then the bitmap is cleared.
-            The bitmap is touched only after the new layer and the manifest are safely on disk, so
+            The first backup into an empty repository is full: the whole guest-visible disk (read \
+            through its backing chain) becomes a standalone qcow2 layer, and the tracking bitmap \
+            starts empty and enabled in IMAGE. Later backups are incremental: exactly the ranges the \
+            bitmap marks dirty become a new layer on top of the chain, then the bitmap is cleared. \
+            The bitmap is touched only after the new layer and the manifest are safely on disk, so \
             a crash loses no change. The image must not be in use by a VM or qemu-nbd.
 
             Nightly, from cron:

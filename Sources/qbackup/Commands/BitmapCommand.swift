@@ -9,7 +9,7 @@ struct BitmapCommand: ParsableCommand {
         commandName: "bitmap",
         abstract: "List, add, remove, clear, enable, disable, merge and dump persistent dirty bitmaps.",
         discussion: """
-            Works like 'qemu-img bitmap'. A bitmap marked in_use (inconsistent) can only be listed,
+            Works like 'qemu-img bitmap'. A bitmap marked in_use (inconsistent) can only be listed, \
             dumped or removed.
             """,
         subcommands: [List.self, Add.self, Remove.self, Clear.self, Enable.self, Disable.self, Merge.self, Dump.self])
@@ -106,8 +106,8 @@ struct BitmapCommand: ParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "TARGET |= each --source bitmap.",
             discussion: """
-                Sources are bitmaps of IMAGE, or of --source-image (given once: for every source; given as
-                many times as --source: one per source). Source images must have IMAGE's virtual size;
+                Sources are bitmaps of IMAGE, or of --source-image (given once: for every source; given as \
+                many times as --source: one per source). Source images must have IMAGE's virtual size; \
                 any granularity is converted.
                 """)
         @Argument(help: "The qcow2 image.") var image: String
@@ -147,7 +147,7 @@ struct BitmapCommand: ParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Show a bitmap's extents over the whole disk.",
             discussion: """
-                With --output json: [{"start":0,"length":131072,"dirty":true}, ...], in order, adjacent
+                With --output json: [{"start":0,"length":131072,"dirty":true}, ...], in order, adjacent \
                 extents of the same state merged — the extents nbdinfo --map=qemu:dirty-bitmap:NAME shows.
                 """)
         @Argument(help: "The qcow2 image.") var image: String

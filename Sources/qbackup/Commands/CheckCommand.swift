@@ -8,9 +8,9 @@ struct CheckCommand: ParsableCommand {
         commandName: "check",
         abstract: "Check an image's metadata: refcounts against every reference, overlaps, alignment, flags.",
         discussion: """
-            Exit status as qemu-img check: 0 no errors, 1 the check could not complete,
-            2 corruptions found, 3 only leaked clusters found. --repair leaks frees leaked
-            clusters; --repair all also fixes refcounts that are too low (rebuilding the
+            Exit status as qemu-img check: 0 no errors, 1 the check could not complete, \
+            2 corruptions found, 3 only leaked clusters found. --repair leaks frees leaked \
+            clusters; --repair all also fixes refcounts that are too low (rebuilding the \
             refcount structure if it must) and clears the corrupt and dirty bits.
             """)
 

@@ -8,7 +8,7 @@ struct CommitCommand: ParsableCommand {
         commandName: "commit",
         abstract: "Write TOP's changes into its backing file (like qemu-img commit).",
         discussion: """
-            Enabled bitmaps in the backing file get every committed range marked dirty, so
+            Enabled bitmaps in the backing file get every committed range marked dirty, so \
             incremental backups of the backing file see the change. TOP is left as it is.
             """)
 

@@ -7,8 +7,8 @@ struct CompareCommand: ParsableCommand {
         commandName: "compare",
         abstract: "Check whether two images have the same guest-visible contents (like qemu-img compare).",
         discussion: """
-            Either image may be qcow2 or raw, with any backing chain. Exit status: 0 identical,
-            1 different, 2 error. Without --strict, an image larger than the other matches when
+            Either image may be qcow2 or raw, with any backing chain. Exit status: 0 identical, \
+            1 different, 2 error. Without --strict, an image larger than the other matches when \
             its extra part reads as zeros.
             """)
 

@@ -7,7 +7,7 @@ struct MapCommand: ParsableCommand {
         commandName: "map",
         abstract: "Show where the image's data lives (like qemu-img map).",
         discussion: """
-            With --output json, one extent per line: start, length, depth in the backing chain,
+            With --output json, one extent per line: start, length, depth in the backing chain, \
             present (allocated at some layer), zero, data, and the host offset when known.
             """)
 

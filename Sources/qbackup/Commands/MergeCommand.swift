@@ -7,8 +7,8 @@ struct MergeCommand: ParsableCommand {
         commandName: "merge",
         abstract: "Fold the oldest layers of a repository together so at most N remain.",
         discussion: """
-            Every remaining point in time restores to the same bytes as before. The new oldest
-            layer is written as a standalone file first and swapped in through the manifest, so
+            Every remaining point in time restores to the same bytes as before. The new oldest \
+            layer is written as a standalone file first and swapped in through the manifest, so \
             a crash at any moment leaves the repository usable (the next run finishes the merge).
             """)
 

@@ -7,8 +7,8 @@ struct VerifyCommand: ParsableCommand {
         commandName: "verify",
         abstract: "Verify a repository: every layer checks clean and matches the manifest and its checksum.",
         discussion: """
-            With --image, also prove the tracking bitmap missed no write: every block where IMAGE
-            now differs from the latest backup must be dirty in the bitmap. Exit 0 when all is
+            With --image, also prove the tracking bitmap missed no write: every block where IMAGE \
+            now differs from the latest backup must be dirty in the bitmap. Exit 0 when all is \
             well, 1 when a problem was found (each is listed).
             """)
 
