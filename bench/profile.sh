@@ -19,7 +19,7 @@ name="$1"; shift
 [ "${1:-}" = "--" ] && shift
 out="${QBACKUP_BENCH_DIR:-/tmp/qbackup-bench}/profiles"
 mkdir -p "$out"
-qb="$(swift build -c release --show-bin-path)/qbackup"
+qb="$(swift build -c release --static-swift-stdlib --show-bin-path)/qbackup"
 objcopy --strip-debug "$qb" "$out/qbackup-nodebug"
 echo "== strace -w -c (wall time in system calls)"
 strace -f -w -c -o "$out/$name.strace" "$out/qbackup-nodebug" "$@" >/dev/null || true

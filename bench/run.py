@@ -422,8 +422,17 @@ def restore_pair(fmt):
         needs=(("restore",),), setup=setup, reset=out_reset, verify=verify)
 
 
-def full_backup_pair(comp, target):
+# qemu-img convert writes its output with cache mode "unsafe" (no flush at all) unless told
+# otherwise; a backup must be on disk before the bitmap is cleared, so qbackup fsyncs. The
+# "-durable" pairs give the peer `-t writeback` (it then flushes its output on close, as
+# qemu-img commit does by default): context for the targets, not targets themselves.
+DURABLE_NOTE = "context: peer run with -t writeback, so it flushes its output as qbackup does"
+
+
+def full_backup_pair(comp, target, durable=False):
     peer_opts = {"none": [], "zstd": ["-c", "-o", "compression_type=zstd"], "zlib": ["-c"]}[comp]
+    if durable:
+        peer_opts = ["-t", "writeback", *peer_opts]
 
     def reset(ctx, env, side, rundir):
         fresh_dir(rundir)
@@ -438,16 +447,17 @@ def full_backup_pair(comp, target):
             out = os.path.join(rundir, "out.qcow2")
         return qcompare(ctx.top, out)
     return Pair(
-        f"backup-full-{comp}", f"full backup, {'uncompressed' if comp == 'none' else comp}",
+        f"backup-full-{comp}" + ("-durable" if durable else ""),
+        f"full backup, {'uncompressed' if comp == 'none' else comp}" + (" (durable peer)" if durable else ""),
         qb=lambda ctx, env, rd: [ctx.qb, "backup", os.path.join(rd, "disk.qcow2"), "--repo", os.path.join(rd, "repo"),
                                  "--full", "--compress", comp],
         peer=lambda ctx, env, rd: ["qemu-img", "convert", "-O", "qcow2", *peer_opts, os.path.join(rd, "disk.qcow2"),
                                    os.path.join(rd, "out.qcow2")],
-        target=target, data=lambda ctx: ctx.info["data_bytes_chain"], limit="write",
-        needs=(("backup",),), reset=reset, verify=verify)
+        target=None if durable else target, data=lambda ctx: ctx.info["data_bytes_chain"], limit="write",
+        needs=(("backup",),), reset=reset, verify=verify, note=DURABLE_NOTE if durable else "")
 
 
-def incremental_pair():
+def incremental_pair(durable=False):
     ov4 = lambda ctx: ctx.p("chain", "ov4.qcow2")
 
     def setup(ctx):
@@ -472,13 +482,15 @@ def incremental_pair():
     def verify(ctx, env, side, rundir):
         out = manifest_layers(env["repo"])[-1] if side == "qb" else os.path.join(rundir, "inc.qcow2")
         return qcompare(ctx.top, out)
+    cache = ["-t", "writeback"] if durable else []
     return Pair(
-        "backup-incremental", "incremental backup of top's writes",
+        "backup-incremental" + ("-durable" if durable else ""),
+        "incremental backup of top's writes" + (" (durable peer)" if durable else ""),
         qb=lambda ctx, env, rd: [ctx.qb, "backup", env["disk"], "--repo", env["repo"], "--bitmap", "inc", "--incremental"],
-        peer=lambda ctx, env, rd: ["qemu-img", "convert", "-O", "qcow2", "-B", ov4(ctx), "-F", "qcow2", env["disk"],
+        peer=lambda ctx, env, rd: ["qemu-img", "convert", *cache, "-O", "qcow2", "-B", ov4(ctx), "-F", "qcow2", env["disk"],
                                    os.path.join(rd, "inc.qcow2")],
-        target=1.0, data=lambda ctx: ctx.info["data_bytes_top"], limit="write",
-        needs=(("backup",),), setup=setup, reset=reset, verify=verify)
+        target=None if durable else 1.0, data=lambda ctx: ctx.info["data_bytes_top"], limit="write",
+        needs=(("backup",),), setup=setup, reset=reset, verify=verify, note=DURABLE_NOTE if durable else "")
 
 
 def commit_pair():
@@ -663,7 +675,8 @@ def all_pairs():
         flatten_pair("qcow2"), flatten_pair("raw"),
         restore_pair("qcow2"), restore_pair("raw"),
         full_backup_pair("none", 0.8), full_backup_pair("zstd", 0.4), full_backup_pair("zlib", 0.6),
-        incremental_pair(),
+        full_backup_pair("none", None, durable=True),
+        incremental_pair(), incremental_pair(durable=True),
         commit_pair(), merge_pair(),
         check_pair("4g", ("chain", "base.qcow2")), check_pair("64g", ("sparse.qcow2",)), check_pair("1t", ("big.qcow2",)),
         compare_pair(),
@@ -862,9 +875,9 @@ def build_qbackup(args):
     if args.qbackup:
         return os.path.abspath(args.qbackup)
     if not args.skip_build:
-        log("building qbackup (swift build -c release)")
-        sh(["nice", "swift", "build", "-c", "release", "--product", "qbackup"], cwd=REPO)
-    binpath = subprocess.run(["swift", "build", "-c", "release", "--show-bin-path"], cwd=REPO,
+        log("building qbackup (scripts/build-release.sh: release, static Swift runtime)")
+        sh(["nice", "bash", "scripts/build-release.sh"], cwd=REPO)
+    binpath = subprocess.run(["swift", "build", "-c", "release", "--static-swift-stdlib", "--show-bin-path"], cwd=REPO,
                              capture_output=True, text=True, check=True).stdout.strip()
     return os.path.join(binpath, "qbackup")
 

@@ -5,8 +5,7 @@
 # and retention. Everything happens in a fresh temporary folder.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-swift build -c release
-QB="$(swift build -c release --show-bin-path)/qbackup"
+QB="$(bash scripts/build-release.sh)"
 work="$(mktemp -d /tmp/qbackup-demo.XXXXXX)"
 disk="$work/vm.qcow2"
 repo="$work/backups/vm"

@@ -131,9 +131,9 @@ public enum BackupEngine {
         let temp = repo.file(name + BackupRepository.tempSuffix)
         let previous = kind == .incremental ? existing?.layers.last?.file : nil
         logger.info("writing layer", metadata: ["file": "\(name)", "kind": "\(kind.rawValue)", "bytes": "\(plan.bytes)"])
-        let copied: UInt64
+        let written: LayerWriter.Written
         do {
-            copied = try LayerWriter.write(plan: plan, from: source, to: temp, clusterSize: clusterSize,
+            written = try LayerWriter.write(plan: plan, from: source, to: temp, clusterSize: clusterSize,
                                            backing: previous, compression: request.compression, progress: progress)
         } catch {
             try? DurableFiles.remove(temp)
@@ -142,7 +142,8 @@ public enum BackupEngine {
         // 2. Rename into place.
         try DurableFiles.rename(temp, to: repo.file(name))
         // 3. Record it in the manifest.
-        let (sha, size) = try DurableFiles.sha256(of: repo.file(name))
+        let copied = written.bytes
+        let (sha, size) = written.digest!
         let layer = BackupManifest.Layer(file: name, kind: kind, created: BackupRepository.isoStamp(now),
                                          bytesCopied: copied, fileSize: size, virtualSize: source.virtualSize, sha256: sha)
         var manifest = existing ?? BackupManifest(id: id, virtualSize: source.virtualSize, clusterSize: clusterSize,

@@ -58,6 +58,28 @@ enum DurableFiles {
         return try sha256(of: device)
     }
 
+    /// SHA-256 of a file, computed on another thread while `work` runs (an fsync of the
+    /// same, already final file: the hash reads the page cache while the disk writes).
+    static func sha256(of path: String, during work: () throws -> Void) throws -> (hex: String, size: UInt64) {
+        final class Outcome: @unchecked Sendable { var digest: Result<(hex: String, size: UInt64), Error>? }
+        let outcome = Outcome()
+        let done = DispatchSemaphore(value: 0)
+        DispatchQueue.global().async {
+            outcome.digest = Result { try sha256(of: path) }
+            done.signal()
+        }
+        let failure: Error?
+        do {
+            try work()
+            failure = nil
+        } catch {
+            failure = error
+        }
+        done.wait()
+        if let failure { throw failure }
+        return try outcome.digest!.get()
+    }
+
     /// SHA-256 of a device's bytes, hex, read in 1 MiB pieces.
     static func sha256(of device: BlockDevice) throws -> (hex: String, size: UInt64) {
         var hasher = SHA256()

@@ -10,11 +10,18 @@ public enum LayerCompression: String, Sendable, CaseIterable { case none, zlib, 
 enum LayerWriter {
     static let chunkBytes = 4 << 20
 
-    /// Creates `path` and fills it; returns the bytes of data written. With `durable`
-    /// (backup and merge layers) the file is fsynced before returning.
+    struct Written {
+        /// Guest bytes written as data.
+        var bytes: UInt64
+        /// The file's SHA-256 and size (durable layers only).
+        var digest: (hex: String, size: UInt64)?
+    }
+
+    /// Creates `path` and fills it. With `durable` (backup and merge layers) the file is
+    /// fsynced before returning, and hashed meanwhile.
     static func write(plan: CopyPlan, from source: BackupSource, to path: String, clusterSize: Int, backing: String?,
                       compression: LayerCompression, durable: Bool = true,
-                      progress: ((UInt64, UInt64) -> Void)?) throws -> UInt64 {
+                      progress: ((UInt64, UInt64) -> Void)?) throws -> Written {
         var options = QCowCreateOptions(size: source.virtualSize)
         options.clusterSize = clusterSize
         if let backing {
@@ -39,8 +46,10 @@ enum LayerWriter {
                 progress?(done, plan.bytes)
             }
         }
-        if durable { try layer.flush() }
-        return copier.written
+        guard durable else { return Written(bytes: copier.written, digest: nil) }
+        try layer.writeBack()
+        let digest = try DurableFiles.sha256(of: path) { try layer.flush() }
+        return Written(bytes: copier.written, digest: digest)
     }
 }
 

@@ -30,6 +30,7 @@ public enum MergeEngine {
         let target = manifest.layers[k]
         var written: UInt64 = 0
         if target.kind != .full {
+            let digest: (hex: String, size: UInt64)
             // Write point k as a standalone layer under a temporary name.
             let temp = repo.file(target.file + ".merge" + BackupRepository.tempSuffix)
             let image = try RestoreEngine.openPoint(repo.path, manifest, index: k)
@@ -37,13 +38,15 @@ public enum MergeEngine {
             do {
                 defer { source.close() }
                 let plan = try CopyPlan.make(kind: .full, source: source, bitmap: "", clusterSize: UInt64(manifest.clusterSize))
-                written = try LayerWriter.write(plan: plan, from: source, to: temp, clusterSize: manifest.clusterSize,
-                                                backing: nil, compression: .none, progress: progress)
+                let layer = try LayerWriter.write(plan: plan, from: source, to: temp, clusterSize: manifest.clusterSize,
+                                                  backing: nil, compression: .none, progress: progress)
+                written = layer.bytes
+                digest = layer.digest!
             } catch {
                 try? DurableFiles.remove(temp)
                 throw error
             }
-            let (sha, size) = try DurableFiles.sha256(of: temp)
+            let (sha, size) = digest
             // Record the intent, then switch the file, then finish.
             manifest.pendingMerge = BackupManifest.PendingMerge(file: target.file, sha256: sha, fileSize: size, folded: k)
             try repo.save(manifest)

@@ -84,7 +84,7 @@ public enum RestoreEngine {
             do {
                 written = try LayerWriter.write(plan: plan, from: source, to: request.output,
                                                 clusterSize: manifest.clusterSize, backing: nil, compression: .none,
-                                                durable: false, progress: progress)
+                                                durable: false, progress: progress).bytes
             } catch {
                 try? DurableFiles.remove(request.output)
                 throw error

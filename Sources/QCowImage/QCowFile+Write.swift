@@ -99,6 +99,13 @@ extension QCowFile {
         if syncBarriers { try device.sync() }
     }
 
+    /// Writes what completed writes left only in memory (refcount changes) to the file,
+    /// without syncing: afterwards the file's bytes are final. `flush()` also syncs.
+    public func writeBack() throws {
+        guard writable else { return }
+        try guarded { try commitRefcounts() }
+    }
+
     /// Makes every completed write durable (syncs the image file and the data file).
     public func flush() throws {
         guard writable else { return }
