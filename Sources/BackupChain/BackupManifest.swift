@@ -51,11 +51,16 @@ public struct BackupManifest: Codable, Equatable, Sendable {
 
     /// A merge that replaced `file` with a standalone layer of the same point in time.
     public struct PendingMerge: Codable, Equatable, Sendable {
+        /// The file of layer `folded`, which the merged file replaces.
         public var file: String
+        /// The merged file's SHA-256; empty while an in-place merge is still committing.
         public var sha256: String
         public var fileSize: UInt64
         /// How many layers (from index 0) the merged file replaces.
         public var folded: Int
+        /// In-place merges: the full layer file the newer layers are committed into
+        /// (then renamed to `file`). Absent when the merged file was written anew.
+        public var into: String?
     }
 
     enum CodingKeys: String, CodingKey {
@@ -121,8 +126,16 @@ public struct BackupManifest: Codable, Equatable, Sendable {
         }
         if let pending = pendingMerge {
             guard Self.isPlainFileName(pending.file), pending.folded >= 1, pending.folded < layers.count,
-                  layers[pending.folded].file == pending.file, pending.sha256.count == 64
+                  layers[pending.folded].file == pending.file
             else { throw bad("pending-merge record is inconsistent") }
+            let hashed = pending.sha256.count == 64 && pending.sha256.allSatisfy { $0.isHexDigit }
+            if let into = pending.into {
+                guard layers[segmentStart(of: pending.folded)].file == into, hashed || pending.sha256.isEmpty else {
+                    throw bad("pending-merge record is inconsistent")
+                }
+            } else if !hashed {
+                throw bad("pending-merge record is inconsistent")
+            }
         }
     }
 

@@ -224,5 +224,18 @@ import TestSupport
         }
         try s.qbackup(["verify", main, "--image", s.disk])
         try s.qbackup(["verify", offsite, "--image", s.disk])
+
+        // Merges across the growth (point 2 is larger than the full layer: written anew) and
+        // before it (layers of one size: committed in place) keep every remaining point.
+        try s.qbackup(["merge", main, "--keep", "2"])
+        for (k, reference) in s.references.suffix(2).enumerated() { try s.expectRestore(k, equals: reference) }
+        try s.qbackup(["merge", offsite, "--keep", "3"])
+        for (k, reference) in offsiteRefs.suffix(3).enumerated() {
+            let out = s.dir.file("off-merged-\(k).raw")
+            try s.qbackup(["restore", offsite, "--to", out, "--at", String(k), "--format", "raw"])
+            #expect(try s.same(out, reference), "offsite layer \(k) after merge")
+        }
+        try s.qbackup(["verify", main, "--image", s.disk])
+        try s.qbackup(["verify", offsite])
     }
 }
