@@ -35,6 +35,7 @@ enum LayerWriter {
         layer.syncBarriers = false
         var copier = ChunkCopier(layer: layer, clusterSize: clusterSize, hideZeros: backing != nil,
                                  compressor: compression == .none ? nil : ParallelCompressor(layer.header.compression))
+        defer { copier.pipeline.drain() }
         var done: UInt64 = 0
         for range in plan.ranges {
             var offset = range.lowerBound
@@ -46,6 +47,7 @@ enum LayerWriter {
                 progress?(done, plan.bytes)
             }
         }
+        try copier.finish()
         guard durable else { return Written(bytes: copier.written, digest: nil) }
         try layer.writeBack()
         let digest = try DurableFiles.sha256(of: path) { try layer.flush() }
@@ -53,17 +55,17 @@ enum LayerWriter {
     }
 }
 
-/// Copies one chunk at a time with buffers reused across chunks.
+/// Copies one chunk at a time: reads, zero detection and compression on the
+/// caller's thread, the layer written in order on another (`WriteBehind`), so the
+/// next chunk is read while the last one is written.
 struct ChunkCopier {
     let layer: QCowFile
     let clusterSize: Int
     let hideZeros: Bool
     let compressor: ParallelCompressor?
     let chunk: Int
-    var buffer: [UInt8]
-    var compressed: [UInt8]
-    var sizes: [Int]
-    var zero: [Bool]
+    /// Each buffer holds a chunk read, then (when compressing) its compressed clusters.
+    let pipeline: WriteBehind
     var written: UInt64 = 0
 
     init(layer: QCowFile, clusterSize: Int, hideZeros: Bool, compressor: ParallelCompressor?) {
@@ -72,41 +74,53 @@ struct ChunkCopier {
         self.hideZeros = hideZeros
         self.compressor = compressor
         chunk = max(LayerWriter.chunkBytes / clusterSize, 1) * clusterSize
-        buffer = [UInt8](repeating: 0, count: chunk)
-        compressed = compressor == nil ? [] : [UInt8](repeating: 0, count: chunk)
-        let clusters = chunk / clusterSize
-        sizes = [Int](repeating: 0, count: clusters)
-        zero = [Bool](repeating: false, count: clusters)
+        pipeline = WriteBehind(bufferSize: compressor == nil ? chunk : 2 * chunk)
     }
 
-    /// Reads `count` bytes at `offset` (cluster aligned) and writes them to the layer.
+    /// Reads `count` bytes at `offset` (cluster aligned) and queues their writes to the layer.
     mutating func copy(from source: BackupSource, at offset: UInt64, count n: Int) throws {
         let cs = clusterSize
+        let chunk = self.chunk
         let clusters = (n + cs - 1) / cs
         let lastLength = n - (clusters - 1) * cs
-        try buffer.withUnsafeMutableBytes { raw in
-            try source.read(into: UnsafeMutableRawBufferPointer(rebasing: raw[0..<n]), at: offset)
-        }
-        buffer.withUnsafeBytes { raw in
+        var zero = [Bool](repeating: false, count: clusters)
+        var sizes = [Int](repeating: 0, count: clusters)
+        var data: UInt64 = 0
+        let compressor = self.compressor
+        try pipeline.submitWhole(fill: { buffer in
+            let input = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<n])
+            try source.read(into: input, at: offset)
             for i in 0..<clusters {
                 let end = i == clusters - 1 ? n : (i + 1) * cs
-                zero[i] = ChunkCopier.isZero(UnsafeRawBufferPointer(rebasing: raw[(i * cs)..<end]))
+                zero[i] = ChunkCopier.isZero(UnsafeRawBufferPointer(rebasing: input[(i * cs)..<end]))
+                if !zero[i] { data += UInt64(end - i * cs) }
             }
-        }
-        if let compressor {
-            let zeroFlags = zero
-            buffer.withUnsafeBytes { input in
-                compressed.withUnsafeMutableBytes { output in
-                    sizes.withUnsafeMutableBufferPointer { sizes in
-                        // A short last cluster (the disk's end) is written plain.
-                        compressor.compress(input, clusterSize: cs, count: clusters, lastLength: lastLength,
-                                            into: output, sizes: sizes,
-                                            skip: { zeroFlags[$0] || ($0 == clusters - 1 && lastLength < cs) })
-                    }
+            if let compressor {
+                let zeroFlags = zero
+                sizes.withUnsafeMutableBufferPointer { sizes in
+                    // A short last cluster (the disk's end) is written plain.
+                    compressor.compress(UnsafeRawBufferPointer(input), clusterSize: cs, count: clusters, lastLength: lastLength,
+                                        into: UnsafeMutableRawBufferPointer(rebasing: buffer[chunk..<(2 * chunk)]), sizes: sizes,
+                                        skip: { zeroFlags[$0] || ($0 == clusters - 1 && lastLength < cs) })
                 }
+                return 2 * chunk
             }
-        }
-        // Write in order: runs of plain data in one write, compressed clusters one by one, zero runs as zeros.
+            return n
+        }, write: { [layer, hideZeros] buffer in
+            try ChunkCopier.write(buffer, chunk: chunk, count: n, at: offset, zero: zero, sizes: sizes,
+                                  compressed: compressor != nil, to: layer, clusterSize: cs, hideZeros: hideZeros)
+        })
+        written += data
+    }
+
+    /// Waits for every queued write; throws the first error one threw.
+    func finish() throws { try pipeline.finish() }
+
+    /// Writes one chunk in order: runs of plain data in one write, compressed clusters
+    /// one by one, zero runs as zeros (or nothing, without a backing file to hide).
+    static func write(_ buffer: UnsafeRawBufferPointer, chunk: Int, count n: Int, at offset: UInt64, zero: [Bool],
+                      sizes: [Int], compressed: Bool, to layer: QCowFile, clusterSize cs: Int, hideZeros: Bool) throws {
+        let clusters = zero.count
         var i = 0
         while i < clusters {
             let start = i
@@ -114,21 +128,14 @@ struct ChunkCopier {
             if zero[i] {
                 while i < clusters && zero[i] { i += 1 }
                 if hideZeros { try layer.writeZeroes(at: at, length: UInt64(min(n, i * cs) - start * cs)) }
-            } else if compressor != nil && sizes[i] > 0 {
-                let length = sizes[i]
-                try compressed.withUnsafeBytes { raw in
-                    try layer.writePrecompressed(UnsafeRawBufferPointer(rebasing: raw[(i * cs)..<(i * cs + length)]),
-                                                 at: at, guestLength: cs)
-                }
-                written += UInt64(cs)
+            } else if compressed && sizes[i] > 0 {
+                let from = chunk + i * cs
+                try layer.writePrecompressed(UnsafeRawBufferPointer(rebasing: buffer[from..<(from + sizes[i])]),
+                                             at: at, guestLength: cs)
                 i += 1
             } else {
-                while i < clusters && !zero[i] && (compressor == nil || sizes[i] == 0) { i += 1 }
-                let end = min(n, i * cs)
-                try buffer.withUnsafeBytes { raw in
-                    try layer.write(UnsafeRawBufferPointer(rebasing: raw[(start * cs)..<end]), at: at)
-                }
-                written += UInt64(end - start * cs)
+                while i < clusters && !zero[i] && (!compressed || sizes[i] == 0) { i += 1 }
+                try layer.write(UnsafeRawBufferPointer(rebasing: buffer[(start * cs)..<min(n, i * cs)]), at: at)
             }
         }
     }

@@ -65,23 +65,26 @@ public enum ImageFlattener {
     static func copyExtents(from source: GuestImage, to out: QCowFile,
                             progress: ((UInt64, UInt64) -> Void)?) throws -> FlattenResult {
         let total = source.virtualSize
-        let chunk = 8 << 20
-        var buffer = [UInt8](repeating: 0, count: chunk)
+        // Reads here; the output is written (only) on the pipeline's thread.
+        let pipeline = WriteBehind(bufferSize: 4 << 20)
+        defer { pipeline.drain() }
         var result = FlattenResult(dataBytes: 0, zeroBytes: 0)
         var offset: UInt64 = 0
         while offset < total {
-            let status = try source.blockStatus(at: offset, maxLength: min(UInt64(chunk), total - offset))
+            let status = try source.blockStatus(at: offset, maxLength: min(UInt64(pipeline.bufferSize), total - offset))
             let n = Int(status.length)
+            let at = offset
             switch status.kind {
             case .data:
-                try buffer.withUnsafeMutableBytes { raw in
-                    let part = UnsafeMutableRawBufferPointer(rebasing: raw[0..<n])
-                    try source.read(into: part, at: offset)
-                    try out.write(UnsafeRawBufferPointer(part), at: offset)
-                }
+                try pipeline.submit(fill: { buffer in
+                    try source.read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<n]), at: at)
+                    return n
+                }, write: { data in
+                    try out.write(data, at: at)
+                })
                 result.dataBytes += UInt64(n)
             case .zero:
-                try out.writeZeroes(at: offset, length: UInt64(n))
+                try pipeline.submit { try out.writeZeroes(at: at, length: UInt64(n)) }
                 result.zeroBytes += UInt64(n)
             case .unallocated:
                 break
@@ -89,6 +92,7 @@ public enum ImageFlattener {
             offset += UInt64(n)
             progress?(offset, total)
         }
+        try pipeline.finish()
         return result
     }
 

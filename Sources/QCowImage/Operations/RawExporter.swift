@@ -20,24 +20,28 @@ public enum RawExporter {
         defer { if !finished { unlink(path) } }
         let total = image.virtualSize
         try out.resize(to: total)
-        let chunk = 8 << 20
-        var buffer = [UInt8](repeating: 0, count: chunk)
+        // Reads here, writes on another thread.
+        let pipeline = WriteBehind(bufferSize: 4 << 20)
+        defer { pipeline.drain() }
         var written: UInt64 = 0
         var offset: UInt64 = 0
         while offset < total {
-            let status = try image.blockStatus(at: offset, maxLength: min(UInt64(chunk), total - offset))
+            let status = try image.blockStatus(at: offset, maxLength: min(UInt64(pipeline.bufferSize), total - offset))
             let n = Int(status.length)
             if status.kind == .data {
-                try buffer.withUnsafeMutableBytes { raw in
-                    let part = UnsafeMutableRawBufferPointer(rebasing: raw[0..<n])
-                    try image.read(into: part, at: offset)
-                    try out.write(UnsafeRawBufferPointer(part), at: offset)
-                }
+                let at = offset
+                try pipeline.submit(fill: { buffer in
+                    try image.read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<n]), at: at)
+                    return n
+                }, write: { data in
+                    try out.write(data, at: at)
+                })
                 written += UInt64(n)
             }
             offset += UInt64(n)
             progress?(offset, total)
         }
+        try pipeline.finish()
         if durable { try out.sync() }
         finished = true
         return written
