@@ -130,7 +130,9 @@ extension QCowFile {
         let left = try refcounts().adjust(cluster, by: -1)
         if left == 0 {
             if let tail = compressedTail, tail >> UInt64(clusterBits) == cluster { compressedTail = nil }
-            metadataClusters?.remove(cluster)
+            // Freed metadata: the set is rebuilt from the structures when next needed, so a
+            // cluster still referenced elsewhere (a refcount too low: corruption) stays in it.
+            if metadataClusters?.contains(cluster) == true { metadataClusters = nil }
             l2Cache[cluster << UInt64(clusterBits)] = nil
         }
         decompressedHost = nil
