@@ -15,7 +15,7 @@ struct BitmapCommand: ParsableCommand {
         subcommands: [List.self, Add.self, Remove.self, Clear.self, Enable.self, Disable.self, Merge.self, Dump.self])
 
     struct List: ParsableCommand {
-        static let configuration = CommandConfiguration(
+        static let configuration = CommandConfiguration(commandName: "list",
             abstract: "Show each bitmap: name, granularity, enabled (auto), in_use, dirty bytes.")
         @Argument(help: "The qcow2 image.") var image: String
         @OptionGroup var options: GlobalOptions
@@ -48,7 +48,7 @@ struct BitmapCommand: ParsableCommand {
     }
 
     struct Add: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Add a new empty bitmap, enabled unless --disabled.")
+        static let configuration = CommandConfiguration(commandName: "add", abstract: "Add a new empty bitmap, enabled unless --disabled.")
         @Argument(help: "The qcow2 image.") var image: String
         @Argument(help: "The bitmap's name.") var name: String
         @Option(name: [.short, .long], help: "Bytes per bit (K/M suffixes; default: the cluster size clamped to 4K-64K).")
@@ -71,7 +71,7 @@ struct BitmapCommand: ParsableCommand {
     }
 
     struct Remove: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Remove a bitmap and free its clusters.")
+        static let configuration = CommandConfiguration(commandName: "remove", abstract: "Remove a bitmap and free its clusters.")
         @Argument(help: "The qcow2 image.") var image: String
         @Argument(help: "The bitmap's name.") var name: String
         @OptionGroup var options: GlobalOptions
@@ -79,7 +79,7 @@ struct BitmapCommand: ParsableCommand {
     }
 
     struct Clear: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Mark every byte of a bitmap clean.")
+        static let configuration = CommandConfiguration(commandName: "clear", abstract: "Mark every byte of a bitmap clean.")
         @Argument(help: "The qcow2 image.") var image: String
         @Argument(help: "The bitmap's name.") var name: String
         @OptionGroup var options: GlobalOptions
@@ -87,7 +87,7 @@ struct BitmapCommand: ParsableCommand {
     }
 
     struct Enable: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Make a bitmap track writes (set auto).")
+        static let configuration = CommandConfiguration(commandName: "enable", abstract: "Make a bitmap track writes (set auto).")
         @Argument(help: "The qcow2 image.") var image: String
         @Argument(help: "The bitmap's name.") var name: String
         @OptionGroup var options: GlobalOptions
@@ -95,7 +95,7 @@ struct BitmapCommand: ParsableCommand {
     }
 
     struct Disable: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Stop a bitmap tracking writes (clear auto).")
+        static let configuration = CommandConfiguration(commandName: "disable", abstract: "Stop a bitmap tracking writes (clear auto).")
         @Argument(help: "The qcow2 image.") var image: String
         @Argument(help: "The bitmap's name.") var name: String
         @OptionGroup var options: GlobalOptions
@@ -103,7 +103,7 @@ struct BitmapCommand: ParsableCommand {
     }
 
     struct Merge: ParsableCommand {
-        static let configuration = CommandConfiguration(
+        static let configuration = CommandConfiguration(commandName: "merge",
             abstract: "TARGET |= each --source bitmap.",
             discussion: """
                 Sources are bitmaps of IMAGE, or of --source-image (given once: for every source; given as \
@@ -144,7 +144,7 @@ struct BitmapCommand: ParsableCommand {
     }
 
     struct Dump: ParsableCommand {
-        static let configuration = CommandConfiguration(
+        static let configuration = CommandConfiguration(commandName: "dump",
             abstract: "Show a bitmap's extents over the whole disk.",
             discussion: """
                 With --output json: [{"start":0,"length":131072,"dirty":true}, ...], in order, adjacent \
