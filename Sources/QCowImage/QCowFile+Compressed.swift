@@ -29,7 +29,8 @@ extension QCowFile {
             guard let n = ClusterCodec(header.compression).compress(UnsafeRawBufferPointer(input), into: output), n > 0 else {
                 // Incompressible: an ordinary write (from a copy: the batch reuses the scratch buffer).
                 let copy = [UInt8](data)
-                try copy.withUnsafeBytes { try writeBatch($0, at: offset) }
+                var hosts: Set<UInt64> = []
+                try copy.withUnsafeBytes { try writeBatch($0, at: offset, hosts: &hosts) }
                 return
             }
             try storeCompressed(UnsafeRawBufferPointer(rebasing: output[0..<n]), at: offset)

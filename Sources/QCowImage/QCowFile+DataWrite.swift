@@ -16,10 +16,11 @@ extension QCowFile {
         writeObserver?(offset..<(offset + UInt64(buffer.count)), .data)
         try guarded {
             var done = 0
+            var hosts: Set<UInt64> = []
             while done < buffer.count {
                 let pos = offset + UInt64(done)
                 let n = batchLength(at: pos, remaining: buffer.count - done)
-                try writeBatch(UnsafeRawBufferPointer(rebasing: buffer[done..<(done + n)]), at: pos)
+                try writeBatch(UnsafeRawBufferPointer(rebasing: buffer[done..<(done + n)]), at: pos, hosts: &hosts)
                 done += n
             }
         }
@@ -49,8 +50,10 @@ extension QCowFile {
         var oldEntry: UInt64 = 0
     }
 
-    /// Writes a batch inside one L2 table.
-    func writeBatch(_ data: UnsafeRawBufferPointer, at pos: UInt64) throws {
+    /// Writes a batch inside one L2 table. `hosts` collects the host clusters this
+    /// write has used so far: two guest clusters on one host cluster (a cross-link in
+    /// damaged metadata) would make one overwrite the other, so that is refused.
+    func writeBatch(_ data: UnsafeRawBufferPointer, at pos: UInt64, hosts: inout Set<UInt64>) throws {
         decompressedHost = nil
         let cs = clusterSize
         let unit = subclusterSize
@@ -125,6 +128,13 @@ extension QCowFile {
         for k in 0..<count {
             plans[k].newEntry = L2Entry.data(host: plans[k].host, copied: true).rawValue
             try checkDataOverlap(host: plans[k].host + UInt64(plans[k].spanLo), length: plans[k].spanHi - plans[k].spanLo)
+            guard hosts.insert(plans[k].host).inserted else {
+                let error = QCowError(.corrupt, "host cluster 0x\(String(plans[k].host, radix: 16)) is mapped by two guest clusters (run 'qbackup check --repair all')",
+                                      path: filename, offset: l2Offset + UInt64(plans[k].index * header.l2EntrySize),
+                                      region: "L2 table")
+                writeFailure = error
+                throw error
+            }
         }
 
         // 3. Assemble: old contents around partial units, then the caller's bytes.

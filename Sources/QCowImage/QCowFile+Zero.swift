@@ -71,9 +71,10 @@ extension QCowFile {
             let zeros = [UInt8](repeating: 0, count: n)
             try zeros.withUnsafeBytes { z in
                 var done = 0
+                var hosts: Set<UInt64> = []
                 while done < n {
                     let m = batchLength(at: pos + UInt64(done), remaining: n - done)
-                    try writeBatch(UnsafeRawBufferPointer(rebasing: z[done..<(done + m)]), at: pos + UInt64(done))
+                    try writeBatch(UnsafeRawBufferPointer(rebasing: z[done..<(done + m)]), at: pos + UInt64(done), hosts: &hosts)
                     done += m
                 }
             }
