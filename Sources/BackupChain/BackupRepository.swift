@@ -93,8 +93,16 @@ public final class BackupRepository {
     }
 
     /// Names qbackup gives layers: `full-20261125T094800Z.qcow2`, `incr-20261125T094800Z-2.qcow2`.
+    /// (Matched by hand: a regular expression costs more to build than a backup's bookkeeping.)
     static func isLayerFileName(_ name: String) -> Bool {
-        name.range(of: #"^(full|incr)-[0-9]{8}T[0-9]{6}Z(-[0-9]+)?\.qcow2$"#, options: .regularExpression) != nil
+        let b = Array(name.utf8)
+        func digits(_ range: Range<Int>) -> Bool { range.allSatisfy { b[$0] >= 0x30 && b[$0] <= 0x39 } }
+        // KIND-YYYYMMDDTHHMMSSZ is 20 bytes, ".qcow2" 6.
+        guard b.count >= 26, name.hasPrefix("full-") || name.hasPrefix("incr-"), name.hasSuffix(".qcow2"),
+              digits(5..<13), b[13] == UInt8(ascii: "T"), digits(14..<20), b[20] == UInt8(ascii: "Z")
+        else { return false }
+        let rest = b[21..<(b.count - 6)]
+        return rest.isEmpty || (rest.count >= 2 && rest.first == UInt8(ascii: "-") && digits((rest.startIndex + 1)..<rest.endIndex))
     }
 
     /// A new layer file name that is not in use: `KIND-YYYYMMDDTHHMMSSZ[-N].qcow2`.
