@@ -72,13 +72,11 @@ public final class ParallelCompressor: @unchecked Sendable {
         nonisolated(unsafe) let input = input
         nonisolated(unsafe) let output = output
         nonisolated(unsafe) let sizes = sizes
-        let perWorker = (count + workers - 1) / workers
+        // Clusters dealt round-robin: neighbouring clusters hold similar data (text,
+        // random bytes, zeros), so halves of a chunk can take very different times.
         DispatchQueue.concurrentPerform(iterations: workers) { w in
             let compressor = compressors[w]
-            let first = w * perWorker
-            let last = min(count, first + perWorker)
-            guard first < last else { return }
-            for i in first..<last {
+            for i in stride(from: w, to: count, by: workers) {
                 if skipped[i] {
                     sizes[i] = 0
                     continue
