@@ -137,9 +137,11 @@ extension QCowFile {
             }
         }
 
-        // 3. Assemble: old contents around partial units, then the caller's bytes.
+        // 3. Assemble: old contents around partial units, then the caller's bytes. A cluster
+        // whose written span is exactly the caller's bytes goes out straight from them.
+        let direct = plans.map { $0.spanLo == $0.userLo && $0.spanHi == $0.userHi }
         let buffer = scratch.reserve(count * cs)
-        for k in 0..<count {
+        for k in 0..<count where !direct[k] {
             let p = plans[k]
             let slot = UnsafeMutableRawBufferPointer(rebasing: buffer[(k * cs)..<((k + 1) * cs)])
             var u = p.spanLo / unit
@@ -172,10 +174,14 @@ extension QCowFile {
         while k < count {
             var j = k
             while j + 1 < count && plans[j].spanHi == cs && plans[j + 1].spanLo == 0
-                && plans[j + 1].host == plans[j].host + UInt64(cs) { j += 1 }
+                && plans[j + 1].host == plans[j].host + UInt64(cs) && direct[j + 1] == direct[k] { j += 1 }
             let lo = k * cs + plans[k].spanLo
             let hi = j * cs + plans[j].spanHi
-            try dataDevice.write(UnsafeRawBufferPointer(rebasing: buffer[lo..<hi]), at: plans[k].host + UInt64(plans[k].spanLo))
+            // A direct run's bytes are contiguous in the caller's buffer, as its clusters are in the guest.
+            let bytes = direct[k]
+                ? UnsafeRawBufferPointer(rebasing: data[plans[k].userOffset..<(plans[k].userOffset + hi - lo)])
+                : UnsafeRawBufferPointer(rebasing: buffer[lo..<hi])
+            try dataDevice.write(bytes, at: plans[k].host + UInt64(plans[k].spanLo))
             fileEnd = max(fileEnd, plans[j].host + UInt64(cs))
             k = j + 1
         }

@@ -71,6 +71,14 @@ extension QCowFile {
     func layerStatus(at offset: UInt64, maxLength: UInt64, l1Table: [UInt64]) throws -> LayerExtent {
         let end = offset + min(maxLength, virtualSize > offset ? virtualSize - offset : maxLength)
         let unit = UInt64(subclusterSize)
+        // Properties read once: each read of a stored property of this class in the loop
+        // below is a dynamic exclusivity check.
+        let extendedL2 = self.extendedL2
+        let clusterBits = self.clusterBits
+        let clusterSize = self.clusterSize
+        let tableBits = UInt64(clusterBits + l2Bits)
+        let entryMask = UInt64(l2EntryCount - 1)
+        let entrySize = header.l2EntrySize
         let lead = offsetIntoUnit(offset)
         var first: ClusterMapping?
         // Unallocated subclusters of an allocated cluster keep their would-be host offset.
@@ -82,9 +90,9 @@ extension QCowFile {
                         unallocatedHost: firstUnallocatedHost.map { $0 + lead })
         }
         while pos < end {
-            let l1Index = Int(pos >> UInt64(clusterBits + l2Bits))
+            let l1Index = Int(pos >> tableBits)
             let l2Raw = l1Index < l1Table.count ? L1Entry(rawValue: l1Table[l1Index]).l2Offset : 0
-            let tableEnd = min(end, (UInt64(l1Index) + 1) << UInt64(clusterBits + l2Bits))
+            let tableEnd = min(end, (UInt64(l1Index) + 1) << tableBits)
             if l2Raw == 0 {
                 // No L2 table: everything it would cover is unallocated.
                 if let first, first != .unallocated || firstUnallocatedHost != nil { break }
@@ -95,8 +103,8 @@ extension QCowFile {
             }
             let table = try l2Table(at: l2Raw, l1Index: l1Index)
             while pos < end && pos < tableEnd {
-                let index = Int((pos >> UInt64(clusterBits)) & UInt64(l2EntryCount - 1))
-                let entryOffset = l2Raw + UInt64(index * header.l2EntrySize)
+                let index = Int((pos >> UInt64(clusterBits)) & entryMask)
+                let entryOffset = l2Raw + UInt64(index * entrySize)
                 let raw = extendedL2 ? table[2 * index] : table[index]
                 let bitmap = extendedL2 ? table[2 * index + 1] : 0
                 let sub = extendedL2 ? Int((pos & UInt64(clusterSize - 1)) / unit) : 0
