@@ -83,9 +83,7 @@ public enum MergeEngine {
                 }
             }
             for layer in newer {
-                let device = try FileDevice(path: repo.file(layer.file), writable: false)
-                try ImageLock.acquire(device, writable: false)
-                let top = try QCowFile(device: device)
+                let top = try QCowFile(device: try LocalFiles().open(repo.file(layer.file), writable: false, lock: true))
                 defer { top.close() }
                 let before = done
                 let result = try ImageCommitter.commit(top: top, into: baseFile) { offset, _ in

@@ -19,10 +19,9 @@ import Testing
     }
 
     static func verify(_ manifest: BackupManifest, _ files: [String: [UInt8]]) -> ChainVerifier.Report {
-        let memory = MemoryFiles()
-        for (name, bytes) in files { memory.add("\(FuzzTargets.repositoryFolder)/\(name)", bytes) }
         var report = ChainVerifier.Report()
-        ChainVerifier.verifyLayers(of: manifest, in: FuzzTargets.repositoryFolder, files: memory, report: &report)
+        ChainVerifier.verifyLayers(of: manifest, in: FuzzTargets.repositoryFolder, files: FuzzTargets.repositoryFiles(files),
+                                   report: &report)
         return report
     }
 
@@ -32,8 +31,7 @@ import Testing
         let report = Self.verify(manifest, files)
         #expect(report.ok, "\(report.problems)")
         #expect(report.layersChecked == 3)
-        let memory = MemoryFiles()
-        for (name, bytes) in files { memory.add("\(FuzzTargets.repositoryFolder)/\(name)", bytes) }
+        let memory = FuzzTargets.repositoryFiles(files)
         for index in manifest.layers.indices {
             let image = try RestoreEngine.openPoint(FuzzTargets.repositoryFolder, manifest, index: index, files: memory)
             #expect(image.chain.count == index + 1)

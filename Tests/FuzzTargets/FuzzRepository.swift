@@ -15,10 +15,7 @@ extension FuzzTargets {
         guard let files = unpackRepository(data), let manifestBytes = files[BackupManifest.fileName],
               let manifest = try? BackupManifest(validating: Data(manifestBytes), path: "\(repositoryFolder)/manifest.json")
         else { return }
-        let memory = MemoryFiles()
-        for (name, bytes) in files where name != BackupManifest.fileName {
-            memory.add("\(repositoryFolder)/\(name)", bytes)
-        }
+        let memory = repositoryFiles(files)
         var report = ChainVerifier.Report()
         ChainVerifier.verifyLayers(of: manifest, in: repositoryFolder, files: memory, report: &report)
         expect(report.layersChecked == manifest.layers.count, "verify skipped layers")
@@ -33,6 +30,13 @@ extension FuzzTargets {
             readAllocated(image)
             image.close()
         }
+    }
+
+    /// The unpacked files but the manifest, as the repository folder's files, in memory.
+    public static func repositoryFiles(_ files: [String: [UInt8]]) -> MemoryFiles {
+        let memory = MemoryFiles()
+        for (name, bytes) in files where name != BackupManifest.fileName { memory.add("\(repositoryFolder)/\(name)", bytes) }
+        return memory
     }
 
     /// Unpacks records of (u16 name length, name, u32 length, bytes), big-endian, to
