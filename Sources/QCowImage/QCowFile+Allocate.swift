@@ -50,12 +50,11 @@ extension QCowFile {
 
     /// Drops the references an L2 entry holds (data cluster or compressed range), if any.
     func releaseEntry(_ raw: UInt64) throws {
-        let entry = L2Entry(rawValue: raw)
-        if entry.compressed {
-            let (host, sectors) = entry.compressedLocation(clusterBits: clusterBits)
+        let cluster = decodeL2(entry: raw, bitmap: 0)
+        if case .compressed(let host, let sectors) = cluster.kind {
             try releaseCompressed(host: host, sectors: sectors)
-        } else if entry.hostOffset != 0 {
-            try releaseData(cluster: entry.hostOffset >> UInt64(clusterBits))
+        } else if let host = cluster.host, host != 0 {
+            try releaseData(cluster: host >> UInt64(clusterBits))
         }
     }
 

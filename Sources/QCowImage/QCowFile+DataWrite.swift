@@ -75,25 +75,19 @@ extension QCowFile {
             p.userHi = min(cs, Int(pos + UInt64(data.count) - p.guest))
             p.userOffset = Int(p.guest + UInt64(p.userLo) - pos)
             let raw = extendedL2 ? table[2 * p.index] : table[p.index]
-            let oldBits = L2Bitmap(rawValue: extendedL2 ? table[2 * p.index + 1] : 0)
+            let cluster = decodeL2(entry: raw, bitmap: extendedL2 ? table[2 * p.index + 1] : 0)
             p.oldEntry = raw
-            let entry = L2Entry(rawValue: raw)
             let touched = unitMask(from: p.userLo / unit, through: (p.userHi - 1) / unit)
             let full = unitMask(from: (p.userLo + unit - 1) / unit, through: p.userHi / unit - 1)
-            let oldData: UInt32
-            if entry.compressed {
-                oldData = allUnits
-            } else if extendedL2 {
-                oldData = entry.hostOffset != 0 ? oldBits.allocated : 0
-            } else {
-                oldData = entry.hostOffset != 0 && !entry.zeroFlag ? 1 : 0
-            }
-            if entry.hostOffset != 0 && !entry.compressed && entry.copied {
+            let oldData = cluster.dataUnits
+            let compressed: Bool
+            if case .compressed = cluster.kind { compressed = true } else { compressed = false }
+            if let host = cluster.host, host != 0, cluster.entry.copied {
                 // In place: the cluster is ours alone. An entry the read path refuses
-                // (unaligned, past the end of the file) is refused here too.
-                _ = try classify(entry: raw, bitmap: oldBits.rawValue, subcluster: 0,
-                                 entryOffset: l2Offset + UInt64(p.index * header.l2EntrySize))
-                p.host = entry.hostOffset
+                // (unaligned, past the end of the file, an invalid bitmap) is refused here too.
+                _ = try validatedMapping(cluster, subcluster: 0,
+                                         entryOffset: l2Offset + UInt64(p.index * header.l2EntrySize))
+                p.host = host
                 p.allocated = oldData | touched
                 if touched & ~full & ~oldData == 0 {
                     p.spanLo = p.userLo
@@ -106,12 +100,12 @@ extension QCowFile {
                 // A new cluster, keeping what the old one held.
                 p.fresh = true
                 freshCount += 1
-                p.allocated = entry.compressed ? allUnits : (oldData | touched)
+                p.allocated = compressed ? allUnits : (oldData | touched)
                 p.spanLo = p.allocated.trailingZeroBitCount * unit
                 p.spanHi = (units - (extendedL2 ? p.allocated.leadingZeroBitCount : 0)) * unit
             }
             if extendedL2 {
-                let zero = entry.compressed ? 0 : oldBits.zero & ~p.allocated
+                let zero = compressed ? 0 : cluster.zeroUnits & ~p.allocated
                 p.newBitmap = L2Bitmap(allocated: p.allocated, zero: zero).rawValue
             }
             plans[k] = p
@@ -199,9 +193,7 @@ extension QCowFile {
             table[perEntry * p.index] = p.newEntry
             if extendedL2 { table[2 * p.index + 1] = p.newBitmap }
             changed = changed.map { min($0.lowerBound, p.index)...max($0.upperBound, p.index) } ?? p.index...p.index
-            if p.fresh && (L2Entry(rawValue: p.oldEntry).compressed || L2Entry(rawValue: p.oldEntry).hostOffset != 0) {
-                old.append(p.oldEntry)
-            }
+            if p.fresh && decodeL2(entry: p.oldEntry, bitmap: 0).holdsHostClusters { old.append(p.oldEntry) }
         }
         try switchEntries(l2Offset: l2Offset, table: table, changed: changed, release: old)
     }

@@ -11,25 +11,44 @@ extension QCowFile {
         return table
     }
 
-    /// Classifies one L2 entry (and subcluster `sub` for extended L2) — the
-    /// single place reads, writes, map and check learn what a cluster is.
-    /// `entryOffset` is where the entry lives, for messages.
+    /// Decodes one L2 entry with the image's geometry (see `L2Cluster`).
+    @inline(__always)
+    func decodeL2(entry raw: UInt64, bitmap: UInt64) -> L2Cluster {
+        L2Cluster(entry: raw, bitmap: bitmap, clusterBits: clusterBits, extendedL2: extendedL2,
+                  externalDataFile: header.incompatibleFeatures.contains(.externalDataFile))
+    }
+
+    /// Classifies one L2 entry (and subcluster `sub` for extended L2) for the guest
+    /// data paths: what `L2Cluster` decodes, refused where reading or writing
+    /// through it would be wrong (an invalid subcluster bitmap, an unaligned host
+    /// offset, a host range past the end of the file). `entryOffset` is where the
+    /// entry lives, for messages.
     public func classify(entry raw: UInt64, bitmap: UInt64, subcluster sub: Int, entryOffset: UInt64) throws
         -> ClusterMapping
     {
-        let entry = L2Entry(rawValue: raw)
-        if entry.compressed {
-            let (host, sectors) = entry.compressedLocation(clusterBits: clusterBits)
+        try validatedMapping(decodeL2(entry: raw, bitmap: bitmap), subcluster: sub, entryOffset: entryOffset)
+    }
+
+    /// `cluster`'s mapping for subcluster `sub`, after the checks `classify` describes.
+    func validatedMapping(_ cluster: L2Cluster, subcluster sub: Int, entryOffset: UInt64) throws -> ClusterMapping {
+        if case .compressed(let host, _) = cluster.kind {
             guard try isInsideFile(host, length: 1, data: true) else {
                 throw QCowError(.corrupt, "compressed cluster at 0x\(String(host, radix: 16)) lies past the end of the file",
                                 path: filename, offset: entryOffset, region: "L2 table")
             }
-            let length = sectors * 512 - Int(host & 511)
-            return .compressed(host: host, length: length)
         }
-        let host = entry.hostOffset
-        if host != 0 {
-            guard isClusterAligned(host) else {
+        if let invalid = cluster.invalidBitmap {
+            let message: String
+            switch invalid {
+            case .allocatedAndZero(let mask):
+                message = "subclusters marked both allocated and zero (0x\(String(mask, radix: 16)))"
+            default:
+                message = "subclusters are allocated but the cluster has no host offset"
+            }
+            throw QCowError(.corrupt, message, path: filename, offset: entryOffset + 8, region: "L2 table")
+        }
+        if let host = cluster.host, host != 0 {
+            guard !cluster.unalignedHost else {
                 throw QCowError(.corrupt, "cluster offset 0x\(String(host, radix: 16)) is not cluster aligned",
                                 path: filename, offset: entryOffset, region: "L2 table")
             }
@@ -39,28 +58,7 @@ extension QCowFile {
                                 path: filename, offset: entryOffset, region: "L2 table")
             }
         }
-        if extendedL2 {
-            let bits = L2Bitmap(rawValue: bitmap)
-            let mask = UInt32(1) << UInt32(sub)
-            let allocated = bits.allocated & mask != 0
-            let zero = bits.zero & mask != 0
-            if allocated && zero {
-                throw QCowError(.corrupt, "subcluster \(sub) is marked both allocated and zero",
-                                path: filename, offset: entryOffset + 8, region: "L2 table")
-            }
-            if allocated {
-                guard host != 0 else {
-                    throw QCowError(.corrupt, "subcluster \(sub) is allocated but the cluster has no host offset",
-                                    path: filename, offset: entryOffset, region: "L2 table")
-                }
-                return .data(host: host + UInt64(sub * subclusterSize))
-            }
-            if zero { return .zero(host: host != 0 ? host + UInt64(sub * subclusterSize) : nil) }
-            return .unallocated
-        }
-        if entry.zeroFlag { return .zero(host: host != 0 ? host : nil) }
-        if host != 0 { return .data(host: host) }
-        return .unallocated
+        return cluster.mapping(unit: sub, unitSize: subclusterSize)
     }
 
     public func layerStatus(at offset: UInt64, maxLength: UInt64) throws -> LayerExtent {
@@ -108,11 +106,11 @@ extension QCowFile {
                 let raw = extendedL2 ? table[2 * index] : table[index]
                 let bitmap = extendedL2 ? table[2 * index + 1] : 0
                 let sub = extendedL2 ? Int((pos & UInt64(clusterSize - 1)) / unit) : 0
-                let mapping = try classify(entry: raw, bitmap: bitmap, subcluster: sub, entryOffset: entryOffset)
+                let cluster = decodeL2(entry: raw, bitmap: bitmap)
+                let mapping = try validatedMapping(cluster, subcluster: sub, entryOffset: entryOffset)
                 var unallocatedHost: UInt64?
-                if extendedL2, mapping == .unallocated, !L2Entry(rawValue: raw).compressed {
-                    let host = L2Entry(rawValue: raw).hostOffset
-                    if host != 0 { unallocatedHost = host + UInt64(sub) * unit }
+                if mapping == .unallocated, cluster.kind == .normal, let host = cluster.host {
+                    unallocatedHost = host + UInt64(sub) * unit
                 }
                 let unitStart = extendedL2 ? pos & ~(unit - 1) : pos & ~UInt64(clusterSize - 1)
                 let unitEnd = unitStart + (extendedL2 ? unit : UInt64(clusterSize))

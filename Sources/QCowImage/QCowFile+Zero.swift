@@ -30,9 +30,9 @@ extension QCowFile {
                 if !extendedL2 { return (L2Entry.zeroFlag, 0, true) }
                 let all = mask == UInt32.max
                 if all { return (0, L2Bitmap(allocated: 0, zero: UInt32.max).rawValue, true) }
-                if L2Entry(rawValue: entry).compressed { return nil }  // handled with real zeros below
-                let bits = L2Bitmap(rawValue: bitmap)
-                return (entry, L2Bitmap(allocated: bits.allocated & ~mask, zero: bits.zero | mask).rawValue, false)
+                let cluster = decodeL2(entry: entry, bitmap: bitmap)
+                if case .compressed = cluster.kind { return nil }  // handled with real zeros below
+                return (entry, L2Bitmap(allocated: cluster.bitmap.allocated & ~mask, zero: cluster.zeroUnits | mask).rawValue, false)
             } fallback: { start, end in
                 try writeRealZeros(start, end)
             }
@@ -122,8 +122,10 @@ extension QCowFile {
                             table[index] = newEntry
                         }
                         changed = changed.map { min($0.lowerBound, index)...max($0.upperBound, index) } ?? index...index
-                        let was = L2Entry(rawValue: entry)
-                        if free && (was.compressed || (was.hostOffset != 0 && L2Entry(rawValue: newEntry).hostOffset != was.hostOffset)) {
+                        let was = decodeL2(entry: entry, bitmap: bitmap)
+                        let now = decodeL2(entry: newEntry, bitmap: newBitmap)
+                        let keepsHost = was.host != nil && now.host == was.host
+                        if free && was.holdsHostClusters && !keepsHost {
                             old.append(entry)
                         }
                     }

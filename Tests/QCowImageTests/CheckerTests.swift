@@ -9,7 +9,7 @@ import TestSupport
     static func qemuCheck(_ path: String) throws -> (status: Int32, json: [String: Any]) {
         let result = try Tools.run("qemu-img", ["check", "--output=json", path])
         let json = (try? JSONHelpers.parse(result.stdout) as? [String: Any]) ?? [:]
-        return (result.status, json ?? [:])
+        return (result.status, json)
     }
 
     static func check(_ path: String, repair: QCowChecker.RepairMode = .none) throws -> CheckReport {

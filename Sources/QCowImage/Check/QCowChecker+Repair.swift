@@ -77,11 +77,12 @@ extension QCowChecker {
             var table = decodeTable(try image.device.readBytes(Int(cs), at: l2, region: "L2 table"))
             var tableChanged = false
             for j in stride(from: 0, to: table.count, by: step) {
-                let e = L2Entry(rawValue: table[j])
-                guard !e.compressed, e.hostOffset != 0, e.hostOffset & (cs - 1) == 0, e.hostOffset < fileSize,
+                let cluster = image.decodeL2(entry: table[j], bitmap: 0)
+                let e = cluster.entry
+                guard let host = cluster.host, host != 0, !cluster.unalignedHost, host < fileSize,
                       !image.header.incompatibleFeatures.contains(.externalDataFile)
                 else { continue }
-                let want = try refcounts.refcount(ofCluster: e.hostOffset / cs) == 1
+                let want = try refcounts.refcount(ofCluster: host / cs) == 1
                 if e.copied != want {
                     table[j] = want ? e.rawValue | L2Entry.copiedFlag : e.rawValue & ~L2Entry.copiedFlag
                     tableChanged = true

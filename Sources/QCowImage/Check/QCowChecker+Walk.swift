@@ -68,20 +68,16 @@ extension QCowChecker {
         let extended = image.extendedL2
         let entrySize = extended ? 16 : 8
         let count = Int(clusterSize) / entrySize
+        let externalData = image.header.incompatibleFeatures.contains(.externalDataFile)
         var previousHost: UInt64?
         for index in 0..<count {
-            let raw = extended ? table[2 * index] : table[index]
-            let bitmap = extended ? L2Bitmap(rawValue: table[2 * index + 1]) : L2Bitmap(rawValue: 0)
             let at = l2 + UInt64(index * entrySize)
-            let entry = L2Entry(rawValue: raw)
-            if entry.compressed {
-                if entry.copied {
-                    note(.corruption, "L2 table", at, "compressed cluster entry has OFLAG_COPIED set")
-                }
-                if extended && bitmap.rawValue != 0 {
-                    note(.corruption, "L2 table", at + 8, "compressed cluster has a non-zero subcluster bitmap")
-                }
-                let (host, sectors) = entry.compressedLocation(clusterBits: clusterBits)
+            let cluster = image.decodeL2(entry: extended ? table[2 * index] : table[index],
+                                         bitmap: extended ? table[2 * index + 1] : 0)
+            for problem in cluster.problems {
+                noteL2Problem(problem, cluster: cluster, at: at, l1Index: l1Index, index: index)
+            }
+            if case .compressed(let host, let sectors) = cluster.kind {
                 reference(host & ~511, UInt64(sectors) * 512, "compressed cluster", at: at)
                 if active {
                     report.allocatedClusters += 1
@@ -91,39 +87,40 @@ extension QCowChecker {
                 previousHost = nil
                 continue
             }
-            if entry.reservedBits != 0 {
-                note(.corruption, "L2 table", at, "L2 entry has reserved bits set (0x\(hex(entry.reservedBits)))")
-            }
-            let host = entry.hostOffset
-            if extended {
-                if entry.zeroFlag {
-                    note(.corruption, "L2 table", at, "bit 0 of an extended L2 entry is reserved but set")
-                }
-                if bitmap.allocated & bitmap.zero != 0 {
-                    note(.corruption, "L2 table", at + 8, "subclusters marked both allocated and zero (0x\(hex(UInt64(bitmap.allocated & bitmap.zero))))")
-                }
-                if host == 0 && bitmap.allocated != 0 {
-                    note(.corruption, "L2 table", at + 8, "subclusters marked allocated in a cluster with no host offset")
-                }
-            }
-            guard host != 0 else { continue }
-            guard host & (clusterSize - 1) == 0 else {
-                note(.corruption, "L2 table", at, "cluster offset 0x\(hex(host)) is not cluster aligned (L1 index \(l1Index), L2 index \(index))")
-                continue
-            }
+            guard let host = cluster.host, host != 0, !cluster.unalignedHost else { continue }
             reference(host, clusterSize, "data cluster", at: at)
             if active {
                 report.allocatedClusters += 1
                 if let previousHost, host != previousHost + clusterSize { report.fragmentedClusters += 1 }
                 previousHost = host
-                if !image.header.incompatibleFeatures.contains(.externalDataFile), host < nbClusters * clusterSize {
+                if !externalData, host < nbClusters * clusterSize {
                     let refcount = try stored.refcount(ofCluster: host >> UInt64(clusterBits))
-                    if entry.copied != (refcount == 1) {
+                    if cluster.entry.copied != (refcount == 1) {
                         note(.corruption, "L2 table", at,
-                             "OFLAG_COPIED of data cluster 0x\(hex(host)) is \(entry.copied ? "set" : "clear") but its refcount is \(refcount)")
+                             "OFLAG_COPIED of data cluster 0x\(hex(host)) is \(cluster.entry.copied ? "set" : "clear") but its refcount is \(refcount)")
                     }
                 }
             }
+        }
+    }
+
+    /// Records one problem the classifier found in an L2 entry.
+    mutating func noteL2Problem(_ problem: L2Cluster.Problem, cluster: L2Cluster, at: UInt64, l1Index: Int, index: Int) {
+        switch problem {
+        case .compressedCopied:
+            note(.corruption, "L2 table", at, "compressed cluster entry has OFLAG_COPIED set")
+        case .compressedBitmap:
+            note(.corruption, "L2 table", at + 8, "compressed cluster has a non-zero subcluster bitmap")
+        case .reservedBits(let bits):
+            note(.corruption, "L2 table", at, "L2 entry has reserved bits set (0x\(hex(bits)))")
+        case .extendedZeroFlag:
+            note(.corruption, "L2 table", at, "bit 0 of an extended L2 entry is reserved but set")
+        case .allocatedAndZero(let mask):
+            note(.corruption, "L2 table", at + 8, "subclusters marked both allocated and zero (0x\(hex(UInt64(mask))))")
+        case .allocatedWithoutHost:
+            note(.corruption, "L2 table", at + 8, "subclusters marked allocated in a cluster with no host offset")
+        case .unalignedHost(let host):
+            note(.corruption, "L2 table", at, "cluster offset 0x\(hex(host)) is not cluster aligned (L1 index \(l1Index), L2 index \(index))")
         }
     }
 
