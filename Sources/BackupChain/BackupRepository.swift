@@ -1,5 +1,6 @@
 import Foundation
 import QCowImage
+import SystemPackage
 
 #if canImport(Glibc)
 import Glibc
@@ -37,12 +38,13 @@ public final class BackupRepository {
         } else if !isDir.boolValue {
             throw ChainError(.invalidArgument, "not a folder", path: path)
         }
-        lockFD = open(file(Self.lockName), O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
-        if lockFD < 0 && !exclusive {
+        do {
+            lockFD = try RepositoryFiles.openRegular(file(Self.lockName), flags: O_RDWR | O_CREAT)
+        } catch let error as ChainError where error.errorCode == .io && !exclusive {
             // A read-only repository (mounted backup media): read without the lock.
-        } else if lockFD < 0 {
-            throw ChainError(.io, "cannot open the repository lock: \(String(cString: strerror(errno)))", path: path)
-        } else if flock(lockFD, (exclusive ? LOCK_EX : LOCK_SH) | LOCK_NB) != 0 {
+            lockFD = -1
+        }
+        if lockFD >= 0 && flock(lockFD, (exclusive ? LOCK_EX : LOCK_SH) | LOCK_NB) != 0 {
             Glibc.close(lockFD)
             lockFD = -1
             throw ChainError(.locked, "the repository is in use by another qbackup process", path: path)
@@ -61,7 +63,8 @@ public final class BackupRepository {
 
     func loadManifest() throws -> BackupManifest? {
         guard DurableFiles.exists(manifestPath) else { return nil }
-        let device = try FileDevice(path: manifestPath, writable: false)
+        let device = FileDevice(adopting: FileDescriptor(rawValue: try RepositoryFiles.openRegular(manifestPath, flags: O_RDONLY)),
+                                name: manifestPath, writable: false)
         defer { device.close() }
         let size = try device.size()
         guard size <= UInt64(BackupManifest.maxBytes) else {

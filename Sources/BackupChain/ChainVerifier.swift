@@ -44,7 +44,8 @@ public enum ChainVerifier {
 
     /// Checks every layer file of `manifest` in `directory` on its own; the files come from `files`.
     public static func verifyLayers(of manifest: BackupManifest, in directory: String,
-                                    files: FileOpener = LocalFiles(), report: inout Report) {
+                                    files: FileOpener? = nil, report: inout Report) {
+        let files = files ?? RepositoryFiles(directory: directory)
         for (i, layer) in manifest.layers.enumerated() {
             verifyLayer("\(directory)/\(layer.file)", manifest, i, layer, files, &report)
         }

@@ -13,7 +13,8 @@ enum DurableFiles {
     /// Replaces `path` atomically with `data`: temp file, fsync, rename, directory fsync.
     static func replace(_ path: String, with data: Data) throws {
         let temp = path + ".tmp"
-        let device = try FileDevice(creating: temp, truncate: true)
+        let device = FileDevice(adopting: FileDescriptor(rawValue: try RepositoryFiles.createFresh(temp)), name: temp,
+                                writable: true)
         do {
             try data.withUnsafeBytes { try device.write($0, at: 0) }
             try device.sync()
@@ -51,9 +52,10 @@ enum DurableFiles {
         try syncDirectory(of: path)
     }
 
-    /// SHA-256 of a file, hex, read in 1 MiB pieces.
+    /// SHA-256 of a repository file (a regular file, not followed through a symlink), hex.
     static func sha256(of path: String) throws -> (hex: String, size: UInt64) {
-        let device = try FileDevice(path: path, writable: false)
+        let device = FileDevice(adopting: FileDescriptor(rawValue: try RepositoryFiles.openRegular(path, flags: O_RDONLY)),
+                                name: path, writable: false)
         defer { device.close() }
         return try sha256(of: device)
     }
@@ -95,5 +97,9 @@ enum DurableFiles {
         return (hex, offset)
     }
 
-    static func exists(_ path: String) -> Bool { access(path, F_OK) == 0 }
+    /// Whether a name exists (a symbolic link counts, even a dangling one: it is never followed).
+    static func exists(_ path: String) -> Bool {
+        var st = stat()
+        return lstat(path, &st) == 0
+    }
 }

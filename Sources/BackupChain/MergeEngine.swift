@@ -18,8 +18,14 @@ import QCowImage
 /// 4. the file is renamed over layer k's file (so layer k+1's backing name still fits);
 /// 5. the manifest drops the folded layers; then their files are removed.
 ///
-/// When the layers differ in virtual size (the disk grew), point k is written as
-/// a new standalone file instead and swapped in the same way (steps 3-5).
+/// When the layers differ in virtual size (the disk grew), or the full layer's file
+/// has other hard links (a `cp -al` copy of the repository, which must keep restoring
+/// what it held), point k is written as a new standalone file instead and swapped in
+/// the same way (steps 3-5): no existing file is written.
+///
+/// Before step 1 records anything, merge takes a writer's image locks on every layer it
+/// folds (a point that a VM or qemu-nbd holds open makes it refuse) and checks the
+/// checksum of every layer it reads: a refused merge leaves nothing behind.
 /// `recover` finishes an interrupted merge (or undoes one that wrote a new file).
 public enum MergeEngine {
     public struct Result: Sendable {
@@ -39,41 +45,96 @@ public enum MergeEngine {
         }
         let k = manifest.layers.count - keep
         let target = manifest.layers[k]
-        var written: UInt64 = 0
         let base = manifest.segmentStart(of: k)
+        // Nothing is recorded before every file the merge changes, replaces or removes is
+        // ours alone (no VM or qemu-nbd reads it) and every file it reads holds what the
+        // manifest says: a refused merge leaves the repository as it was.
+        let held = try lockForChange(repo, manifest.layers[0...k])
+        defer { for device in held { device.close() } }
+        var written: UInt64 = 0
         if target.kind == .full {
             let dropped = manifest.layers[0..<k].map(\.file)
             manifest.layers.removeFirst(k)
             try repo.save(manifest)
             for file in dropped { try DurableFiles.remove(repo.file(file)) }
-        } else if manifest.layers[base...k].allSatisfy({ $0.virtualSize == manifest.layers[base].virtualSize }) {
-            manifest.pendingMerge = BackupManifest.PendingMerge(file: target.file, sha256: "", fileSize: 0, folded: k,
-                                                                into: manifest.layers[base].file)
-            try repo.save(manifest)
-            written = try commitInPlace(repo, logger: logger, progress: progress, recovering: false)
         } else {
-            written = try rewrite(repo, manifest, k, logger: logger, progress: progress)
+            try checkDigests(repo, manifest, base...k, held: Array(held[base...k]))
+            let sameSize = manifest.layers[base...k].allSatisfy { $0.virtualSize == manifest.layers[base].virtualSize }
+            // In place only when no other name shares the full layer's file (a `cp -al` copy).
+            let shared = (RepositoryFiles.linkCount(held[base]) ?? 1) > 1
+            if sameSize && !shared {
+                written = try commitInPlace(repo, manifest, k, logger: logger, progress: progress, recovering: false)
+            } else {
+                written = try rewrite(repo, manifest, k, logger: logger, progress: progress)
+            }
         }
         logger.info("merged", metadata: ["folded": "\(k)", "remaining": "\(keep)"])
         return Result(folded: k, remaining: keep, bytesWritten: written)
     }
 
-    /// Steps 2-5 of an in-place merge recorded in the manifest; returns the guest bytes written.
-    /// `recovering`: an earlier attempt may have died midway, leaving leaked clusters to free.
-    private static func commitInPlace(_ repo: BackupRepository, logger: Logger, progress: ((UInt64, UInt64) -> Void)?,
-                                      recovering: Bool) throws -> UInt64 {
-        guard var manifest = repo.manifest, let pending = manifest.pendingMerge, let into = pending.into else { return 0 }
-        let base = manifest.segmentStart(of: pending.folded)
+    /// Takes a writer's image locks on each layer file (on descriptors of their own, held
+    /// until the merge ends): QEMU refuses to open them meanwhile, and a file that a VM or
+    /// qemu-nbd already holds makes the merge refuse before it records anything.
+    static func lockForChange(_ repo: BackupRepository, _ layers: ArraySlice<BackupManifest.Layer>) throws -> [FileDevice] {
+        let files = RepositoryFiles(directory: repo.path)
+        var held: [FileDevice] = []
+        do {
+            for layer in layers {
+                let device = try files.openFile(repo.file(layer.file), writable: false)
+                held.append(device)
+                do {
+                    try ImageLock.acquire(device, writable: true)
+                } catch let error as QCowError where error.code == .locked {
+                    throw ChainError(.locked, "layer \(layer.file) is in use by another process (a VM or qemu-nbd?); merge changes nothing while a point is open",
+                                     path: repo.file(layer.file))
+                }
+            }
+        } catch {
+            for device in held { device.close() }
+            throw error
+        }
+        return held
+    }
+
+    /// Every layer the merge reads must still hold the bytes the manifest recorded: a damaged
+    /// layer is refused, never folded into a file that would then get a fresh checksum.
+    static func checkDigests(_ repo: BackupRepository, _ manifest: BackupManifest, _ range: ClosedRange<Int>,
+                             held: [FileDevice]) throws {
+        for (i, device) in zip(range, held) {
+            let layer = manifest.layers[i]
+            let (sha, size) = try DurableFiles.sha256(of: device)
+            guard size == layer.fileSize, sha == layer.sha256 else {
+                throw ChainError(.corrupt, "layer \(i) (\(layer.file)) does not match its checksum in the manifest (damaged or changed since it was written); merge refuses to fold it — run 'qbackup verify'",
+                                 path: repo.file(layer.file))
+            }
+        }
+    }
+
+    /// Steps 1-5 of an in-place merge of point `k`; returns the guest bytes written. Every file is
+    /// opened (the full layer for writing) before step 1 records anything. `recovering`: an
+    /// earlier attempt, already recorded, may have died midway, leaving leaked clusters to free.
+    private static func commitInPlace(_ repo: BackupRepository, _ manifest: BackupManifest, _ k: Int, logger: Logger,
+                                      progress: ((UInt64, UInt64) -> Void)?, recovering: Bool) throws -> UInt64 {
+        var manifest = manifest
+        let base = manifest.segmentStart(of: k)
+        let into = manifest.layers[base].file
         let basePath = repo.file(into)
-        let newer = manifest.layers[(base + 1)...pending.folded]
+        let newer = manifest.layers[(base + 1)...k]
         let total = newer.reduce(UInt64(0)) { $0 + $1.virtualSize }
         var done: UInt64 = 0
         var written: UInt64 = 0
-        let opened = try ImageOpener.open(basePath, format: .qcow2, writable: true)
+        // A recovery holds no locks yet; a fresh merge holds them on other descriptors.
+        let files = RepositoryFiles(directory: repo.path, takesLocks: recovering)
+        let opened = try ImageOpener.open(basePath, format: .qcow2, writable: true, files: files)
         do {
             defer { opened.close() }
             guard let baseFile = opened as? QCowFile, baseFile.backing == nil else {
                 throw ChainError(.corrupt, "the full layer has a backing file", path: basePath)
+            }
+            var tops: [QCowFile] = []
+            defer { for top in tops { top.close() } }
+            for layer in newer {
+                tops.append(try QCowFile(device: try files.open(repo.file(layer.file), writable: false, lock: true)))
             }
             if recovering {
                 let report = try QCowChecker.check(baseFile, repair: .leaks)
@@ -81,10 +142,14 @@ public enum MergeEngine {
                     throw ChainError(.corrupt, "the full layer being merged into is corrupt; run 'qbackup check --repair all' on it",
                                      path: basePath)
                 }
+            } else {
+                // 1. Record the intent.
+                manifest.pendingMerge = BackupManifest.PendingMerge(file: manifest.layers[k].file, sha256: "", fileSize: 0,
+                                                                    folded: k, into: into)
+                try repo.save(manifest)
             }
-            for layer in newer {
-                let top = try QCowFile(device: try LocalFiles().open(repo.file(layer.file), writable: false, lock: true))
-                defer { top.close() }
+            // 2. Commit each newer layer's clusters.
+            for (layer, top) in zip(newer, tops) {
                 let before = done
                 let result = try ImageCommitter.commit(top: top, into: baseFile) { offset, _ in
                     progress?(before + offset, total)
@@ -93,22 +158,25 @@ public enum MergeEngine {
                 done += layer.virtualSize
             }
         }
+        // 3-5.
         let (sha, size) = try DurableFiles.sha256(of: basePath)
         manifest.pendingMerge?.sha256 = sha
         manifest.pendingMerge?.fileSize = size
         try repo.save(manifest)
-        try DurableFiles.rename(basePath, to: repo.file(pending.file))
+        try DurableFiles.rename(basePath, to: repo.file(manifest.layers[k].file))
         try finish(repo, logger: logger)
         return written
     }
 
-    /// Writes point k as a new standalone file and swaps it in (layers of different sizes).
+    /// Writes point k as a new standalone file and swaps it in (layers of different sizes, or
+    /// a full layer whose file has other hard links). No existing file is ever written.
     private static func rewrite(_ repo: BackupRepository, _ manifest: BackupManifest, _ k: Int, logger: Logger,
                                 progress: ((UInt64, UInt64) -> Void)?) throws -> UInt64 {
         var manifest = manifest
         let target = manifest.layers[k]
         let temp = repo.file(target.file + ".merge" + BackupRepository.tempSuffix)
-        let image = try RestoreEngine.openPoint(repo.path, manifest, index: k)
+        let image = try RestoreEngine.openPoint(repo.path, manifest, index: k,
+                                                files: RepositoryFiles(directory: repo.path, takesLocks: false))
         let source = GuestImageSource(image)
         let layer: LayerWriter.Written
         do {
@@ -120,7 +188,9 @@ public enum MergeEngine {
             try? DurableFiles.remove(temp)
             throw error
         }
-        let (sha, size) = layer.digest!
+        guard let (sha, size) = layer.digest else {
+            throw ChainError(.io, "the merged layer was written without a checksum", path: temp)
+        }
         // Record the intent, then switch the file, then finish.
         manifest.pendingMerge = BackupManifest.PendingMerge(file: target.file, sha256: sha, fileSize: size, folded: k)
         try repo.save(manifest)
@@ -133,9 +203,18 @@ public enum MergeEngine {
     static func recover(_ repo: BackupRepository, logger: Logger) throws {
         guard var manifest = repo.manifest, let pending = manifest.pendingMerge else { return }
         if let into = pending.into {
-            if pending.sha256.isEmpty {
+            if pending.sha256.isEmpty && (RepositoryFiles.linkCount(repo.file(into)) ?? 1) > 1 {
+                // The full layer's file gained another name (`cp -al`) since: it is not written
+                // again; point `folded` (which reads the same throughout) is written anew instead.
+                logger.info("rewriting an interrupted merge as a new file", metadata: ["into": "\(into)"])
+                manifest.pendingMerge = nil
+                let held = try lockForChange(repo, manifest.layers[0...pending.folded])
+                defer { for device in held { device.close() } }
+                _ = try rewrite(repo, manifest, pending.folded, logger: logger, progress: nil)
+            } else if pending.sha256.isEmpty {
                 logger.info("committing an interrupted merge again", metadata: ["into": "\(into)"])
-                _ = try commitInPlace(repo, logger: logger, progress: nil, recovering: true)
+                manifest.pendingMerge = pending
+                _ = try commitInPlace(repo, manifest, pending.folded, logger: logger, progress: nil, recovering: true)
             } else {
                 logger.info("finishing an interrupted merge", metadata: ["file": "\(pending.file)"])
                 if DurableFiles.exists(repo.file(into)) {

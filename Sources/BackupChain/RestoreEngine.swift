@@ -28,12 +28,13 @@ public enum RestoreEngine {
     }
 
     /// Opens the chain of layer `index` of the repository in `directory`, checking that the
-    /// files' backing links are what the manifest says. The files come from `files`.
+    /// files' backing links are what the manifest says. The files come from `files` (by default
+    /// `RepositoryFiles`: regular files inside `directory`, never through a symbolic link).
     public static func openPoint(_ directory: String, _ manifest: BackupManifest, index: Int,
-                                 files: FileOpener = LocalFiles()) throws -> GuestImage {
+                                 files: FileOpener? = nil) throws -> GuestImage {
         func file(_ name: String) -> String { "\(directory)/\(name)" }
         let layerPath = file(manifest.layers[index].file)
-        let image = try ImageOpener.open(layerPath, format: .qcow2, files: files)
+        let image = try ImageOpener.open(layerPath, format: .qcow2, files: files ?? RepositoryFiles(directory: directory))
         let chain = image.chain
         let expectedDepth = index - manifest.segmentStart(of: index) + 1
         guard chain.count == expectedDepth else {

@@ -41,6 +41,15 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
         CrashSeam.shared.configureFromEnvironment()
     }
 
+    /// Takes over a descriptor the caller opened (with flags this type does not offer, such
+    /// as O_NOFOLLOW); the device closes it.
+    public init(adopting descriptor: FileDescriptor, name: String, writable: Bool) {
+        self.name = name
+        self.writable = writable
+        self.descriptor = descriptor
+        CrashSeam.shared.configureFromEnvironment()
+    }
+
     deinit { close() }
 
     /// Set by `ImageLock.acquire`: the descriptor holds QEMU-style lock bytes.

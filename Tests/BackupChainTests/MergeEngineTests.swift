@@ -1,0 +1,144 @@
+import Foundation
+import Testing
+import TestSupport
+
+/// merge never changes what it does not own: a hard-linked copy of the repository keeps
+/// restoring what it held, a refused merge (a point held open, a damaged layer) leaves
+/// every file byte-identical, and a crash at any step of the new-file path keeps every
+/// remaining point exact.
+@Suite struct MergeEngineTests {
+    /// SHA-256 of every file in `dir` (hidden ones included), by name.
+    static func digests(_ dir: String) throws -> [String: String] {
+        var out: [String: String] = [:]
+        for name in try FileManager.default.contentsOfDirectory(atPath: dir) {
+            out[name] = String(try Tools.run("sha256sum", ["\(dir)/\(name)"]).stdout.prefix(64))
+        }
+        return out
+    }
+
+    /// A repository of three points (a full layer and two incrementals) of a 32 MiB disk.
+    static func threePoints(seed: UInt64) throws -> BackupScenario {
+        let s = try BackupScenario(size: "32M", seed: seed)
+        try s.dirty(writes: 8, maxOffset: 30 << 20)
+        try s.backup()
+        for _ in 0..<2 {
+            try s.dirty(writes: 4, maxOffset: 30 << 20)
+            try s.backup()
+        }
+        return s
+    }
+
+    /// Issue 11 item 2: `cp -al repo snap; merge repo --keep 1` must leave every point of
+    /// `snap` restoring what it did (merge wrote into the shared full layer's file).
+    @Test func mergeLeavesHardLinkedCopyIntact() throws {
+        let s = try Self.threePoints(seed: 61)
+        let snap = s.dir.file("snap")
+        try Tools.run("cp", ["-al", s.repo, snap])
+        let before = try Self.digests(snap)
+        try s.qbackup(["merge", s.repo, "--keep", "1"])
+        #expect(try Self.digests(snap) == before, "merge changed a file that the hard-linked copy shares")
+        for (k, reference) in s.references.enumerated() {
+            let out = s.dir.file("snap-\(k).raw")
+            try s.qbackup(["restore", snap, "--to", out, "--at", String(k), "--format", "raw"])
+            #expect(try s.same(out, reference), "point \(k) of the hard-linked copy changed")
+        }
+        try s.expectRestore(0, equals: s.references[2])
+        try s.qbackup(["verify", s.repo])
+        try s.qbackup(["verify", snap])
+    }
+
+    /// Without other links, the in-place path is still taken (its file keeps its inode).
+    @Test func unsharedFullLayerIsCommittedInPlace() throws {
+        let s = try Self.threePoints(seed: 62)
+        let full = s.layerPath(try s.layers()[0])
+        let inode = try FileManager.default.attributesOfItem(atPath: full)[.systemFileNumber] as? UInt64
+        try s.qbackup(["merge", s.repo, "--keep", "1"])
+        let merged = s.layerPath(try s.layers()[0])
+        #expect(try FileManager.default.attributesOfItem(atPath: merged)[.systemFileNumber] as? UInt64 == inode)
+        try s.expectRestore(0, equals: s.references[2])
+    }
+
+    /// Every write/fsync of a merge that must write a new file (the full layer is shared with
+    /// a `cp -al` copy), one crash each: the copy's files never change, and after the next
+    /// merge every kept point restores byte-exact and the repository verifies.
+    @Test func crashAtEveryStepOfTheNewFileMerge() throws {
+        let template = try Self.threePoints(seed: 63)
+        let work = TempDir("qbackup-merge-crash")
+        var n = 1
+        var completed = false
+        var pending = 0
+        var points = 0
+        while !completed && n < 2000 {
+            let repo = work.file("repo-\(n)")
+            let snap = work.file("snap-\(n)")
+            try Tools.run("cp", ["-a", "--sparse=always", template.repo, repo])
+            try Tools.run("cp", ["-al", repo, snap])
+            let before = try Self.digests(snap)
+            let result = try QBackupBinary.run(["merge", repo, "--keep", "2"],
+                                               environment: ["QBACKUP_CRASH_AFTER": String(n)])
+            completed = result.status == 0
+            if !completed {
+                points += 1
+                #expect(result.stderr.isEmpty, "step \(n): \(result.stderr)")
+            }
+            let manifest = try String(contentsOfFile: repo + "/manifest.json", encoding: .utf8)
+            if manifest.contains("pending-merge") { pending += 1 }
+            try template.qbackup(["merge", repo, "--keep", "2"])
+            #expect(try Self.digests(snap) == before, "step \(n): a file of the hard-linked copy changed")
+            let list = try template.qbackup(["list", repo, "--output", "json"])
+            let layers = (try JSONHelpers.parse(list.stdout) as? [String: Any])?["layers"] as? [[String: Any]] ?? []
+            #expect(layers.count == 2, "step \(n)")
+            for (k, reference) in template.references.suffix(2).enumerated() {
+                let out = work.file("restore-\(n)-\(k).raw")
+                try template.qbackup(["restore", repo, "--to", out, "--at", String(k), "--format", "raw"])
+                #expect(try template.same(out, reference), "step \(n): kept point \(k) differs")
+                try FileManager.default.removeItem(atPath: out)
+            }
+            try template.qbackup(["verify", repo])
+            try FileManager.default.removeItem(atPath: repo)
+            try FileManager.default.removeItem(atPath: snap)
+            n += n < 40 ? 1 : 4
+        }
+        #expect(completed, "the merge never completed within the steps tried")
+        #expect(points > 10, "only \(points) crash points were exercised")
+        #expect(pending > 0, "no crash fell between recording the merge and finishing it")
+    }
+
+    /// Issue 11 item 13: a point mounted with `qemu-nbd -r` makes merge refuse, and the
+    /// refusal leaves nothing behind: the manifest byte-identical, no new files, and
+    /// restore and verify still work once the export is gone.
+    @Test func mergeOfAPointHeldByQemuNbdChangesNothing() throws {
+        let s = try Self.threePoints(seed: 64)
+        let before = try Self.digests(s.repo)
+        let nbd = try QemuNBD(image: s.layerPath(try s.layers()[1]), bitmap: nil, directory: s.dir)
+        let result = try QBackupBinary.run(["merge", s.repo, "--keep", "1"])
+        nbd.stop()
+        #expect(result.status != 0)
+        #expect(result.stderr.hasPrefix("qbackup: error:") && result.stderr.split(separator: "\n").count == 1,
+                "\(result.stderr)")
+        #expect(result.stderr.contains("in use"), "\(result.stderr)")
+        #expect(try Self.digests(s.repo) == before, "the refused merge changed the repository")
+        try s.qbackup(["verify", s.repo])
+        for (k, reference) in s.references.enumerated() { try s.expectRestore(k, equals: reference) }
+    }
+
+    /// Issue 11 item 4: a byte flipped in a data cluster of layer 1 makes merge refuse (it
+    /// would fold the damage and record a fresh checksum); verify still reports the damage.
+    @Test func mergeRefusesADamagedLayer() throws {
+        let s = try Self.threePoints(seed: 65)
+        let layer1 = s.layerPath(try s.layers()[1])
+        let map = try Tools.qemuImg("map", "--output=json", "-f", "qcow2", layer1)
+        let extents = try JSONHelpers.parse(map.stdout) as? [[String: Any]] ?? []
+        let data = try #require(extents.first { ($0["depth"] as? Int) == 0 && ($0["data"] as? Bool) == true })
+        let offset = UInt64(try #require(data["offset"] as? Int)) + 100
+        let old = try peek(layer1, at: offset, count: 1)[0]
+        try poke(layer1, at: offset, [old ^ 0x5a])
+        let before = try Self.digests(s.repo)
+        let result = try QBackupBinary.run(["merge", s.repo, "--keep", "1"])
+        #expect(result.status == 1, "merge folded a damaged layer: \(result.stdout)\(result.stderr)")
+        #expect(result.stderr.contains("checksum"), "\(result.stderr)")
+        #expect(try Self.digests(s.repo) == before, "the refused merge changed the repository")
+        let verify = try QBackupBinary.run(["verify", s.repo])
+        #expect(verify.status == 1 && verify.stdout.contains("checksum mismatch"), "\(verify.stdout)")
+    }
+}
