@@ -40,7 +40,7 @@ public final class BackupRepository {
         }
         do {
             lockFD = try RepositoryFiles.openRegular(file(Self.lockName), flags: O_RDWR | O_CREAT)
-        } catch let error as ChainError where error.errorCode == .io && !exclusive {
+        } catch let error as QCowError where error.code == .io && !exclusive {
             // A read-only repository (mounted backup media): read without the lock.
             lockFD = -1
         }

@@ -28,7 +28,7 @@ public struct RepositoryFiles: FileOpener {
         let device = try openFile(path, writable: writable)
         if writable, let links = Self.linkCount(device), links > 1 {
             device.close()
-            throw ChainError(.refused, "has \(links) hard links; qbackup never modifies a file another copy shares",
+            throw QCowError(.refused, "has \(links) hard links; qbackup never modifies a file another copy shares",
                              path: path)
         }
         if lock && takesLocks {
@@ -57,7 +57,7 @@ public struct RepositoryFiles: FileOpener {
         let prefix = directory.hasSuffix("/") ? directory : directory + "/"
         let name = path.hasPrefix(prefix) ? String(path.dropFirst(prefix.count)) : ""
         guard !name.isEmpty, !name.contains("/"), name != ".", name != ".." else {
-            throw ChainError(.refused, "is not a file directly inside the repository folder \(directory)", path: path)
+            throw QCowError(.refused, "is not a file directly inside the repository folder \(directory)", path: path)
         }
     }
 
@@ -70,13 +70,13 @@ public struct RepositoryFiles: FileOpener {
         if fd < 0 {
             let err = errno
             if err == ELOOP { throw notRegular(path, "a symbolic link") }
-            throw ChainError(.io, "cannot open: \(String(cString: strerror(err)))", path: path)
+            throw QCowError(.io, "cannot open: \(String(cString: strerror(err)))", path: path)
         }
         var st = stat()
         guard fstat(fd, &st) == 0 else {
             let err = errno
             Glibc.close(fd)
-            throw ChainError(.io, "cannot stat: \(String(cString: strerror(err)))", path: path)
+            throw QCowError(.io, "cannot stat: \(String(cString: strerror(err)))", path: path)
         }
         guard st.st_mode & S_IFMT == S_IFREG else {
             Glibc.close(fd)
@@ -95,24 +95,24 @@ public struct RepositoryFiles: FileOpener {
             if fd >= 0 { return fd }
             let err = errno
             guard err == EEXIST else {
-                throw ChainError(.io, "cannot create: \(String(cString: strerror(err)))", path: path)
+                throw QCowError(.io, "cannot create: \(String(cString: strerror(err)))", path: path)
             }
             var st = stat()
             guard lstat(path, &st) == 0 else { continue }
             guard st.st_mode & S_IFMT == S_IFREG else { throw notRegular(path, kind(st.st_mode)) }
             guard st.st_nlink == 1 else {
-                throw ChainError(.refused, "has \(st.st_nlink) hard links; qbackup never writes a file another copy shares",
+                throw QCowError(.refused, "has \(st.st_nlink) hard links; qbackup never writes a file another copy shares",
                                  path: path)
             }
             if unlink(path) != 0 && errno != ENOENT {
-                throw ChainError(.io, "cannot remove a leftover: \(String(cString: strerror(errno)))", path: path)
+                throw QCowError(.io, "cannot remove a leftover: \(String(cString: strerror(errno)))", path: path)
             }
         }
-        throw ChainError(.io, "cannot create: the name keeps reappearing", path: path)
+        throw QCowError(.io, "cannot create: the name keeps reappearing", path: path)
     }
 
-    static func notRegular(_ path: String, _ what: String) -> ChainError {
-        ChainError(.refused, "is \(what), not a regular file; a repository's files must be regular files inside its folder",
+    static func notRegular(_ path: String, _ what: String) -> QCowError {
+        QCowError(.refused, "is \(what), not a regular file; a repository's files must be regular files inside its folder",
                    path: path)
     }
 
