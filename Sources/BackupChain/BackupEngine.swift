@@ -36,6 +36,11 @@ public enum BackupEngine {
             self.dryRun = dryRun
             self.clusterSize = clusterSize
         }
+
+        /// Refuses arguments that no backup could use, before anything is opened or created.
+        func validate() throws {
+            if let clusterSize { try QCowCreator.validateClusterSize(clusterSize) }
+        }
     }
 
     public struct Result: Sendable {
@@ -54,6 +59,7 @@ public enum BackupEngine {
     /// Runs one backup of `request.image` into `request.repository`.
     public static func backup(_ request: Request, logger: Logger = Logger(label: "qbackup.backup"),
                               progress: ((UInt64, UInt64) -> Void)? = nil) throws -> Result {
+        try request.validate()
         let repo = try BackupRepository(path: request.repository, create: !request.dryRun, exclusive: !request.dryRun,
                                         allowMissing: request.dryRun)
         if !request.dryRun {
@@ -68,6 +74,7 @@ public enum BackupEngine {
     /// The engine proper, on any `BackupSource`.
     public static func backup(_ request: Request, repo: BackupRepository, source: BackupSource, logger: Logger,
                               progress: ((UInt64, UInt64) -> Void)?) throws -> Result {
+        try request.validate()
         let existing = repo.manifest
         let sourcePath = LocalImageSource.canonicalPath(request.image)
         if let m = existing {

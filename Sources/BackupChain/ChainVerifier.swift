@@ -95,6 +95,11 @@ public enum ChainVerifier {
         guard let file = image as? QCowFile else {
             throw ChainError(.invalidArgument, "\(path) is not a qcow2 image; it has no bitmaps")
         }
+        // A 0-byte disk holds no bitmap (QEMU cannot store one) and nothing a bitmap could miss.
+        guard image.virtualSize > 0 else {
+            report.imageChecked = true
+            return
+        }
         let catalog = try BitmapCatalog(file: file)
         let bitmap = try catalog.load(manifest.bitmap)
         let latest = try RestoreEngine.openPoint(repo.path, manifest, index: manifest.layers.count - 1)

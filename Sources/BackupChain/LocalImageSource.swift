@@ -42,7 +42,13 @@ final class LocalImageSource: BackupSource {
         try image.read(into: buffer, at: offset)
     }
 
+    /// A 0-byte disk holds nothing to track and cannot hold a persistent bitmap (its bitmap
+    /// table would be empty, which QEMU refuses): nothing can have changed since its last backup
+    /// (a disk never shrinks within a repository), so it reads as tracked with no dirty extent.
+    private var isEmptyDisk: Bool { image.virtualSize == 0 }
+
     func bitmapState(_ name: String) throws -> TrackingBitmapState {
+        if isEmptyDisk { return .ready(granularity: catalog.defaultGranularity) }
         guard let entry = catalog.entry(named: name) else { return .missing }
         if let why = catalog.inconsistency(of: entry) { return .inconsistent(why.description) }
         guard entry.flags.contains(.auto) else { return .disabled }
@@ -50,11 +56,13 @@ final class LocalImageSource: BackupSource {
     }
 
     func forEachDirtyExtent(_ name: String, _ body: (Range<UInt64>) throws -> Void) throws {
+        if isEmptyDisk { return }
         let bitmap = try catalog.load(name)
         for extent in bitmap.dirtyExtents() { try body(extent.start..<extent.end) }
     }
 
     func resetBitmap(_ name: String) throws {
+        if isEmptyDisk { return }
         try catalog.resetForBackup(name)
     }
 

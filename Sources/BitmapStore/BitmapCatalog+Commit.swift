@@ -29,14 +29,30 @@ extension BitmapCatalog {
     /// The granularity QEMU picks for a new bitmap: the cluster size, clamped to 4 KiB...64 KiB.
     public var defaultGranularity: UInt64 { UInt64(min(max(geometry.clusterSize, 4096), 65536)) }
 
+    /// Refuses a granularity QEMU refuses: a power of two from 512 B to 2 GiB (granularity_bits 9-31).
+    public static func validateGranularity(_ granularity: UInt64) throws {
+        guard granularity.nonzeroBitCount == 1,
+              BitmapLimits.granularityBits.contains(granularity.trailingZeroBitCount) else {
+            throw BitmapError(.invalidArgument, "granularity \(granularity) must be a power of two from 512 to 2 GiB")
+        }
+    }
+
     /// Adds an empty bitmap (`qemu-img bitmap --add`), enabled unless `enabled` is false.
     public func add(_ name: String, granularity: UInt64? = nil, enabled: Bool = true) throws {
         try requireVersion3(for: "add a bitmap")
-        let granularity = granularity ?? defaultGranularity
-        guard granularity.nonzeroBitCount == 1,
-              BitmapLimits.granularityBits.contains(granularity.trailingZeroBitCount) else {
-            throw BitmapError(.invalidArgument, "granularity \(granularity) must be a power of two from 512 to 2 GiB",
+        // A bitmap of a 0-byte disk would have an empty bitmap table (bitmap_table_size 0),
+        // which QEMU refuses to open (and cannot write either): refuse before writing anything.
+        guard geometry.virtualSize > 0 else {
+            throw BitmapError(.unsupported, "the disk is 0 bytes: a persistent bitmap needs at least one bitmap table entry (bitmap_table_size 0 is invalid); grow the disk first",
                               path: file.filename, bitmap: name)
+        }
+        let granularity = granularity ?? defaultGranularity
+        do {
+            try Self.validateGranularity(granularity)
+        } catch var error as BitmapError {
+            error.path = file.filename
+            error.bitmap = name
+            throw error
         }
         let nameBytes = Array(name.utf8)
         guard (1...BitmapLimits.maxNameBytes).contains(nameBytes.count) else {

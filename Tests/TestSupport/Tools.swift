@@ -153,3 +153,16 @@ extension Data {
     /// Bytes of a file, for byte-exact comparisons.
     public static func contents(of path: String) throws -> Data { try Data(contentsOf: URL(fileURLWithPath: path)) }
 }
+
+extension Tools.Result {
+    /// The `qbackup: error:` lines of stderr (a usage error adds a help hint after its one line).
+    public var errorLines: [Substring] {
+        stderr.split(separator: "\n").filter { $0.hasPrefix("qbackup: error: ") }
+    }
+
+    /// Failed with exactly one `qbackup: error:` line, and did not crash (no signal, no backtrace).
+    public var failedCleanly: Bool {
+        status != 0 && status < 128 && errorLines.count == 1 && !stderr.contains("Fatal error")
+            && !stderr.contains("Program crashed")
+    }
+}

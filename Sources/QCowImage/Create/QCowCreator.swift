@@ -123,13 +123,18 @@ public enum QCowCreator {
         try device.sync()
     }
 
+    /// Refuses a cluster size QEMU refuses: a power of two from 512 B to 2 MiB.
+    public static func validateClusterSize(_ size: Int) throws {
+        guard size.nonzeroBitCount == 1, size >= 512, size <= 2 << 20 else {
+            throw QCowError(.invalidArgument, "cluster size must be a power of two between 512 and 2097152 (got \(size))")
+        }
+    }
+
     /// Refuses option combinations QEMU refuses.
     public static func validate(_ o: QCowCreateOptions) throws {
         func fail(_ message: String) -> QCowError { QCowError(.invalidArgument, message) }
         guard o.version == 2 || o.version == 3 else { throw fail("qcow2 version must be 2 or 3, not \(o.version)") }
-        guard o.clusterSize.nonzeroBitCount == 1, o.clusterSize >= 512, o.clusterSize <= 2 << 20 else {
-            throw fail("cluster size must be a power of two between 512 and 2097152 (got \(o.clusterSize))")
-        }
+        try validateClusterSize(o.clusterSize)
         guard o.refcountBits.nonzeroBitCount == 1, o.refcountBits <= 64 else {
             throw fail("refcount bits must be a power of two from 1 to 64 (got \(o.refcountBits))")
         }

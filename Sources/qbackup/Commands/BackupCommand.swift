@@ -31,8 +31,9 @@ struct BackupCommand: ParsableCommand {
     @Option(name: .long, help: "Compress the layer's clusters: none, zlib or zstd.")
     var compress: BackupEngine.Compression = .none
 
-    @Option(name: .long, help: "Cluster size of the layers of a new repository (e.g. 64K).")
-    var clusterSize: String?
+    @Option(name: .long, parsing: .unconditional, help: "Cluster size of the layers of a new repository (e.g. 64K).",
+            transform: parseClusterSize)
+    var clusterSize: Int?
 
     @Flag(name: .long, help: "Report what would be copied; change nothing.") var dryRun = false
 
@@ -40,9 +41,6 @@ struct BackupCommand: ParsableCommand {
 
     func validate() throws {
         if full && incremental { throw ValidationError("--full and --incremental exclude each other") }
-        if let clusterSize, (try? parseSize(clusterSize)) == nil {
-            throw ValidationError("--cluster-size '\(clusterSize)' is not a size")
-        }
     }
 
     func run() throws {
@@ -50,7 +48,7 @@ struct BackupCommand: ParsableCommand {
             let mode: BackupEngine.Mode = full ? .full : incremental ? .incremental : .auto
             let request = BackupEngine.Request(image: image, repository: repo, bitmap: bitmap, mode: mode,
                                                compression: compress, dryRun: dryRun,
-                                               clusterSize: try clusterSize.map { Int(try parseSize($0)) })
+                                               clusterSize: clusterSize)
             let progress = options.progressReporter("backup")
             let result = try BackupEngine.backup(request, logger: options.logger, progress: progress?.update)
             progress?.finish()

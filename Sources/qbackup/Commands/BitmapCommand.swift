@@ -51,20 +51,18 @@ struct BitmapCommand: ParsableCommand {
         static let configuration = CommandConfiguration(commandName: "add", abstract: "Add a new empty bitmap, enabled unless --disabled.")
         @Argument(help: "The qcow2 image.") var image: String
         @Argument(help: "The bitmap's name.") var name: String
-        @Option(name: [.short, .long], help: "Bytes per bit (K/M suffixes; default: the cluster size clamped to 4K-64K).")
-        var granularity: String?
+        @Option(name: [.short, .long], parsing: .unconditional,
+                help: "Bytes per bit (K/M suffixes; default: the cluster size clamped to 4K-64K).",
+                transform: parseGranularity)
+        var granularity: UInt64?
         @Flag(help: "Add the bitmap disabled (not tracking writes).") var disabled = false
         @OptionGroup var options: GlobalOptions
 
         func run() throws {
             try ExitStatus.run {
-                let bytes = try granularity.map { text -> UInt64 in
-                    guard let value = try? parseSize(text) else {
-                        throw BitmapError(.invalidArgument, "invalid granularity '\(text)'")
-                    }
-                    return value
+                try BitmapCatalog.withCatalog(image, writable: true) {
+                    try $0.add(name, granularity: granularity, enabled: !disabled)
                 }
-                try BitmapCatalog.withCatalog(image, writable: true) { try $0.add(name, granularity: bytes, enabled: !disabled) }
                 return 0
             }
         }

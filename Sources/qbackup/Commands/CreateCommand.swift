@@ -9,11 +9,13 @@ struct CreateCommand: ParsableCommand {
         discussion: "SIZE takes K/M/G/T suffixes. With --backing, SIZE defaults to the backing file's size.")
 
     @Argument(help: "The new image file (must not exist).") var image: String
-    @Argument(help: "Virtual size, e.g. 10G.") var size: String?
+    @Argument(help: "Virtual size, e.g. 10G.", transform: parseSize) var size: UInt64?
 
     @Option(name: [.customShort("f"), .customLong("format")], help: "qcow2 (default) or raw.")
     var format: ImageOpener.Format = .qcow2
-    @Option(name: .long, help: "Cluster size, 512 to 2M (default 64K).") var clusterSize: String?
+    @Option(name: .long, parsing: .unconditional, help: "Cluster size, 512 to 2M (default 64K).",
+            transform: parseClusterSize)
+    var clusterSize: Int?
     @Option(name: .long, help: "Backing file (stored as given; relative names are taken from the image's folder).")
     var backing: String?
     @Option(name: .long, help: "Format of the backing file: qcow2 or raw (default: probe it).")
@@ -28,7 +30,13 @@ struct CreateCommand: ParsableCommand {
     enum CompressionChoice: String, ExpressibleByArgument { case zlib, zstd }
 
     func validate() throws {
-        if size == nil && backing == nil { throw ValidationError("SIZE is required without --backing") }
+        if size == nil && backing == nil {
+            // The parser takes "-1" for an option, so a negative SIZE arrives here as no SIZE.
+            if let negative = CommandLine.arguments.dropFirst().first(where: isNegativeNumber) {
+                throw ValidationError("'\(negative)' is not a size: sizes are not negative")
+            }
+            throw ValidationError("SIZE is required without --backing")
+        }
         if format == .raw && (backing != nil || extendedL2) {
             throw ValidationError("raw images take no backing file or qcow2 options")
         }
@@ -38,7 +46,7 @@ struct CreateCommand: ParsableCommand {
         try ExitStatus.run {
             var bytes: UInt64
             if let size {
-                bytes = try parseSize(size)
+                bytes = size
             } else {
                 let base = try ImageOpener.open(ImageOpener.combine(base: image, relative: backing ?? ""),
                                                 format: backingFormat)
@@ -49,7 +57,7 @@ struct CreateCommand: ParsableCommand {
                 try QCowCreator.createRaw(at: image, size: bytes)
             } else {
                 var create = QCowCreateOptions(size: bytes)
-                if let clusterSize { create.clusterSize = Int(try parseSize(clusterSize)) }
+                if let clusterSize { create.clusterSize = clusterSize }
                 create.refcountBits = refcountBits
                 create.extendedL2 = extendedL2
                 create.compression = compressionType == .zstd ? .zstd : .zlib

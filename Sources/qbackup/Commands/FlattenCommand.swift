@@ -17,8 +17,9 @@ struct FlattenCommand: ParsableCommand {
     @Option(name: .long, help: "Compress the qcow2 output's clusters: zlib or zstd.")
     var compress: CompressionName?
 
-    @Option(name: .long, help: "Cluster size of a qcow2 output (default 64K).")
-    var clusterSize: String?
+    @Option(name: .long, parsing: .unconditional, help: "Cluster size of a qcow2 output (default 64K).",
+            transform: parseClusterSize)
+    var clusterSize: Int?
 
     enum CompressionName: String, ExpressibleByArgument { case zlib, zstd }
 
@@ -36,7 +37,7 @@ struct FlattenCommand: ParsableCommand {
             var flatten = FlattenOptions()
             flatten.format = format
             flatten.compression = compress.map { $0 == .zstd ? .zstd : .zlib }
-            if let clusterSize { flatten.clusterSize = Int(try parseSize(clusterSize)) }
+            if let clusterSize { flatten.clusterSize = clusterSize }
             let result = try ImageFlattener.flatten(source, to: out, options: flatten, logger: options.logger,
                                                     progress: progress?.update)
             let written = result.dataBytes
