@@ -25,6 +25,8 @@ let package = Package(
                        providers: [.apt(["libzstd-dev"])]),
         .systemLibrary(name: "CLZ4", path: "Sources/CLZ4", pkgConfig: "liblz4",
                        providers: [.apt(["liblz4-dev"])]),
+        // libnbd's header only (no pkgConfig, no link): LiveSource dlopens libnbd.so.0.
+        .systemLibrary(name: "CNBD", path: "Sources/CNBD", providers: [.apt(["libnbd-dev"])]),
         .target(
             name: "QCowImage",
             dependencies: [
@@ -41,10 +43,17 @@ let package = Package(
                 .product(name: "Crypto", package: "swift-crypto"),
             ]
         ),
+        .target(
+            name: "LiveSource",
+            dependencies: [
+                "QCowImage", "BitmapStore", "BackupChain", "CNBD",
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
         .executableTarget(
             name: "qbackup",
             dependencies: [
-                "QCowImage", "BitmapStore", "BackupChain",
+                "QCowImage", "BitmapStore", "BackupChain", "LiveSource",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -54,6 +63,7 @@ let package = Package(
         .testTarget(name: "BitmapStoreTests", dependencies: ["BitmapStore", "TestSupport"]),
         .testTarget(name: "BackupChainTests", dependencies: ["BackupChain", "TestSupport"]),
         .testTarget(name: "CLITests", dependencies: ["TestSupport"]),
+        .testTarget(name: "LiveSourceTests", dependencies: ["LiveSource", "BackupChain", "TestSupport"]),
         .target(name: "FuzzTargets", dependencies: ["QCowImage", "BitmapStore", "BackupChain"], path: "Tests/FuzzTargets"),
         .testTarget(name: "FuzzRegressionTests", dependencies: ["FuzzTargets", "TestSupport", "BackupChain", "QCowImage"]),
     ],

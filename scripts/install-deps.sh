@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Installs what qbackup needs to build and test on Debian: the C libraries it
-# links (zlib, zstd, lz4) and QEMU's tools, the reference peer of the tests.
+# links (zlib, zstd, lz4), libnbd's header (live backups dlopen libnbd.so.0 from
+# libnbd0, which libnbd-dev pulls in) and QEMU's tools and emulator, the
+# reference peers of the tests (the live tests run qemu-system-x86_64).
 set -euo pipefail
-packages=(pkg-config zlib1g-dev libzstd-dev liblz4-dev qemu-utils libnbd-bin)
+packages=(pkg-config zlib1g-dev libzstd-dev liblz4-dev qemu-utils libnbd-bin libnbd-dev qemu-system-x86)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

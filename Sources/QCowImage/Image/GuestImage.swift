@@ -42,6 +42,16 @@ public struct BlockStatus: Equatable, Sendable {
     public var compressed: Bool
     /// Allocated at some layer (QEMU's "present").
     public var present: Bool { kind != .unallocated }
+
+    /// Status of a guest range from a source other than an image (an NBD export).
+    public init(start: UInt64, length: UInt64, depth: Int, kind: Kind, hostOffset: UInt64?, compressed: Bool) {
+        self.start = start
+        self.length = length
+        self.depth = depth
+        self.kind = kind
+        self.hostOffset = hostOffset
+        self.compressed = compressed
+    }
 }
 
 extension GuestImage {

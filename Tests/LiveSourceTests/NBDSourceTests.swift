@@ -1,0 +1,153 @@
+import BackupChain
+import Foundation
+@testable import LiveSource
+import Testing
+import TestSupport
+
+/// NBDSource against real `qemu-nbd -r -B NAME` exports of images made by qemu-img and qemu-io:
+/// the data equals qemu-img convert's, the dirty extents equal nbdinfo --map's.
+@Suite struct NBDSourceTests {
+    /// A qcow2 disk with data written before and after bitmap `b0` was added (so b0 marks the later writes).
+    static func makeDisk(_ dir: TempDir, size: String, before: [String], after: [String]) throws -> String {
+        let disk = dir.file("disk.qcow2")
+        try Tools.qemuImg("create", "-q", "-f", "qcow2", disk, size)
+        if !before.isEmpty { try Tools.qemuIO(disk, format: "qcow2", before) }
+        try Tools.qemuImg("bitmap", "--add", disk, "b0")
+        if !after.isEmpty { try Tools.qemuIO(disk, format: "qcow2", after) }
+        return disk
+    }
+
+    static func uri(_ server: QemuNBD) -> String { "nbd+unix:///?socket=\(server.socket)" }
+
+    /// Reads the whole export through the source, the way the layer writer does (4 MiB chunks).
+    static func readAll(_ source: NBDSource) throws -> Data {
+        var out = Data(count: Int(source.virtualSize))
+        try out.withUnsafeMutableBytes { raw in
+            var offset = 0
+            while offset < raw.count {
+                let n = min(4 << 20, raw.count - offset)
+                try source.read(into: UnsafeMutableRawBufferPointer(rebasing: raw[offset..<(offset + n)]), at: UInt64(offset))
+                offset += n
+            }
+        }
+        return out
+    }
+
+    @Test func dataAndDirtyExtentsMatchQEMU() throws {
+        let dir = TempDir("nbdsrc")
+        let disk = try Self.makeDisk(dir, size: "24M",
+                                     before: ["write -P 0x11 0 1M", "write -P 0x22 5M 3M", "write -z 9M 1M"],
+                                     after: ["write -P 0x33 512k 64k", "write -P 0x44 7M 2M", "write -P 0x55 20M 4k",
+                                             "write -z 23M 64k"])
+        let raw = dir.file("disk.raw")
+        try Tools.qemuImg("convert", "-f", "qcow2", "-O", "raw", disk, raw)
+        let server = try QemuNBD(image: disk, bitmap: "b0", directory: dir)
+        defer { server.stop() }
+        // QEMU's map first: qemu-nbd serves one client at a time.
+        let map = try server.dirtyMap(bitmap: "b0").filter(\.dirty)
+        let source = try NBDSource(uri: Self.uri(server), tracking: .init(name: "b0", exported: "b0"))
+        defer { source.close() }
+        #expect(source.virtualSize == 24 << 20)
+        let expected = try Data.contents(of: raw)
+        #expect(try Self.readAll(source) == expected)
+
+        // Dirty extents: the same as QEMU's own client sees.
+        var dirty: [QemuNBD.Extent] = []
+        try source.forEachDirtyExtent("b0") { dirty.append(.init(start: $0.lowerBound, length: UInt64($0.count), dirty: true)) }
+        #expect(dirty == map)
+        #expect(!dirty.isEmpty)
+
+        // Block status: every range not reported as data reads as zeros; the data covers every non-zero byte.
+        var offset: UInt64 = 0
+        var dataBytes: UInt64 = 0
+        while offset < source.virtualSize {
+            let status = try source.blockStatus(at: offset, maxLength: source.virtualSize - offset)
+            #expect(status.start == offset && status.length > 0)
+            if status.kind == .data {
+                dataBytes += status.length
+            } else {
+                let slice = expected[Int(offset)..<Int(offset + status.length)]
+                #expect(slice.allSatisfy { $0 == 0 }, "non-zero bytes in a \(status.kind) extent at \(offset)")
+            }
+            offset += status.length
+        }
+        #expect(offset == source.virtualSize)
+        #expect(dataBytes >= 5 << 20 && dataBytes < 6 << 20)
+        #expect(try source.bitmapState("b0") == .ready(granularity: source.connection.minBlock))
+        #expect(try source.bitmapState("other") == .missing)
+    }
+
+    /// A disk larger than 4 GiB: block-status replies carry 32-bit lengths, so the source
+    /// must loop, and extents past 4 GiB must land where QEMU says.
+    @Test func extentsBeyondFourGiB() throws {
+        let dir = TempDir("nbdsrc-big")
+        let disk = try Self.makeDisk(dir, size: "9G", before: ["write -P 0x61 4G 64k"],
+                                     after: ["write -P 0x62 1M 64k", "write -P 0x63 6G 128k", "write -P 0x64 9215M 1M"])
+        let server = try QemuNBD(image: disk, bitmap: "b0", directory: dir)
+        defer { server.stop() }
+        let map = try server.dirtyMap(bitmap: "b0").filter(\.dirty)
+        let source = try NBDSource(uri: Self.uri(server), tracking: .init(name: "b0", exported: "b0"))
+        defer { source.close() }
+        var dirty: [QemuNBD.Extent] = []
+        try source.forEachDirtyExtent("b0") { dirty.append(.init(start: $0.lowerBound, length: UInt64($0.count), dirty: true)) }
+        #expect(dirty == map)
+        #expect(dirty.map(\.start) == [1 << 20, 6 << 30, 9215 << 20])
+
+        var data: [Range<UInt64>] = []
+        var offset: UInt64 = 0
+        while offset < source.virtualSize {
+            let status = try source.blockStatus(at: offset, maxLength: source.virtualSize - offset)
+            if status.kind == .data {
+                if let last = data.last, last.upperBound == offset { data[data.count - 1] = last.lowerBound..<(offset + status.length) }
+                else { data.append(offset..<(offset + status.length)) }
+            }
+            offset += status.length
+        }
+        let mib: UInt64 = 1 << 20
+        let gib: UInt64 = 1 << 30
+        let expected: [Range<UInt64>] = [mib..<(mib + 65536), (4 * gib)..<(4 * gib + 65536),
+                                         (6 * gib)..<(6 * gib + 131072), (9215 * mib)..<(9216 * mib)]
+        #expect(data == expected)
+        var buffer = [UInt8](repeating: 0, count: 65536)
+        try buffer.withUnsafeMutableBytes { try source.read(into: $0, at: 6 << 30) }
+        #expect(buffer.allSatisfy { $0 == 0x63 })
+    }
+
+    @Test func refusesABitmapTheExportLacks() throws {
+        let dir = TempDir("nbdsrc-nobitmap")
+        let disk = try Self.makeDisk(dir, size: "4M", before: [], after: [])
+        let server = try QemuNBD(image: disk, bitmap: nil, directory: dir)
+        defer { server.stop() }
+        let error = #expect(throws: LiveError.self) {
+            try NBDSource(uri: Self.uri(server), tracking: .init(name: "b0", exported: "b0"))
+        }
+        #expect(error?.errorCode == .refused)
+        #expect(error?.message.contains("qemu:dirty-bitmap:b0") == true)
+    }
+
+    @Test func failsClearlyWhenNothingListens() throws {
+        let dir = TempDir("nbdsrc-none")
+        let error = #expect(throws: LiveError.self) {
+            try NBDSource(uri: "nbd+unix:///?socket=\(dir.file("absent.sock"))", tracking: nil, timeout: 5)
+        }
+        #expect(error?.errorCode == .io)
+    }
+
+    /// The connection dropping mid-backup is an error (not a hang, not a crash), and later calls fail cleanly.
+    @Test func droppedConnectionIsAnError() throws {
+        let dir = TempDir("nbdsrc-drop")
+        let disk = try Self.makeDisk(dir, size: "8M", before: ["write -P 0x71 0 8M"], after: [])
+        let server = try QemuNBD(image: disk, bitmap: nil, directory: dir)
+        let source = try NBDSource(uri: Self.uri(server), tracking: nil, timeout: 5)
+        defer { source.close() }
+        var buffer = [UInt8](repeating: 0, count: 1 << 20)
+        try buffer.withUnsafeMutableBytes { try source.read(into: $0, at: 0) }
+        server.stop()
+        #expect(throws: LiveError.self) {
+            try buffer.withUnsafeMutableBytes { try source.read(into: $0, at: 1 << 20) }
+        }
+        #expect(throws: LiveError.self) {
+            try buffer.withUnsafeMutableBytes { try source.read(into: $0, at: 2 << 20) }
+        }
+    }
+}
