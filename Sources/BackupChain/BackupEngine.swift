@@ -1,3 +1,4 @@
+import BitmapStore
 import Foundation
 import Logging
 import QCowImage
@@ -26,8 +27,13 @@ public enum BackupEngine {
         public var dryRun: Bool
         /// Cluster size of layers in a new repository (later layers keep the repository's).
         public var clusterSize: Int?
+        /// A new repository may use a `bitmap` that already exists in the image (it may be
+        /// another repository's: taking it over resets it, and that repository misses changes).
+        public var takeOverBitmap: Bool
         public init(image: String, repository: String, bitmap: String? = nil, mode: Mode = .auto,
-                    compression: Compression = .none, dryRun: Bool = false, clusterSize: Int? = nil) {
+                    compression: Compression = .none, dryRun: Bool = false, clusterSize: Int? = nil,
+                    takeOverBitmap: Bool = false) {
+            self.takeOverBitmap = takeOverBitmap
             self.image = image
             self.repository = repository
             self.bitmap = bitmap
@@ -56,7 +62,8 @@ public enum BackupEngine {
         public var virtualSize: UInt64
     }
 
-    /// Runs one backup of `request.image` into `request.repository`.
+    /// Runs one backup of `request.image` into `request.repository`. The request is validated
+    /// before anything is opened or read.
     public static func backup(_ request: Request, logger: Logger = Logger(label: "qbackup.backup"),
                               progress: ((UInt64, UInt64) -> Void)? = nil) throws -> Result {
         try request.validate()
@@ -90,6 +97,10 @@ public enum BackupEngine {
                 throw ChainError(.refused, "the disk shrank from \(m.virtualSize) to \(source.virtualSize) bytes since the last backup; start a new repository",
                                  path: repo.path)
             }
+        }
+        if existing == nil, let name = request.bitmap, !request.takeOverBitmap, try source.bitmapState(name) != .missing {
+            throw ChainError(.refused, "bitmap '\(name)' already exists in \(source.name) and may belong to another repository (taking it over would make that one miss changes); choose another --bitmap, or pass --take-over-bitmap",
+                             path: repo.path)
         }
         let id = existing?.id ?? BackupRepository.newID()
         let bitmap = existing?.bitmap ?? request.bitmap ?? "qbackup-\(id)"
@@ -167,3 +178,11 @@ public enum BackupEngine {
     }
 }
 
+extension BackupEngine.Request {
+    /// Refuses arguments that could only fail later, after the disk was copied.
+    public func validate() throws {
+        if let bitmap, let problem = BitmapLimits.problem(withNewName: bitmap) {
+            throw ChainError(.invalidArgument, "--bitmap: \(problem)")
+        }
+    }
+}

@@ -54,10 +54,8 @@ extension BitmapCatalog {
             error.bitmap = name
             throw error
         }
-        let nameBytes = Array(name.utf8)
-        guard (1...BitmapLimits.maxNameBytes).contains(nameBytes.count) else {
-            throw BitmapError(.invalidArgument, "a bitmap name must be 1 to \(BitmapLimits.maxNameBytes) bytes (name_size)",
-                              path: file.filename, bitmap: name)
+        if let problem = BitmapLimits.problem(withNewName: name) {
+            throw BitmapError(.invalidArgument, "\(problem) (name_size, name)", path: file.filename, bitmap: name)
         }
         let bitmap = try DirtyBitmap(virtualSize: geometry.virtualSize, granularityBits: granularity.trailingZeroBitCount)
         try update { plan in

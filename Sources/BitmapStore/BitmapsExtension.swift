@@ -1,3 +1,4 @@
+import Foundation
 import QCowImage
 
 /// QEMU's limits on persistent bitmaps (block/qcow2.h, block/qcow2-bitmap.c),
@@ -15,6 +16,20 @@ public enum BitmapLimits {
     public static let maxTableEntries = 0x800_0000
     /// At most this many bytes of clusters for one bitmap's data (BME_MAX_PHYS_SIZE).
     public static let maxDataBytes: UInt64 = 0x2000_0000
+
+    /// Why `name` may not be given to a bitmap qbackup creates, or nil when it may: 1 to
+    /// `maxNameBytes` bytes of UTF-8 without control characters. (QEMU limits only the length,
+    /// so a name QEMU made is still read whatever it holds.) Invalid UTF-8 never reaches a
+    /// `String` unrepaired: callers holding raw bytes check those first.
+    public static func problem(withNewName name: String) -> String? {
+        let bytes = name.utf8.count
+        if bytes == 0 { return "a bitmap name must not be empty" }
+        if bytes > maxNameBytes { return "a bitmap name must be at most \(maxNameBytes) bytes, not \(bytes)" }
+        if let c = name.unicodeScalars.first(where: { $0.properties.generalCategory == .control }) {
+            return "a bitmap name must not contain control characters (U+\(String(format: "%04X", c.value)))"
+        }
+        return nil
+    }
 }
 
 /// The bitmaps header extension as it is on disk, field by field.

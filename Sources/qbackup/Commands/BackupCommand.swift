@@ -25,6 +25,11 @@ struct BackupCommand: ParsableCommand {
 
     @Option(name: .long, help: "The tracking bitmap (default: qbackup-<repository id>).") var bitmap: String?
 
+    @Flag(name: .long, help: ArgumentHelp(
+        "Let a new repository use a --bitmap that already exists in IMAGE.",
+        discussion: "The bitmap may belong to another repository, which then misses the changes this one resets."))
+    var takeOverBitmap = false
+
     @Flag(name: .long, help: "Take a full backup even if an incremental one is possible.") var full = false
     @Flag(name: .long, help: "Refuse unless an incremental backup is possible.") var incremental = false
 
@@ -41,14 +46,26 @@ struct BackupCommand: ParsableCommand {
 
     func validate() throws {
         if full && incremental { throw ValidationError("--full and --incremental exclude each other") }
+        // Swift repairs invalid UTF-8 in arguments into U+FFFD: look at the bytes given.
+        if let bitmap, bitmap.unicodeScalars.contains("\u{FFFD}"), !CommandLine.argumentsAreValidUTF8 {
+            throw ValidationError("--bitmap: a bitmap name must be valid UTF-8")
+        }
+        do {
+            try request().validate()
+        } catch let error as CodedError {
+            throw ValidationError(error.description)
+        }
+    }
+
+    func request() -> BackupEngine.Request {
+        let mode: BackupEngine.Mode = full ? .full : incremental ? .incremental : .auto
+        return BackupEngine.Request(image: image, repository: repo, bitmap: bitmap, mode: mode, compression: compress,
+                                    dryRun: dryRun, clusterSize: clusterSize, takeOverBitmap: takeOverBitmap)
     }
 
     func run() throws {
         try ExitStatus.run {
-            let mode: BackupEngine.Mode = full ? .full : incremental ? .incremental : .auto
-            let request = BackupEngine.Request(image: image, repository: repo, bitmap: bitmap, mode: mode,
-                                               compression: compress, dryRun: dryRun,
-                                               clusterSize: clusterSize)
+            let request = request()
             let progress = options.progressReporter("backup")
             let result = try BackupEngine.backup(request, logger: options.logger, progress: progress?.update)
             progress?.finish()
@@ -77,3 +94,9 @@ struct BackupCommand: ParsableCommand {
 
 extension BackupEngine.Compression: ExpressibleByArgument {}
 
+extension CommandLine {
+    /// Whether every argument the process was given is valid UTF-8.
+    static var argumentsAreValidUTF8: Bool {
+        (0..<Int(argc)).allSatisfy { i in unsafeArgv[i].map { String(validatingCString: $0) != nil } ?? true }
+    }
+}
