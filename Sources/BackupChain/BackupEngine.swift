@@ -43,9 +43,13 @@ public enum BackupEngine {
             self.clusterSize = clusterSize
         }
 
-        /// Refuses arguments that no backup could use, before anything is opened or created.
-        func validate() throws {
+        /// Refuses arguments that no backup could use (that could only fail later, after the
+        /// disk was copied), before anything is opened or created.
+        public func validate() throws {
             if let clusterSize { try QCowCreator.validateClusterSize(clusterSize) }
+            if let bitmap, let problem = BitmapLimits.problem(withNewName: bitmap) {
+                throw ChainError(.invalidArgument, "--bitmap: \(problem)")
+            }
         }
     }
 
@@ -175,14 +179,5 @@ public enum BackupEngine {
         try source.resetBitmap(bitmap)
         return Result(kind: kind, layer: layer, index: manifest.layers.count - 1, bitmap: bitmap,
                       bytesCopied: copied, extents: plan.ranges.count, dryRun: false, virtualSize: source.virtualSize)
-    }
-}
-
-extension BackupEngine.Request {
-    /// Refuses arguments that could only fail later, after the disk was copied.
-    public func validate() throws {
-        if let bitmap, let problem = BitmapLimits.problem(withNewName: bitmap) {
-            throw ChainError(.invalidArgument, "--bitmap: \(problem)")
-        }
     }
 }
