@@ -58,7 +58,7 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
-        .target(name: "TestSupport", dependencies: ["QCowImage"], path: "Tests/TestSupport"),
+        .target(name: "TestSupport", dependencies: ["QCowImage", "LiveSource"], path: "Tests/TestSupport"),
         .testTarget(name: "QCowImageTests", dependencies: ["QCowImage", "TestSupport"]),
         .testTarget(name: "BitmapStoreTests", dependencies: ["BitmapStore", "TestSupport"]),
         .testTarget(name: "BackupChainTests", dependencies: ["BackupChain", "TestSupport"]),

@@ -11,10 +11,18 @@ public enum Tools {
 
     public struct MissingTool: Error, CustomStringConvertible {
         public let name: String
+        /// The Debian package that has it, when not one of the usual two.
+        public var package: String? = nil
         public var description: String {
-            "\(name) is not installed; install it with: apt-get install -y qemu-utils libnbd-bin " +
+            if let package { return "\(name) is not installed; install it with: apt-get install -y \(package) (or run scripts/install-deps.sh)" }
+            return "\(name) is not installed; install it with: apt-get install -y qemu-utils libnbd-bin " +
                 "(qemu-img, qemu-io, qemu-nbd come from qemu-utils; nbdinfo from libnbd-bin)"
         }
+    }
+
+    /// `which(name)`, naming Debian package `hint` when it is missing.
+    public static func which(_ name: String, hint: String) throws -> String {
+        do { return try which(name) } catch { throw MissingTool(name: name, package: hint) }
     }
 
     /// The full path of `name` on PATH, or throws `MissingTool` (tests fail, never skip).
