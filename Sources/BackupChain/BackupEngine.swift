@@ -30,6 +30,9 @@ public enum BackupEngine {
         /// A new repository may use a `bitmap` that already exists in the image (it may be
         /// another repository's: taking it over resets it, and that repository misses changes).
         public var takeOverBitmap: Bool
+        /// What the manifest records as the disk when it is not the image file `image`
+        /// (an NBD export's URI, or the user's `--source-name`).
+        public var sourceName: String? = nil
         public init(image: String, repository: String, bitmap: String? = nil, mode: Mode = .auto,
                     compression: Compression = .none, dryRun: Bool = false, clusterSize: Int? = nil,
                     takeOverBitmap: Bool = false) {
@@ -70,6 +73,16 @@ public enum BackupEngine {
     /// before anything is opened or read.
     public static func backup(_ request: Request, logger: Logger = Logger(label: "qbackup.backup"),
                               progress: ((UInt64, UInt64) -> Void)? = nil) throws -> Result {
+        try backup(request, logger: logger, progress: progress) { _ in
+            try LocalImageSource(path: request.image, writable: !request.dryRun)
+        }
+    }
+
+    /// Runs one backup from the source that `open` returns, once the repository is open,
+    /// locked and recovered (a live source sets QEMU up only then). The source is closed
+    /// before this returns; `request.sourceName` identifies it in the manifest.
+    public static func backup(_ request: Request, logger: Logger, progress: ((UInt64, UInt64) -> Void)?,
+                              open: (BackupRepository) throws -> BackupSource) throws -> Result {
         try request.validate()
         let repo = try BackupRepository(path: request.repository, create: !request.dryRun, exclusive: !request.dryRun,
                                         allowMissing: request.dryRun)
@@ -77,7 +90,7 @@ public enum BackupEngine {
             try MergeEngine.recover(repo, logger: logger)
             try repo.removeLeftovers()
         }
-        let source = try LocalImageSource(path: request.image, writable: !request.dryRun)
+        let source = try open(repo)
         defer { source.close() }
         return try backup(request, repo: repo, source: source, logger: logger, progress: progress)
     }
@@ -87,7 +100,7 @@ public enum BackupEngine {
                               progress: ((UInt64, UInt64) -> Void)?) throws -> Result {
         try request.validate()
         let existing = repo.manifest
-        let sourcePath = LocalImageSource.canonicalPath(request.image)
+        let sourcePath = request.sourceName ?? LocalImageSource.canonicalPath(request.image)
         if let m = existing {
             if m.source != sourcePath {
                 throw ChainError(.refused, "the repository belongs to another disk (\(m.source)), not \(sourcePath)",

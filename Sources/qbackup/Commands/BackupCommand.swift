@@ -1,5 +1,7 @@
 import ArgumentParser
+import Foundation
 import BackupChain
+import LiveSource
 import QCowImage
 
 /// `qbackup backup IMAGE --repo DIR [--bitmap NAME] [--full|--incremental] [--compress …] [--dry-run]`
@@ -17,9 +19,21 @@ struct BackupCommand: ParsableCommand {
 
             Nightly, from cron:
               0 2 * * *  qbackup backup /var/lib/libvirt/images/vm.qcow2 --repo /backup/vm
+
+            With --nbd URI (nbd://HOST[:PORT]/EXPORT, nbds://…, nbd+unix:///EXPORT?socket=PATH) the \
+            data comes from an NBD export someone else set up (qemu-nbd, a pull-mode export): with \
+            --bitmap NAME the changes come from its qemu:dirty-bitmap:NAME context, else every layer \
+            is full. qbackup never resets that bitmap: where its tracking starts is the exporter's \
+            business.
             """)
 
-    @Argument(help: "The qcow2 disk image to back up.") var image: String
+    @Argument(help: "The qcow2 disk image to back up (not with --nbd).") var image: String?
+
+    @Option(name: .long, help: "Back up an NBD export instead of an image file (a URI as libnbd parses it).")
+    var nbd: String?
+
+    @Option(name: .long, help: "With --nbd: the name the repository records for the disk (default: the URI).")
+    var sourceName: String?
 
     @Option(name: .long, help: "The repository folder (created if missing).") var repo: String
 
@@ -46,6 +60,9 @@ struct BackupCommand: ParsableCommand {
 
     func validate() throws {
         if full && incremental { throw ValidationError("--full and --incremental exclude each other") }
+        if (image == nil) == (nbd == nil) { throw ValidationError("give either IMAGE or --nbd URI") }
+        if sourceName != nil && nbd == nil { throw ValidationError("--source-name goes with --nbd") }
+        if nbd != nil && takeOverBitmap { throw ValidationError("--take-over-bitmap does not apply to --nbd (qbackup resets no bitmap of an export)") }
         // Swift repairs invalid UTF-8 in arguments into U+FFFD: look at the bytes given.
         if let bitmap, bitmap.unicodeScalars.contains("\u{FFFD}"), !CommandLine.argumentsAreValidUTF8 {
             throw ValidationError("--bitmap: a bitmap name must be valid UTF-8")
@@ -59,7 +76,7 @@ struct BackupCommand: ParsableCommand {
 
     func request() -> BackupEngine.Request {
         let mode: BackupEngine.Mode = full ? .full : incremental ? .incremental : .auto
-        return BackupEngine.Request(image: image, repository: repo, bitmap: bitmap, mode: mode, compression: compress,
+        return BackupEngine.Request(image: image ?? nbd ?? "", repository: repo, bitmap: bitmap, mode: mode, compression: compress,
                                     dryRun: dryRun, clusterSize: clusterSize, takeOverBitmap: takeOverBitmap)
     }
 
@@ -67,8 +84,21 @@ struct BackupCommand: ParsableCommand {
         try ExitStatus.run {
             let request = request()
             let progress = options.progressReporter("backup")
-            let result = try BackupEngine.backup(request, logger: options.logger, progress: progress?.update)
+            let result: BackupEngine.Result
+            if let nbd {
+                result = try NBDBackup.backup(
+                    NBDBackup.Request(uri: nbd, repository: repo, bitmap: bitmap, sourceName: sourceName, mode: request.mode,
+                                      compression: compress, dryRun: dryRun, clusterSize: clusterSize),
+                    logger: options.logger, progress: progress?.update)
+            } else {
+                result = try BackupEngine.backup(request, logger: options.logger, progress: progress?.update)
+            }
             progress?.finish()
+            // An export's bitmap belongs to its exporter: say that it was left as it was.
+            let untouchedBitmap = nbd != nil && bitmap != nil && !result.dryRun
+            if untouchedBitmap && !options.json {
+                FileHandle.standardError.write(Data("qbackup: note: bitmap '\(result.bitmap)' of the export was not reset; the exporter owns it\n".utf8))
+            }
             if options.json {
                 var pairs: [(String, JSON)] = [
                     ("kind", .string(result.kind.rawValue)), ("index", .int(Int64(result.index))),
@@ -76,6 +106,7 @@ struct BackupCommand: ParsableCommand {
                     ("extents", .int(Int64(result.extents))), ("dry-run", .bool(result.dryRun)),
                     ("virtual-size", .uint(result.virtualSize)),
                 ]
+                if nbd != nil { pairs.append(("bitmap-reset", .bool(false))) }
                 if let layer = result.layer {
                     pairs.insert(("layer", .string(layer.file)), at: 0)
                     pairs.append(("file-size", .uint(layer.fileSize)))

@@ -1,0 +1,117 @@
+import Foundation
+import Testing
+import TestSupport
+
+/// `qbackup backup --nbd URI` (the real binary) against `qemu-nbd -r -B NAME`: a full and
+/// incremental chain where every point restores byte-exact (qemu-img compare), the
+/// exporter's bitmap left as it was, and refusals that change nothing.
+@Suite struct NBDBackupTests {
+    static func uri(_ server: QemuNBD) -> String { "nbd+unix:///?socket=\(server.socket)" }
+
+    static func json(_ result: Tools.Result) throws -> [String: Any] {
+        #expect(result.status == 0, "qbackup failed: \(result.stderr)")
+        return try JSONHelpers.parse(result.stdout) as? [String: Any] ?? [:]
+    }
+
+    /// Backs up `disk` through a fresh read-only export of it.
+    static func backupThroughExport(_ disk: String, dir: TempDir, repo: String, bitmap: String?,
+                                    extra: [String] = []) throws -> Tools.Result {
+        let server = try QemuNBD(image: disk, bitmap: bitmap, directory: dir)
+        defer { server.stop() }
+        var args = ["backup", "--nbd", uri(server), "--repo", repo, "--output", "json"] + extra
+        if let bitmap { args += ["--bitmap", bitmap] }
+        return try QBackupBinary.run(args)
+    }
+
+    @Test func fullAndIncrementalRestoreByteExact() throws {
+        let dir = TempDir("nbd-backup")
+        let disk = dir.file("disk.qcow2")
+        let repo = dir.file("repo")
+        try Tools.qemuImg("create", "-q", "-f", "qcow2", disk, "16M")
+        try Tools.qemuIO(disk, format: "qcow2", ["write -P 0x11 0 2M", "write -P 0x12 9M 1M"])
+        try Tools.qemuImg("bitmap", "--add", disk, "b0")
+        var points: [String] = []
+        func snapshot() throws {
+            let copy = dir.file("point\(points.count).raw")
+            try Tools.qemuImg("convert", "-f", "qcow2", "-O", "raw", disk, copy)
+            points.append(copy)
+        }
+
+        try snapshot()
+        let first = try Self.json(try Self.backupThroughExport(disk, dir: dir, repo: repo, bitmap: "b0",
+                                                               extra: ["--source-name", "vm1-vda"]))
+        #expect(first["kind"] as? String == "full")
+        #expect(first["bitmap-reset"] as? Bool == false)
+
+        // Guest writes after the full backup, tracked by b0 (qemu-io marks enabled bitmaps dirty).
+        try Tools.qemuIO(disk, format: "qcow2", ["write -P 0x21 1M 64k", "write -P 0x22 12M 1M", "write -z 9M 64k"])
+        try snapshot()
+        let second = try Self.json(try Self.backupThroughExport(disk, dir: dir, repo: repo, bitmap: "b0",
+                                                                extra: ["--source-name", "vm1-vda"]))
+        #expect(second["kind"] as? String == "incremental")
+        // The exporter's bitmap was not reset, so the next layer copies the union (the exporter's business).
+        let dirtyNow = try QemuNBD.dirtyMap(image: disk, bitmap: "b0", directory: dir).filter(\.dirty)
+        #expect(dirtyNow.reduce(0) { $0 + $1.length } == 64 << 10 + 1 << 20 + 64 << 10)
+        #expect(second["bytes-copied"] as? Int == 64 << 10 + 1 << 20)  // the zeroed 64k is a zero cluster, not data
+
+        try Tools.qemuIO(disk, format: "qcow2", ["write -P 0x31 15M 512k"])
+        try snapshot()
+        let third = try Self.json(try Self.backupThroughExport(disk, dir: dir, repo: repo, bitmap: "b0",
+                                                               extra: ["--source-name", "vm1-vda"]))
+        #expect(third["kind"] as? String == "incremental")
+
+        let list = try JSONHelpers.parse(try QBackupBinary.run(["list", repo, "--output", "json"]).stdout) as? [String: Any]
+        #expect(list?["source"] as? String == "vm1-vda" || (list?["source"] as? [String: Any]) != nil)
+        for (i, point) in points.enumerated() {
+            let out = dir.file("restored\(i).raw")
+            let restored = try QBackupBinary.run(["restore", repo, "--to", out, "--at", "\(i)", "--format", "raw"])
+            #expect(restored.status == 0, "\(restored.stderr)")
+            let compare = try Tools.run(try Tools.which("qemu-img"), ["compare", "-f", "raw", "-F", "raw", out, point])
+            #expect(compare.status == 0, "point \(i): \(compare.stdout)\(compare.stderr)")
+        }
+        let verify = try QBackupBinary.run(["verify", repo])
+        #expect(verify.status == 0, "\(verify.stderr)")
+    }
+
+    /// Without --bitmap every layer is full; the manifest names the URI.
+    @Test func withoutBitmapEveryLayerIsFull() throws {
+        let dir = TempDir("nbd-backup-full")
+        let disk = dir.file("disk.qcow2")
+        let repo = dir.file("repo")
+        try Tools.qemuImg("create", "-q", "-f", "qcow2", disk, "4M")
+        try Tools.qemuIO(disk, format: "qcow2", ["write -P 0x41 0 1M"])
+        let server = try QemuNBD(image: disk, bitmap: nil, directory: dir)
+        defer { server.stop() }
+        for _ in 0..<2 {
+            let result = try Self.json(try QBackupBinary.run(["backup", "--nbd", Self.uri(server), "--repo", repo, "--output", "json"]))
+            #expect(result["kind"] as? String == "full")
+            #expect(result["bytes-copied"] as? Int == 1 << 20)
+        }
+        let manifest = try String(contentsOfFile: dir.file("repo/manifest.json"), encoding: .utf8)
+        #expect(manifest.contains(server.socket))
+        let incremental = try QBackupBinary.run(["backup", "--nbd", Self.uri(server), "--repo", repo, "--incremental"])
+        #expect(incremental.status != 0)
+        #expect(incremental.stderr.hasPrefix("qbackup: error:"))
+    }
+
+    /// --bitmap NAME on an export without that context: one clear error, nothing created or changed.
+    @Test func refusesAMissingBitmapContext() throws {
+        let dir = TempDir("nbd-backup-refuse")
+        let disk = dir.file("disk.qcow2")
+        let repo = dir.file("repo")
+        try Tools.qemuImg("create", "-q", "-f", "qcow2", disk, "4M")
+        try Tools.qemuIO(disk, format: "qcow2", ["write -P 0x51 0 64k"])
+        let full = try Self.backupThroughExport(disk, dir: dir, repo: repo, bitmap: nil, extra: ["--source-name", "d"])
+        #expect(full.status == 0, "\(full.stderr)")
+        let before = try Data.contents(of: dir.file("repo/manifest.json"))
+        let server = try QemuNBD(image: disk, bitmap: nil, directory: dir)
+        defer { server.stop() }
+        let refused = try QBackupBinary.run(["backup", "--nbd", Self.uri(server), "--repo", repo, "--bitmap", "b0",
+                                             "--source-name", "d"])
+        #expect(refused.status == 1)
+        let lines = refused.stderr.split(separator: "\n")
+        #expect(lines.count == 1 && lines[0].hasPrefix("qbackup: error:"), "\(refused.stderr)")
+        #expect(refused.stderr.contains("qemu:dirty-bitmap:b0"))
+        #expect(try Data.contents(of: dir.file("repo/manifest.json")) == before)
+    }
+}
