@@ -56,12 +56,11 @@ public enum ChainVerifier {
         func problem(_ text: String) { report.problems.append("layer \(i) (\(layer.file)): \(text)") }
         report.layersChecked += 1
         do {
-            let device = try files.open(path, writable: false, lock: true)
-            let (sha, size) = try DurableFiles.sha256(of: device)
+            let file = try ImageOpener.openQCow(path, files: files)
+            defer { file.close() }
+            let (sha, size) = try DurableFiles.sha256(of: file.device)
             if size != layer.fileSize { problem("file is \(size) bytes, the manifest says \(layer.fileSize)") }
             if sha != layer.sha256 { problem("checksum mismatch: sha256 is \(sha), the manifest says \(layer.sha256)") }
-            let file = try QCowFile(device: device)
-            defer { file.close() }
             let expectedBacking = layer.kind == .incremental && i > 0 ? manifest.layers[i - 1].file : nil
             if file.header.backingFile != expectedBacking {
                 problem("backing file is \(file.header.backingFile ?? "none"), the manifest says \(expectedBacking ?? "none")")

@@ -134,7 +134,7 @@ public enum MergeEngine {
             var tops: [QCowFile] = []
             defer { for top in tops { top.close() } }
             for layer in newer {
-                tops.append(try QCowFile(device: try files.open(repo.file(layer.file), writable: false, lock: true)))
+                tops.append(try ImageOpener.openQCow(repo.file(layer.file), files: files))
             }
             if recovering {
                 let report = try QCowChecker.check(baseFile, repair: .leaks)

@@ -55,10 +55,12 @@ public final class QCowFile: GuestImage {
     public var virtualSize: UInt64 { header.size }
 
     /// Opens a qcow2 image on `device`, validating header, extensions, L1 and snapshot table.
-    /// The backing file is not opened here (see `ImageOpener`). `forRepair` lets
-    /// `check --repair` open an image marked corrupt or dirty for writing.
-    public init(device: BlockDevice, writable: Bool = false, externalDataDevice: BlockDevice? = nil,
-                forRepair: Bool = false, logger: Logger = Logger(label: "qbackup.qcow", factory: { _ in SwiftLogNoOpLogHandler() })) throws {
+    /// The backing file is not opened here, nor the external data file: open images
+    /// through `ImageOpener.openQCow` (one file) or `ImageOpener.open` (a chain).
+    /// `forCheck` is for `check`: it opens an image without a refcount table (as QEMU's
+    /// BDRV_O_CHECK does) and lets `check --repair` open one marked corrupt or dirty for writing.
+    init(device: BlockDevice, writable: Bool = false, externalDataDevice: BlockDevice? = nil,
+                forCheck: Bool = false, logger: Logger = Logger(label: "qbackup.qcow", factory: { _ in SwiftLogNoOpLogHandler() })) throws {
         self.device = device
         self.filename = device.name
         self.writable = writable
@@ -67,7 +69,7 @@ public final class QCowFile: GuestImage {
             let size = try device.size()
             fileSize = size
             header = try Self.decodeHeader(device, fileSize: size)
-            try header.validate(fileSize: size)
+            try header.validate(fileSize: size, forCheck: forCheck)
             clusterBits = Int(header.clusterBits)
             clusterSize = header.clusterSize
             l2Bits = clusterBits - (header.extendedL2 ? 4 : 3)
@@ -92,12 +94,12 @@ public final class QCowFile: GuestImage {
             throw error.inFile(device.name)
         }
         if writable {
-            if header.incompatibleFeatures.contains(.corrupt) && !forRepair {
+            if header.incompatibleFeatures.contains(.corrupt) && !forCheck {
                 throw QCowError(.refused, "image is marked corrupt (\(header.featureName(kind: .incompatible, bit: 1)) set); run 'qbackup check --repair all' first",
                                 path: filename, offset: 72, region: "header")
             }
             // A repair opens corrupt or dirty images on purpose: that is what it fixes.
-            if !forRepair { try prepareForWriting() }
+            if !forCheck { try prepareForWriting() }
         }
     }
 

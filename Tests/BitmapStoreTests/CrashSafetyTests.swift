@@ -17,7 +17,7 @@ import TestSupport
 
     /// The bitmaps of an image held in memory.
     static func states(_ bytes: [UInt8]) throws -> [String: State] {
-        let file = try QCowFile(device: MemoryDevice(name: "replay", bytes: bytes))
+        let file = try ImageOpener.openQCow(on: MemoryDevice(name: "replay", bytes: bytes), files: MemoryFiles())
         let catalog = try BitmapCatalog(file: file)
         var out: [String: State] = [:]
         for entry in catalog.entries {
@@ -58,7 +58,7 @@ import TestSupport
         try QemuOracle.run([.add("a", granularity: 4096), .add("b", granularity: 65536), .writes(seed: 51, count: 10),
                             .disable("b"), .writes(seed: 52, count: 3)], on: image, size: size)
         let device = MemoryDevice(name: "image", bytes: Array(try Data.contents(of: image)))
-        let file = try QCowFile(device: device, writable: true)
+        let file = try ImageOpener.openQCow(on: device, writable: true, files: MemoryFiles())
         let initial = device.bytes
         let before = try Self.states(initial)
         device.logging = true
@@ -91,7 +91,7 @@ import TestSupport
         try QemuOracle.run([.add("a", granularity: 512), .writes(seed: 61, count: 5)], on: image, size: 4 << 20)
         let device = MemoryDevice(name: "image", bytes: Array(try Data.contents(of: image)))
         let before = try Self.states(device.bytes)
-        let file = try QCowFile(device: device, writable: true)
+        let file = try ImageOpener.openQCow(on: device, writable: true, files: MemoryFiles())
         let catalog = try BitmapCatalog(file: file)
         device.failAtOperation = device.operations + failAt
         var failed = false

@@ -11,7 +11,7 @@ extension FuzzTargets {
     /// must tile the disk in order, alternating clean and dirty.
     public static func bitmaps(_ data: UnsafeRawBufferPointer) {
         let device = MemoryDevice(name: "<fuzz>", bytes: Array(data))
-        guard let file = try? QCowFile(device: device) else { return }
+        guard let file = try? ImageOpener.openQCow(on: device, files: MemoryFiles()) else { return }
         // The bitmap part of `check` reads what opening the catalog refuses, so it runs first.
         _ = try? BitmapCatalog.check(file)
         guard let catalog = try? BitmapCatalog(file: file) else { return }
@@ -45,7 +45,7 @@ extension FuzzTargets {
     static func bitmapWrites(_ data: UnsafeRawBufferPointer) {
         guard UInt64(data.count) <= 4 << 20 else { return }
         let device = MemoryDevice(name: "<fuzz>", bytes: Array(data))
-        guard let file = try? QCowFile(device: device, writable: true), file.virtualSize > 0,
+        guard let file = try? ImageOpener.openQCow(on: device, writable: true, files: MemoryFiles()), file.virtualSize > 0,
               let catalog = try? BitmapCatalog(file: file)
         else { return }
         if let first = catalog.entries.first { _ = try? catalog.clear(first.name) }

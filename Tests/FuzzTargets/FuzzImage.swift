@@ -29,7 +29,7 @@ public enum FuzzTargets {
     /// allocated extents, and the checker.
     public static func image(_ data: UnsafeRawBufferPointer) {
         let device = MemoryDevice(name: "<fuzz>", bytes: Array(data))
-        guard let file = try? QCowFile(device: device) else { return }
+        guard let file = try? ImageOpener.openQCow(on: device, files: MemoryFiles()) else { return }
         roundTripHeader(file)
         _ = ImageInfo(file)
         var extents = 0

@@ -10,7 +10,7 @@ extension FuzzTargets {
         let device = MemoryDevice(name: "<fuzz>", bytes: Array(data))
         // Bound what a fuzzed image can make the allocator grow the device to.
         guard UInt64(data.count) <= 4 << 20,
-              let file = try? QCowFile(device: device, writable: true), file.virtualSize > 0
+              let file = try? ImageOpener.openQCow(on: device, writable: true, files: MemoryFiles()), file.virtualSize > 0
         else { return }
         var seed: UInt64 = 0xcbf2_9ce4_8422_2325
         for byte in data.prefix(256) { seed = (seed ^ UInt64(byte)) &* 0x100_0000_01b3 }

@@ -62,7 +62,7 @@ import TestSupport
         // The full run, logged.
         let full = MemoryDevice(name: "crash.qcow2", bytes: initial)
         full.logging = true
-        try workload(try QCowFile(device: full, writable: true))
+        try workload(try ImageOpener.openQCow(on: full, writable: true, files: MemoryFiles()))
         let log = full.log
         #expect(log.count > 20)
         try checkClean(full.bytes, dir: dir, label: "complete run", allowLeaks: false)
@@ -72,7 +72,7 @@ import TestSupport
         for n in 0..<log.count {
             let device = MemoryDevice(name: "crash.qcow2", bytes: initial)
             device.failAtOperation = n
-            #expect(throws: QCowError.self) { try workload(try QCowFile(device: device, writable: true)) }
+            #expect(throws: QCowError.self) { try workload(try ImageOpener.openQCow(on: device, writable: true, files: MemoryFiles())) }
             #expect(same(device.bytes, MemoryDevice.replay(log, count: n, onto: initial)), "workload is not deterministic at \(n)")
             // A sync changes no bytes: the state after it was checked already.
             if n > 0, case .sync = log[n - 1] { continue }

@@ -119,7 +119,9 @@ extension QCowHeader {
     }
 
     /// Checks every header field against the spec, QEMU's limits and the file size.
-    public func validate(fileSize: UInt64) throws {
+    /// `forCheck` accepts a missing refcount table (refcount_table_clusters 0), which
+    /// `check --repair all` rebuilds, as QEMU opens such an image for qemu-img check only.
+    public func validate(fileSize: UInt64, forCheck: Bool = false) throws {
         let clusterSize = UInt64(self.clusterSize)
         func fail(_ message: String, _ offset: UInt64, _ code: QCowError.Code = .invalidFormat) -> QCowError {
             QCowError(code, message, offset: offset, region: "header")
@@ -139,6 +141,10 @@ extension QCowHeader {
         }
         if compressionType > 1 {
             throw fail("unknown compression_type \(compressionType)", 104, .unsupported)
+        }
+        if compressionType == 0 && incompatibleFeatures.contains(.compressionType) {
+            throw fail("the compression type incompatible bit is set but compression_type is 0 (zlib); the spec requires it then to be non-zero",
+                       104, .corrupt)
         }
         if compressionType != 0 && !incompatibleFeatures.contains(.compressionType) {
             throw fail("compression_type \(compressionType) needs the compression type incompatible bit", 104)
@@ -167,7 +173,9 @@ extension QCowHeader {
         guard UInt64(refcountTableClusters) * clusterSize <= Limits.maxRefcountTableBytes else {
             throw fail("refcount_table_clusters \(refcountTableClusters) exceeds QEMU's limit of 8 MiB", 56)
         }
-        guard refcountTableClusters > 0 else { throw fail("refcount_table_clusters is 0", 56, .corrupt) }
+        guard refcountTableClusters > 0 || forCheck else {
+            throw fail("refcount_table_clusters is 0 (the image has no refcount table; 'qbackup check --repair all' rebuilds it)", 56, .corrupt)
+        }
         guard refcountTableOffset <= fileSize,
               UInt64(refcountTableClusters) * clusterSize <= fileSize - refcountTableOffset + clusterSize
         else {
@@ -176,10 +184,11 @@ extension QCowHeader {
         guard nbSnapshots <= Limits.maxSnapshots else {
             throw fail("nb_snapshots \(nbSnapshots) exceeds the limit of 65536", 60)
         }
+        // QEMU validates the offset even of an empty table.
+        guard snapshotsOffset % clusterSize == 0 else {
+            throw fail("snapshots_offset 0x\(String(snapshotsOffset, radix: 16)) is not cluster aligned", 64, .corrupt)
+        }
         if nbSnapshots > 0 {
-            guard snapshotsOffset % clusterSize == 0 else {
-                throw fail("snapshots_offset is not cluster aligned", 64, .corrupt)
-            }
             guard snapshotsOffset < fileSize else { throw fail("snapshot table lies past the end of the file", 64, .truncated) }
         }
         if incompatibleFeatures.contains(.externalDataFile) && externalDataFile == nil {

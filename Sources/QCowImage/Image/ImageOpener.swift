@@ -3,6 +3,7 @@ import Glibc
 #elseif canImport(Darwin)
 import Darwin
 #endif
+import Logging
 
 /// Opens images by path: probes the format, opens the backing chain with
 /// names resolved as QEMU does, and refuses loops and absurd depths.
@@ -33,48 +34,120 @@ public enum ImageOpener {
         }
         seen.insert(real)
         let device = try files.open(path, writable: writable, lock: lock)
-        let detected = try probe(device)
-        let chosen = format ?? detected
-        if chosen == .qcow2 && detected != .qcow2 {
-            throw QCowError(.invalidFormat, "not a qcow2 image (no QFI\\xfb magic)", path: path, offset: 0, region: "header")
+        let chosen: Format
+        do {
+            let detected = try probe(device)
+            chosen = format ?? detected
+            if chosen == .qcow2 && detected != .qcow2 { throw notQCow2(path) }
+        } catch {
+            (device as? FileDevice)?.close()
+            throw error
         }
         switch chosen {
         case .raw:
             return try RawImage(device: device)
         case .qcow2:
-            let external = try QCowFile.openExternalDataFile(of: device, path: path, writable: writable, files: files)
-            let image = try QCowFile(device: device, writable: writable, externalDataDevice: external)
-            if let name = image.header.backingFile {
-                guard !name.hasPrefix("json:"), !name.contains("://") else {
-                    throw QCowError(.unsupported, "backing file '\(name)' is not a local file", path: path,
-                                    region: "backing file name")
-                }
-                let backingPath = combine(base: path, relative: name)
-                let backingFormat: Format?
-                if let f = image.header.backingFormat {
-                    guard let known = Format(rawValue: f) else {
-                        throw QCowError(.unsupported, "backing format '\(f)' is not supported (qcow2 or raw)", path: path,
-                                        offset: image.header.extensionOffset(HeaderExtension.backingFormat),
-                                        region: "backing format extension")
-                    }
-                    backingFormat = known
-                } else {
-                    backingFormat = nil
-                }
-                do {
-                    let backing = try open(backingPath, format: backingFormat, writable: false, lock: lock,
-                                           files: files, depth: depth + 1, seen: &seen)
+            let image = try openQCow(on: device, path: path, writable: writable, files: files)
+            do {
+                if let backing = try openBacking(of: image, path: path, writable: false, lock: lock, files: files,
+                                                 depth: depth + 1, seen: &seen) {
                     image.attachBacking(backing)
-                } catch let error as QCowError {
-                    image.close()
-                    if error.region == "backing chain" || error.path != backingPath { throw error }
-                    var wrapped = error
-                    wrapped.message = "cannot open backing file of \(path): " + error.message
-                    throw wrapped
                 }
+            } catch {
+                image.close()
+                throw error
             }
             return image
         }
+    }
+
+    // MARK: - The one opener of a single image file
+
+    /// Opens the one qcow2 image file at `path`: the file (locked when `lock`), its
+    /// external data file if it names one, header, L1 and snapshot table — not its
+    /// backing chain (`open` adds that). Every command and test that needs one
+    /// qcow2 file, rather than a chain, opens it here. `forCheck` is for `check`
+    /// (see `QCowFile.init`).
+    public static func openQCow(_ path: String, writable: Bool = false, lock: Bool = true, forCheck: Bool = false,
+                                files: FileOpener = LocalFiles(),
+                                logger: Logger = Logger(label: "qbackup.qcow", factory: { _ in SwiftLogNoOpLogHandler() }))
+        throws -> QCowFile
+    {
+        let device = try files.open(path, writable: writable, lock: lock)
+        do {
+            guard try probe(device) == .qcow2 else { throw notQCow2(path) }
+        } catch {
+            (device as? FileDevice)?.close()
+            throw error
+        }
+        return try openQCow(on: device, path: path, writable: writable, forCheck: forCheck, files: files, logger: logger)
+    }
+
+    /// The qcow2 image on the already opened `device` (closed again if this throws), with
+    /// the external data file it names, found relative to `path` through `files` (tests
+    /// and fuzz targets pass their memory devices and `MemoryFiles` here).
+    public static func openQCow(on device: BlockDevice, path: String? = nil, writable: Bool = false,
+                                forCheck: Bool = false, files: FileOpener = LocalFiles(),
+                                logger: Logger = Logger(label: "qbackup.qcow", factory: { _ in SwiftLogNoOpLogHandler() }))
+        throws -> QCowFile
+    {
+        let path = path ?? device.name
+        var external: BlockDevice?
+        do {
+            // A repair rewrites metadata only: the data file stays read-only.
+            external = try QCowFile.openExternalDataFile(of: device, path: path, writable: writable && !forCheck,
+                                                         files: files)
+            return try QCowFile(device: device, writable: writable, externalDataDevice: external, forCheck: forCheck,
+                                logger: logger)
+        } catch {
+            (external as? FileDevice)?.close()
+            (device as? FileDevice)?.close()
+            throw error
+        }
+    }
+
+    /// Opens the backing file `image` (at `path`) names, with the format its header
+    /// gives (probed when none), and that file's own chain; nil when it names none.
+    /// The one place the backing reference is resolved (QEMU's rules: a relative
+    /// name is taken from the image's directory; no protocols, no json: names).
+    public static func openBacking(of image: QCowFile, path: String, writable: Bool, lock: Bool = true,
+                                   files: FileOpener = LocalFiles()) throws -> GuestImage? {
+        var seen: Set<String> = [files.canonicalPath(path) ?? path]
+        return try openBacking(of: image, path: path, writable: writable, lock: lock, files: files, depth: 1, seen: &seen)
+    }
+
+    static func openBacking(of image: QCowFile, path: String, writable: Bool, lock: Bool, files: FileOpener, depth: Int,
+                            seen: inout Set<String>) throws -> GuestImage? {
+        guard let name = image.header.backingFile else { return nil }
+        guard !name.hasPrefix("json:"), !name.contains("://") else {
+            throw QCowError(.unsupported, "backing file '\(name)' is not a local file", path: path,
+                            region: "backing file name")
+        }
+        let backingPath = combine(base: path, relative: name)
+        let backingFormat: Format?
+        if let f = image.header.backingFormat {
+            guard let known = Format(rawValue: f) else {
+                throw QCowError(.unsupported, "backing format '\(f)' is not supported (qcow2 or raw)", path: path,
+                                offset: image.header.extensionOffset(HeaderExtension.backingFormat),
+                                region: "backing format extension")
+            }
+            backingFormat = known
+        } else {
+            backingFormat = nil
+        }
+        do {
+            return try open(backingPath, format: backingFormat, writable: writable, lock: lock, files: files,
+                            depth: depth, seen: &seen)
+        } catch let error as QCowError {
+            if error.region == "backing chain" || error.path != backingPath { throw error }
+            var wrapped = error
+            wrapped.message = "cannot open backing file of \(path): " + error.message
+            throw wrapped
+        }
+    }
+
+    static func notQCow2(_ path: String) -> QCowError {
+        QCowError(.invalidFormat, "not a qcow2 image (no QFI\\xfb magic)", path: path, offset: 0, region: "header")
     }
 
     /// qcow2 when the file starts with the qcow2 magic, else raw.

@@ -63,30 +63,13 @@ public enum ImageCommitter {
                               progress: ((UInt64, UInt64) -> Void)? = nil,
                               prepareBase: ((WritableImage) throws -> Void)? = nil,
                               finishBase: ((WritableImage) throws -> Void)? = nil) throws -> CommitResult {
-        let device = try FileDevice(path: path, writable: false)
-        defer { device.close() }
-        try ImageLock.acquire(device, writable: false)
-        guard try ImageOpener.probe(device) == .qcow2 else {
-            throw QCowError(.invalidFormat, "commit needs a qcow2 image (no QFI\\xfb magic)", path: path, offset: 0, region: "header")
-        }
-        let top = try QCowFile(device: device, logger: logger)
-        guard let name = top.header.backingFile else {
+        let top = try ImageOpener.openQCow(path, logger: logger)
+        defer { top.close() }
+        guard let opened = try ImageOpener.openBacking(of: top, path: path, writable: true) else {
             throw QCowError(.invalidArgument, "image has no backing file to commit into", path: path, region: "header")
         }
-        guard !name.hasPrefix("json:"), !name.contains("://") else {
-            throw QCowError(.unsupported, "backing file '\(name)' is not a local file", path: path, region: "backing file name")
-        }
-        var format: ImageOpener.Format?
-        if let f = top.header.backingFormat {
-            guard let known = ImageOpener.Format(rawValue: f) else {
-                throw QCowError(.unsupported, "backing format '\(f)' is not supported (qcow2 or raw)", path: path,
-                                region: "backing format extension")
-            }
-            format = known
-        }
-        let opened = try ImageOpener.open(ImageOpener.combine(base: path, relative: name), format: format, writable: true)
-        defer { opened.close() }
         guard let base = opened as? WritableImage else {
+            opened.close()
             throw QCowError(.unsupported, "backing file cannot be written", path: opened.filename)
         }
         top.attachBacking(base)
