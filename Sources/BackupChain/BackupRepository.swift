@@ -21,7 +21,10 @@ public final class BackupRepository {
     /// `exclusive` takes the repository lock for changes; otherwise a shared one.
     /// With `allowMissing`, a folder that does not exist opens as an empty repository
     /// without creating anything (a dry run of the first backup).
-    public init(path: String, create: Bool = false, exclusive: Bool, allowMissing: Bool = false) throws {
+    /// A lock held by another process is waited for up to `wait` seconds (0: not at all),
+    /// then refused as `locked`, naming the holder when the system tells.
+    public init(path: String, create: Bool = false, exclusive: Bool, allowMissing: Bool = false,
+                wait: Double = 0) throws {
         self.path = path
         var isDir: ObjCBool = false
         if !FileManager.default.fileExists(atPath: path, isDirectory: &isDir) {
@@ -44,10 +47,14 @@ public final class BackupRepository {
             // A read-only repository (mounted backup media): read without the lock.
             lockFD = -1
         }
-        if lockFD >= 0 && flock(lockFD, (exclusive ? LOCK_EX : LOCK_SH) | LOCK_NB) != 0 {
-            Glibc.close(lockFD)
-            lockFD = -1
-            throw ChainError(.locked, "the repository is in use by another qbackup process", path: path)
+        if lockFD >= 0 {
+            do {
+                try RepositoryLock.take(lockFD, exclusive: exclusive, wait: wait, path: path)
+            } catch {
+                Glibc.close(lockFD)
+                lockFD = -1
+                throw error
+            }
         }
         manifest = try loadManifest()
     }

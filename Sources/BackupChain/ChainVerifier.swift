@@ -24,9 +24,12 @@ public enum ChainVerifier {
 
     public static let maxMissedListed = 20
 
-    public static func verify(repository: String, image: String? = nil, logger: Logger = Logger(label: "qbackup.verify"),
+    /// Verifies the repository at `repository`, waiting up to `wait` seconds for a backup or
+    /// merge that holds its lock to finish.
+    public static func verify(repository: String, image: String? = nil, wait: Double = 0,
+                              logger: Logger = Logger(label: "qbackup.verify"),
                               progress: ((UInt64, UInt64) -> Void)? = nil) throws -> Report {
-        let repo = try BackupRepository(path: repository, exclusive: false)
+        let repo = try BackupRepository(path: repository, exclusive: false, wait: wait)
         guard let manifest = repo.manifest else {
             throw ChainError(.invalidArgument, "the repository holds no backup", path: repository)
         }

@@ -7,25 +7,37 @@ enum ExitStatus {
     static let success: Int32 = 0
     static let failure: Int32 = 1
     static let usage: Int32 = 2
+    /// The repository is locked by another qbackup, or the image by QEMU: try again later
+    /// (EX_TEMPFAIL of sysexits.h).
+    static let busy: Int32 = 75
+
+    /// The one table from library error codes to exit statuses.
+    static func status(for code: QCowError.Code) -> Int32 {
+        switch code {
+        case .locked: busy
+        case .io, .truncated, .invalidFormat, .corrupt, .unsupported, .invalidArgument, .refused: failure
+        }
+    }
 
     /// Runs a command body; a library error becomes one `qbackup: error:` line on
-    /// stderr and exit `errorStatus` (1, or 2 for compare, as qemu-img).
-    static func run(errorStatus: Int32 = failure, _ body: () throws -> Int32) throws {
+    /// stderr and the exit status the table gives its code — or `errorStatus` for every
+    /// error, for the commands that keep qemu-img's statuses (check 1, compare 2).
+    static func run(errorStatus: Int32? = nil, _ body: () throws -> Int32) throws {
         let status: Int32
         defer { StandardOutput.flush() }
         do {
             status = try body()
         } catch let error as CodedError {
             report(error.description)
-            throw ExitCode(errorStatus)
+            throw ExitCode(errorStatus ?? Self.status(for: error.errorCode))
         } catch let error as ExitCode {
             throw error
         } catch let error as CocoaError {
             report(error.localizedDescription)
-            throw ExitCode(errorStatus)
+            throw ExitCode(errorStatus ?? failure)
         } catch {
             report("\(error)")
-            throw ExitCode(errorStatus)
+            throw ExitCode(errorStatus ?? failure)
         }
         if status != 0 { throw ExitCode(status) }
     }

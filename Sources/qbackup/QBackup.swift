@@ -11,7 +11,8 @@ struct QBackup: ParsableCommand {
         discussion: """
             Reads and writes qcow2 images exactly as QEMU does. Errors go to stderr as one
             'qbackup: error:' line; exit status 0 is success, 1 a failed operation, 2 a usage
-            error ('check' and 'compare' use qemu-img's statuses).
+            error, 75 busy: the repository is locked by another qbackup or the image by QEMU (try
+            again later; 'check' and 'compare' use qemu-img's statuses).
             """,
         version: "0.1.0",
         subcommands: [

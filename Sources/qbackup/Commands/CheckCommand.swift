@@ -22,7 +22,7 @@ struct CheckCommand: ParsableCommand {
     @OptionGroup var options: GlobalOptions
 
     func run() throws {
-        try ExitStatus.run {
+        try ExitStatus.run(errorStatus: ExitStatus.failure) {
             let mode = repair ?? .none
             let file = try QCowChecker.open(image, repair: mode)
             defer { file.close() }

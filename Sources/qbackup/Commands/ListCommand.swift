@@ -10,11 +10,19 @@ struct ListCommand: ParsableCommand {
 
     @Argument(help: "The repository folder.") var repository: String
 
+    @Option(name: .long, help: ArgumentHelp("How long to wait for a backup or merge that holds the repository to finish (seconds).",
+                                            valueName: "seconds"))
+    var wait: Double = 5
+
     @OptionGroup var options: GlobalOptions
+
+    func validate() throws {
+        if !(wait >= 0 && wait <= 86400) { throw ValidationError("--wait must be 0 to 86400 seconds") }
+    }
 
     func run() throws {
         try ExitStatus.run {
-            let repo = try BackupRepository(path: repository, exclusive: false)
+            let repo = try BackupRepository(path: repository, exclusive: false, wait: wait)
             let layers = repo.manifest?.layers ?? []
             if options.json {
                 let items: [JSON] = layers.enumerated().map { i, l in

@@ -17,12 +17,20 @@ struct VerifyCommand: ParsableCommand {
     @Option(name: .long, help: "The source image whose tracking bitmap to verify against the chain.")
     var image: String?
 
+    @Option(name: .long, help: ArgumentHelp("How long to wait for a backup or merge that holds the repository to finish (seconds).",
+                                            valueName: "seconds"))
+    var wait: Double = 5
+
     @OptionGroup var options: GlobalOptions
+
+    func validate() throws {
+        if !(wait >= 0 && wait <= 86400) { throw ValidationError("--wait must be 0 to 86400 seconds") }
+    }
 
     func run() throws {
         try ExitStatus.run {
             let progress = options.progressReporter("verify")
-            let report = try ChainVerifier.verify(repository: repository, image: image, logger: options.logger,
+            let report = try ChainVerifier.verify(repository: repository, image: image, wait: wait, logger: options.logger,
                                                   progress: progress?.update)
             progress?.finish()
             if options.json {
