@@ -12,7 +12,11 @@ public enum RestoreEngine {
         /// The layer to restore; nil for the latest.
         public var index: Int?
         public var format: OutputFormat
-        public init(repository: String, output: String, index: Int? = nil, format: OutputFormat = .qcow2) {
+        /// Also check each layer's checksum before reading (every byte of the chain is read twice).
+        public var verify: Bool
+        public init(repository: String, output: String, index: Int? = nil, format: OutputFormat = .qcow2,
+                    verify: Bool = false) {
+            self.verify = verify
             self.repository = repository
             self.output = output
             self.index = index
@@ -53,6 +57,27 @@ public enum RestoreEngine {
         return image
     }
 
+    /// Before a point is read: each layer of its chain is a regular file inside the folder of
+    /// the size the manifest recorded (`openPoint` then checks the backing links); with
+    /// `digests`, each file's checksum matches too (`restore --verify`).
+    static func checkChain(_ repo: BackupRepository, _ manifest: BackupManifest, index: Int, digests: Bool) throws {
+        let files = RepositoryFiles(directory: repo.path)
+        for i in manifest.segmentStart(of: index)...index {
+            let layer = manifest.layers[i]
+            let device = try files.openFile(repo.file(layer.file), writable: false)
+            defer { device.close() }
+            let size = try device.size()
+            guard size == layer.fileSize else {
+                throw ChainError(.corrupt, "layer \(i) is \(size) bytes, the manifest says \(layer.fileSize) (truncated or replaced); run 'qbackup verify'",
+                                 path: repo.file(layer.file))
+            }
+            if digests, try DurableFiles.sha256(of: device).hex != layer.sha256 {
+                throw ChainError(.corrupt, "layer \(i) does not match its checksum in the manifest (damaged or replaced); run 'qbackup verify'",
+                                 path: repo.file(layer.file))
+            }
+        }
+    }
+
     public static func restore(_ request: Request, logger: Logger = Logger(label: "qbackup.restore"),
                                progress: ((UInt64, UInt64) -> Void)? = nil) throws -> Result {
         let repo = try BackupRepository(path: request.repository, exclusive: false)
@@ -71,6 +96,7 @@ public enum RestoreEngine {
         guard !DurableFiles.exists(request.output) else {
             throw ChainError(.invalidArgument, "the output file exists; restore never overwrites", path: request.output)
         }
+        try checkChain(repo, manifest, index: index, digests: request.verify)
         let image = try openPoint(repo.path, manifest, index: index)
         defer { image.close() }
         logger.debug("restoring", metadata: ["index": "\(index)", "output": "\(request.output)"])

@@ -19,13 +19,16 @@ struct RestoreCommand: ParsableCommand {
     @Option(name: .long, help: "Output format: qcow2 or raw.")
     var format: RestoreEngine.OutputFormat = .qcow2
 
+    @Flag(name: .long, help: "Check each layer's checksum before reading it (reads the chain twice).")
+    var verify = false
+
     @OptionGroup var options: GlobalOptions
 
     func run() throws {
         try ExitStatus.run {
             let progress = options.progressReporter("restore")
             let result = try RestoreEngine.restore(
-                RestoreEngine.Request(repository: repository, output: to, index: at, format: format),
+                RestoreEngine.Request(repository: repository, output: to, index: at, format: format, verify: verify),
                 progress: progress?.update)
             progress?.finish()
             if options.json {
