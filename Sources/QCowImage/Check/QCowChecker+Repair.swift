@@ -18,7 +18,7 @@ extension QCowChecker {
                 if !stored.hasValidBlock(forCluster: c) { missingBlock = true }
             }
         }
-        if mode == .all && (missingBlock || needsRebuild || !stored.tableIsSound) {
+        if mode == .all && (missingBlock || needsRebuild || refcountBlockOverlap || !stored.tableIsSound) {
             try rebuildRefcounts()
             try fixCopiedFlags()
             return true

@@ -87,7 +87,14 @@ extension QCowChecker {
                 previousHost = nil
                 continue
             }
-            guard let host = cluster.host, host != 0, !cluster.unalignedHost else { continue }
+            guard let host = cluster.host, host != 0 else { continue }
+            if cluster.unalignedHost && !cluster.containsData && repairEntries {
+                // QEMU's fix_l2_entry_by_zero: a preallocated cluster at an unaligned offset
+                // holds no data; it becomes a plain zero cluster (its old cluster a leak).
+                try zeroEntry(cluster, at: at)
+                continue
+            }
+            // An unaligned offset still counts (QEMU references the clusters it touches).
             reference(host, clusterSize, "data cluster", at: at)
             if active {
                 report.allocatedClusters += 1
@@ -120,7 +127,8 @@ extension QCowChecker {
         case .allocatedWithoutHost:
             note(.corruption, "L2 table", at + 8, "subclusters marked allocated in a cluster with no host offset")
         case .unalignedHost(let host):
-            note(.corruption, "L2 table", at, "cluster offset 0x\(hex(host)) is not cluster aligned (L1 index \(l1Index), L2 index \(index))")
+            let what = cluster.containsData ? "data cluster" : "preallocated cluster"
+            note(.corruption, "L2 table", at, "\(what) offset 0x\(hex(host)) is not cluster aligned (L1 index \(l1Index), L2 index \(index))")
         }
     }
 
@@ -141,6 +149,19 @@ extension QCowChecker {
         }
     }
 
+    /// Rewrites the L2 entry at `at` to read as zeros with no host cluster (check --repair all only).
+    mutating func zeroEntry(_ cluster: L2Cluster, at: UInt64) throws {
+        var bytes: [UInt8]
+        if image.extendedL2 {
+            let bits = cluster.bitmap
+            bytes = encodeTable([0, L2Bitmap(allocated: 0, zero: bits.zero | bits.allocated).rawValue][...])
+        } else {
+            bytes = encodeTable([L2Entry.zeroFlag][...])
+        }
+        try image.device.writeBytes(bytes, at: at)
+        entriesRepaired += 1
+    }
+
     mutating func walkExtensions() {
         // The full disk encryption header extension names a host range (offset, length).
         if let data = image.header.extensionData(HeaderExtension.fullDiskEncryption), data.count >= 16 {
@@ -153,7 +174,23 @@ extension QCowChecker {
 
     // MARK: - Comparing
 
+    /// A refcount block referenced more than once overlaps other data: QEMU's
+    /// check_refblocks reports it, and its repair moves the refcount structure away.
+    mutating func checkRefcountBlockOverlaps() {
+        for (i, entry) in stored.table.enumerated() where entry.rawValue != 0 {
+            let block = entry.blockOffset
+            guard block & (clusterSize - 1) == 0, block / clusterSize < nbClusters else { continue }
+            let refs = computed[Int(block / clusterSize)]
+            if refs > 1 {
+                refcountBlockOverlap = true
+                note(.corruption, "refcount table", image.header.refcountTableOffset + UInt64(i) * 8,
+                     "refcount block \(i) at 0x\(hex(block)) is referenced \(refs) times: it overlaps other data or metadata")
+            }
+        }
+    }
+
     mutating func compareRefcounts() throws {
+        checkRefcountBlockOverlaps()
         var highest: UInt64?
         for c in 0..<nbClusters {
             let want = UInt64(computed[Int(c)])

@@ -21,29 +21,43 @@ public struct QCowChecker {
     /// References found, per host cluster (saturating).
     var computed: [UInt32] = []
     var stored: StoredRefcounts
+    /// Whether the walk repairs L2 entries as it goes (QEMU does so for unaligned
+    /// preallocated clusters under `-r all`), and how many it repaired.
+    var repairEntries = false
+    var entriesRepaired = 0
+    /// A refcount block that is also referenced as something else (see `checkRefcountBlockOverlaps`).
+    var refcountBlockOverlap = false
 
     // MARK: - Entry point
 
     /// Checks `image` and, with `repair`, fixes what the mode allows, then checks again.
     public static func check(_ image: QCowFile, repair: RepairMode = .none,
                              contributors: [CheckContributor] = []) throws -> CheckReport {
-        var checker = try QCowChecker(image: image, contributors: contributors)
-        try checker.run()
-        guard repair != .none, checker.report.leaks + checker.report.corruptions > 0 || checker.needsRebuild else {
-            return checker.report
-        }
-        guard image.writable else {
+        guard repair == .none || image.writable else {
             throw QCowError(.refused, "repair needs the image opened for writing", path: image.filename)
         }
+        var checker = try QCowChecker(image: image, contributors: contributors)
+        checker.repairEntries = repair == .all
+        try checker.run()
+        if checker.entriesRepaired > 0 {
+            try image.device.sync()
+            image.dropCaches()
+        }
+        let marked = !image.header.incompatibleFeatures.isDisjoint(with: [.corrupt, .dirty])
+        guard repair != .none, checker.report.leaks + checker.report.corruptions > 0 || checker.needsRebuild || marked
+        else {
+            return checker.report
+        }
         let first = checker.report
-        let fixed = try checker.repair(mode: repair)
+        _ = try checker.repair(mode: repair)
         // Check again, as qemu-img does, and report what remains plus what was fixed.
         image.dropCaches()
         var again = try QCowChecker(image: image, contributors: contributors)
         try again.run()
         again.report.leaksFixed = max(0, first.leaks - again.report.leaks)
         again.report.corruptionsFixed = max(0, first.corruptions - again.report.corruptions)
-        if fixed && again.report.corruptions == 0 && again.report.checkErrors == 0 {
+        // Consistent now: the corrupt and dirty bits go, as qemu-img's repair clears them (any mode).
+        if again.report.corruptions == 0 && again.report.checkErrors == 0 {
             try image.clearCorruptAndDirtyBits()
         }
         return again.report

@@ -1,0 +1,134 @@
+import Foundation
+import Testing
+import TestSupport
+
+/// QEMU's own corruption scenarios (tests/qemu-iotests 060, 271, 108), written
+/// anew: the image is made with qemu-img/qemu-io, the bytes QEMU's test pokes are
+/// poked, and `qbackup check [--repair all]` runs on one copy while `qemu-img
+/// check [-r all]` runs on an identical one. Verdicts, counts, the repaired guest
+/// data and the corrupt bit must agree, and qemu-img must find our repair clean.
+@Suite struct QemuRepairScenarioTests {
+    struct Scenario: CustomTestStringConvertible, Sendable {
+        var name: String
+        /// Whether check (without repair) must give qemu-img's exit status and counts.
+        /// Where qemu-img cannot finish the check (exit 1) we still check and repair.
+        var sameVerdict = true
+        var testDescription: String { name }
+    }
+
+    // Offsets of a fresh 64 MiB image with 64 KiB clusters (as 060 assumes).
+    static let refcountTable: UInt64 = 0x10000, refcountBlock: UInt64 = 0x20000
+    static let l1: UInt64 = 0x30000, l2: UInt64 = 0x40000
+
+    /// Makes the damaged image at `path` for `name`.
+    static func make(_ name: String, _ path: String, _ dir: TempDir) throws {
+        func fresh(_ options: [String] = []) throws {
+            try Tools.qemuImg("create", "-q", "-f", "qcow2", "-o", (["compat=1.1"] + options).joined(separator: ","), path, "64M")
+        }
+        func withData() throws {
+            try fresh()
+            try Tools.qemuIO(path, format: "qcow2", ["write -P 0x11 0 128k", "write -P 0x22 1M 64k"])
+        }
+        switch name {
+        case "060 cluster data reference into refcount block":
+            try fresh()
+            // An L2 table at 0x40000 whose first entry points at the refcount block.
+            try FileHandle(forWritingTo: URL(fileURLWithPath: path)).truncate(atOffset: l2 + 65536)
+            try poke(path, at: l1, be(UInt64(0x8000_0000_0004_0000)))
+            try poke(path, at: refcountBlock + 8, be(UInt16(1)))
+            try poke(path, at: l2, be(UInt64(0x8000_0000_0002_0000)))
+        case "060 data in refcount block, refcount matching":
+            try make("060 cluster data reference into refcount block", path, dir)
+            try poke(path, at: refcountBlock + 4, be(UInt16(2)))
+        case "271 unaligned cluster, no allocated subclusters":
+            let base = dir.file("base.raw")
+            try Tools.qemuImg("create", "-q", "-f", "raw", base, "128k")
+            try Tools.qemuIO(base, format: "raw", ["write -P 0xff 0 128k"])
+            try Tools.qemuImg("create", "-q", "-f", "qcow2", "-o", "extended_l2=on", "-F", "raw", "-b", "base.raw", path)
+            try Tools.qemuIO(path, format: "qcow2", ["write -q -P 1 4k 2k", "write -q -z 4k 2k"])
+            // The host offset 0x50000 becomes 0x50200.
+            try poke(path, at: l2 + 6, [0x02])
+        case "060 write to unaligned preallocated zero cluster":
+            try fresh()
+            try Tools.qemuIO(path, format: "qcow2", ["write 0 64k", "discard 0 64k"])
+            try poke(path, at: l2, be(UInt64(0x8000_0000_0000_2a01)))
+            // QEMU refuses the write and marks the image corrupt.
+            let write = try Tools.run("qemu-io", ["-f", "qcow2", "-c", "write 0 64k", path])
+            #expect(write.stdout.contains("write failed") || write.stderr.contains("write failed"))
+        case "corrupt bit on a consistent image":
+            try withData()
+            try poke(path, at: 79, [0x02])
+        case "108 refcount_table_clusters 0":
+            try withData()
+            try poke(path, at: 56, be(UInt32(0)))
+        case "refcount table entry past the end of the file":
+            try withData()
+            try poke(path, at: refcountTable, be(UInt64(0x1000_0000)))
+        case "refcount table entry 0x7fff…":
+            try withData()
+            try poke(path, at: refcountTable, be(UInt64(0x7fff_ffff_ffff_0000)))
+        case "refcount table entry 0xffff…":
+            try withData()
+            try poke(path, at: refcountTable, be(UInt64(0xffff_ffff_ffff_0000)))
+        default:
+            Issue.record("unknown scenario \(name)")
+        }
+    }
+
+    static let scenarios: [Scenario] = [
+        Scenario(name: "060 cluster data reference into refcount block"),
+        Scenario(name: "060 data in refcount block, refcount matching"),
+        Scenario(name: "271 unaligned cluster, no allocated subclusters"),
+        Scenario(name: "060 write to unaligned preallocated zero cluster"),
+        Scenario(name: "corrupt bit on a consistent image"),
+        Scenario(name: "108 refcount_table_clusters 0"),
+        Scenario(name: "refcount table entry past the end of the file"),
+        Scenario(name: "refcount table entry 0x7fff…", sameVerdict: false),
+        Scenario(name: "refcount table entry 0xffff…", sameVerdict: false),
+    ]
+
+    static func counts(_ text: String) -> (corruptions: Int, leaks: Int) {
+        let json = (try? JSONHelpers.parse(text)) as? [String: Any] ?? [:]
+        return (json["corruptions"] as? Int ?? 0, json["leaks"] as? Int ?? 0)
+    }
+
+    static func corruptBit(_ path: String) throws -> Bool { try peek(path, at: 79, count: 1)[0] & 0x02 != 0 }
+
+    @Test(arguments: scenarios)
+    func repairsAsQemuImgDoes(_ scenario: Scenario) throws {
+        let dir = TempDir()
+        let made = dir.file("made.qcow2")
+        try Self.make(scenario.name, made, dir)
+        let ours = dir.file("ours.qcow2"), theirs = dir.file("theirs.qcow2")
+        try FileManager.default.copyItem(atPath: made, toPath: ours)
+        try FileManager.default.copyItem(atPath: made, toPath: theirs)
+
+        let qemuCheck = try Tools.run("qemu-img", ["check", "--output=json", theirs])
+        let ourCheck = try QBackupBinary.run(["check", ours, "--output", "json"])
+        if !scenario.sameVerdict {
+            #expect(ourCheck.status == 2, "the damage is found: \(ourCheck.stdout)")
+        } else {
+            #expect(ourCheck.status == qemuCheck.status, "qemu-img: \(qemuCheck.stdout)\(qemuCheck.stderr)\nours: \(ourCheck.stdout)\(ourCheck.stderr)")
+            #expect(Self.counts(ourCheck.stdout).corruptions == Self.counts(qemuCheck.stdout).corruptions,
+                    "qemu-img: \(qemuCheck.stdout)\nours: \(ourCheck.stdout)")
+            #expect(Self.counts(ourCheck.stdout).leaks == Self.counts(qemuCheck.stdout).leaks)
+        }
+        #expect(try Data.contents(of: ours) == Data.contents(of: made), "check without --repair wrote to the image")
+
+        let qemuRepair = try Tools.run("qemu-img", ["check", "-r", "all", theirs])
+        let ourRepair = try QBackupBinary.run(["check", "--repair", "all", ours])
+        #expect(ourRepair.status == qemuRepair.status, "qemu-img: \(qemuRepair.stdout)\(qemuRepair.stderr)\nours: \(ourRepair.stdout)\(ourRepair.stderr)")
+        let afterwards = try Tools.run("qemu-img", ["check", ours])
+        #expect(afterwards.status == 0, "qemu-img check of our repair: \(afterwards.stdout)\(afterwards.stderr)")
+        #expect(try !Self.corruptBit(ours), "the corrupt bit is cleared once the image is consistent")
+        #expect(try Self.corruptBit(theirs) == Self.corruptBit(ours))
+        let compare = try Tools.run("qemu-img", ["compare", ours, theirs])
+        #expect(compare.status == 0, "guest data differs from qemu-img's repair: \(compare.stdout)")
+
+        // Both take an unrelated write afterwards without changing anything else (060: the
+        // guest data at 0 was the refcount block, and an in-place refcount update changed it).
+        for image in [ours, theirs] { try Tools.qemuIO(image, format: "qcow2", ["write -P 0x2a 64k 512"]) }
+        #expect(try Tools.run("qemu-img", ["compare", ours, theirs]).status == 0)
+        #expect(try Tools.run("qemu-img", ["check", ours]).status == 0)
+    }
+}
