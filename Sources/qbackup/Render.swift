@@ -63,17 +63,5 @@ indirect enum JSON {
     }
 }
 
-/// Human sizes as qemu-img prints them: "10 MiB", "1.5 GiB", "400 KiB".
-func humanSize(_ bytes: UInt64) -> String {
-    let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"]
-    var value = Double(bytes)
-    var i = 0
-    while value >= 1024 && i < units.count - 1 {
-        value /= 1024
-        i += 1
-    }
-    return String(format: "%0.3g %@", value, units[i])
-}
-
 /// "0x1234" as qemu-img map's human output prints offsets.
 func hex(_ v: UInt64) -> String { "0x" + String(v, radix: 16) }
