@@ -92,10 +92,13 @@ struct CheckCommand: ParsableCommand {
         if r.checkErrors > 0 {
             out += "\n\(r.checkErrors) internal errors have occurred during the check.\n"
         }
-        if r.totalClusters > 0 {
-            let pct = { (n: UInt64) in String(format: "%.2f", Double(n) * 100 / Double(r.totalClusters)) }
-            out += "\(r.allocatedClusters)/\(r.totalClusters) = \(pct(r.allocatedClusters))% allocated, "
-                + "\(pct(r.fragmentedClusters))% fragmented, \(pct(r.compressedClusters))% compressed clusters\n"
+        // As qemu-img: allocated of all clusters, fragmented and compressed of the allocated ones;
+        // no line at all for an image with nothing allocated.
+        if r.totalClusters > 0 && r.allocatedClusters > 0 {
+            let pct = { (n: UInt64, of: UInt64) in String(format: "%.2f", Double(n) * 100 / Double(of)) }
+            out += "\(r.allocatedClusters)/\(r.totalClusters) = \(pct(r.allocatedClusters, r.totalClusters))% allocated, "
+                + "\(pct(r.fragmentedClusters, r.allocatedClusters))% fragmented, "
+                + "\(pct(r.compressedClusters, r.allocatedClusters))% compressed clusters\n"
         }
         out += "Image end offset: \(r.imageEndOffset)\n"
         return out
