@@ -2,6 +2,10 @@ import Foundation
 import Testing
 import TestSupport
 
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// merge never changes what it does not own: a hard-linked copy of the repository keeps
 /// restoring what it held, a refused merge (a point held open, a damaged layer) leaves
 /// every file byte-identical, and a crash at any step of the new-file path keeps every
@@ -102,6 +106,54 @@ import TestSupport
         #expect(completed, "the merge never completed within the steps tried")
         #expect(points > 10, "only \(points) crash points were exercised")
         #expect(pending > 0, "no crash fell between recording the merge and finishing it")
+    }
+
+    /// Issue 11 item 8 (kill test): kill -9 of the real `qbackup merge` at seeded random moments,
+    /// in place (`shared` false) and writing a new file (the full layer shared with a `cp -al`
+    /// copy): after the next merge (which recovers) every kept point restores byte-exact, the
+    /// repository verifies, and the copy's files never change.
+    @Test(arguments: [false, true])
+    func killAtRandomMomentsOfMerge(shared: Bool) throws {
+        let template = try BackupScenario(size: "128M", seed: shared ? 67 : 66)
+        try template.dirty(writes: 120, maxOffset: 120 << 20)
+        try template.backup()
+        for _ in 0..<2 {
+            try template.dirty(writes: 60, zeroes: 3, discards: 3, maxOffset: 120 << 20)
+            try template.backup()
+        }
+        var rng = SeededRandom(seed: shared ? 1067 : 1066)
+        let work = TempDir("qbackup-merge-kill")
+        var killed = 0
+        for round in 0..<6 {
+            let repo = work.file("repo-\(round)")
+            let snap = work.file("snap-\(round)")
+            try Tools.run("cp", ["-a", "--sparse=always", template.repo, repo])
+            if shared { try Tools.run("cp", ["-al", repo, snap]) }
+            let before = shared ? try Self.digests(snap) : [:]
+            let process = Process()
+            process.executableURL = URL(fileURLWithPath: try QBackupBinary.path())
+            process.arguments = ["merge", repo, "--keep", "1"]
+            process.standardOutput = FileHandle.nullDevice
+            process.standardError = FileHandle.nullDevice
+            try process.run()
+            usleep(UInt32(rng.next() % 600_000))
+            kill(process.processIdentifier, SIGKILL)
+            process.waitUntilExit()
+            if process.terminationReason == .uncaughtSignal { killed += 1 }
+            try template.qbackup(["merge", repo, "--keep", "1"])
+            let out = work.file("restore-\(round).raw")
+            try template.qbackup(["restore", repo, "--to", out, "--at", "0", "--format", "raw"])
+            #expect(try template.same(out, template.references[2]), "round \(round): the kept point differs")
+            try template.qbackup(["verify", repo])
+            if shared {
+                #expect(try Self.digests(snap) == before, "round \(round): a file of the hard-linked copy changed")
+                try FileManager.default.removeItem(atPath: snap)
+            }
+            try FileManager.default.removeItem(atPath: out)
+            try FileManager.default.removeItem(atPath: repo)
+        }
+        print("merge kill test (shared: \(shared)): \(killed) of 6 merges killed before they finished")
+        #expect(killed >= 3, "only \(killed) of 6 merges were killed before they finished")
     }
 
     /// Issue 11 item 13: a point mounted with `qemu-nbd -r` makes merge refuse, and the
