@@ -123,6 +123,13 @@ import Glibc
         }
         var rng = SeededRandom(seed: shared ? 1067 : 1066)
         let work = TempDir("qbackup-merge-kill")
+        // How long one merge takes on this machine now: the kills fall within it.
+        let timed = work.file("timed")
+        try Tools.run("cp", ["-a", "--sparse=always", template.repo, timed])
+        if shared { try Tools.run("cp", ["-al", timed, timed + "-snap"]) }
+        let started = Date()
+        try template.qbackup(["merge", timed, "--keep", "1"])
+        let window = UInt64(max(Date().timeIntervalSince(started) * 0.9, 0.02) * 1_000_000)
         var killed = 0
         for round in 0..<6 {
             let repo = work.file("repo-\(round)")
@@ -136,7 +143,7 @@ import Glibc
             process.standardOutput = FileHandle.nullDevice
             process.standardError = FileHandle.nullDevice
             try process.run()
-            usleep(UInt32(rng.next() % 600_000))
+            usleep(UInt32(rng.next() % window))
             kill(process.processIdentifier, SIGKILL)
             process.waitUntilExit()
             if process.terminationReason == .uncaughtSignal { killed += 1 }
