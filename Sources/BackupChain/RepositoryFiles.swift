@@ -124,7 +124,7 @@ public struct RepositoryFiles: FileOpener {
         case S_IFSOCK: "a socket"
         case S_IFCHR: "a character device"
         case S_IFBLK: "a block device"
-        default: "not a regular file"
+        default: "a special file"
         }
     }
 
