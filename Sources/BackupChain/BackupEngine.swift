@@ -33,6 +33,9 @@ public enum BackupEngine {
         /// What the manifest records as the disk when it is not the image file `image`
         /// (an NBD export's URI, or the user's `--source-name`).
         public var sourceName: String? = nil
+        /// The id of a new repository (a live backup names QEMU objects after it before the
+        /// repository is created); default: a random one.
+        public var repositoryID: String? = nil
         public init(image: String, repository: String, bitmap: String? = nil, mode: Mode = .auto,
                     compression: Compression = .none, dryRun: Bool = false, clusterSize: Int? = nil,
                     takeOverBitmap: Bool = false) {
@@ -73,16 +76,17 @@ public enum BackupEngine {
     /// before anything is opened or read.
     public static func backup(_ request: Request, logger: Logger = Logger(label: "qbackup.backup"),
                               progress: ((UInt64, UInt64) -> Void)? = nil) throws -> Result {
-        try backup(request, logger: logger, progress: progress) { _ in
+        try backup(request, logger: logger, progress: progress) { _, request in
             try LocalImageSource(path: request.image, writable: !request.dryRun)
         }
     }
 
     /// Runs one backup from the source that `open` returns, once the repository is open,
-    /// locked and recovered (a live source sets QEMU up only then). The source is closed
-    /// before this returns; `request.sourceName` identifies it in the manifest.
+    /// locked and recovered (a live source sets QEMU up only then, and may settle the
+    /// request's mode and bitmap from what it found). The source is closed before this
+    /// returns; `request.sourceName` identifies it in the manifest.
     public static func backup(_ request: Request, logger: Logger, progress: ((UInt64, UInt64) -> Void)?,
-                              open: (BackupRepository) throws -> BackupSource) throws -> Result {
+                              open: (BackupRepository, inout Request) throws -> BackupSource) throws -> Result {
         try request.validate()
         let repo = try BackupRepository(path: request.repository, create: !request.dryRun, exclusive: !request.dryRun,
                                         allowMissing: request.dryRun)
@@ -90,18 +94,18 @@ public enum BackupEngine {
             try MergeEngine.recover(repo, logger: logger)
             try repo.removeLeftovers()
         }
-        let source = try open(repo)
+        var request = request
+        let source = try open(repo, &request)
         defer { source.close() }
         return try backup(request, repo: repo, source: source, logger: logger, progress: progress)
     }
 
-    /// The engine proper, on any `BackupSource`.
-    public static func backup(_ request: Request, repo: BackupRepository, source: BackupSource, logger: Logger,
-                              progress: ((UInt64, UInt64) -> Void)?) throws -> Result {
-        try request.validate()
-        let existing = repo.manifest
+    /// The checks that refuse a backup into this repository before anything is read or
+    /// changed (a live source runs them before it sets QEMU up): the repository's disk,
+    /// its bitmap, and a disk that shrank. Returns the disk's name for the manifest.
+    public static func preflight(_ request: Request, repo: BackupRepository, virtualSize: UInt64) throws -> String {
         let sourcePath = request.sourceName ?? LocalImageSource.canonicalPath(request.image)
-        if let m = existing {
+        if let m = repo.manifest {
             if m.source != sourcePath {
                 throw ChainError(.refused, "the repository belongs to another disk (\(m.source)), not \(sourcePath)",
                                  path: repo.path)
@@ -110,16 +114,25 @@ public enum BackupEngine {
                 throw ChainError(.refused, "the repository tracks changes with bitmap '\(m.bitmap)', not '\(name)'",
                                  path: repo.path)
             }
-            if source.virtualSize < m.virtualSize {
-                throw ChainError(.refused, "the disk shrank from \(m.virtualSize) to \(source.virtualSize) bytes since the last backup; start a new repository",
+            if virtualSize < m.virtualSize {
+                throw ChainError(.refused, "the disk shrank from \(m.virtualSize) to \(virtualSize) bytes since the last backup; start a new repository",
                                  path: repo.path)
             }
         }
+        return sourcePath
+    }
+
+    /// The engine proper, on any `BackupSource`.
+    public static func backup(_ request: Request, repo: BackupRepository, source: BackupSource, logger: Logger,
+                              progress: ((UInt64, UInt64) -> Void)?) throws -> Result {
+        try request.validate()
+        let existing = repo.manifest
+        let sourcePath = try preflight(request, repo: repo, virtualSize: source.virtualSize)
         if existing == nil, let name = request.bitmap, !request.takeOverBitmap, try source.bitmapState(name) != .missing {
             throw ChainError(.refused, "bitmap '\(name)' already exists in \(source.name) and may belong to another repository (taking it over would make that one miss changes); choose another --bitmap, or pass --take-over-bitmap",
                              path: repo.path)
         }
-        let id = existing?.id ?? BackupRepository.newID()
+        let id = existing?.id ?? request.repositoryID ?? BackupRepository.newID()
         let bitmap = existing?.bitmap ?? request.bitmap ?? "qbackup-\(id)"
         let hasChain = !(existing?.layers.isEmpty ?? true)
 

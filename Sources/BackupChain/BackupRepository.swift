@@ -145,7 +145,7 @@ public final class BackupRepository {
     }
 
     /// A new random repository id (16 hex digits).
-    static func newID() -> String {
+    public static func newID() -> String {
         var rng = SystemRandomNumberGenerator()
         return String(format: "%016llx", rng.next() as UInt64)
     }

@@ -46,7 +46,7 @@ public enum NBDBackup {
                                           clusterSize: request.clusterSize, takeOverBitmap: true)
         let name = request.sourceName ?? request.uri
         engine.sourceName = name
-        return try BackupEngine.backup(engine, logger: logger, progress: progress) { _ in
+        return try BackupEngine.backup(engine, logger: logger, progress: progress) { _, _ in
             try NBDSource(uri: request.uri, name: name,
                           tracking: request.bitmap.map { NBDSource.Tracking(name: $0, exported: $0) })
         }

@@ -25,6 +25,13 @@ struct BackupCommand: ParsableCommand {
             --bitmap NAME the changes come from its qemu:dirty-bitmap:NAME context, else every layer \
             is full. qbackup never resets that bitmap: where its tracking starts is the exporter's \
             business.
+
+            With --qmp SOCKET the disk of a running QEMU is backed up through QEMU's own NBD server, \
+            at one point in time (a fleecing overlay in the image's folder or --fleece-dir), into the \
+            same chain as offline backups of its image file, with the same bitmap (persistent in QEMU). \
+            Give qbackup a QMP socket of its own: -qmp unix:/run/vm1.qmp,server=on,wait=off. Nightly, \
+            with the VM running:
+              0 2 * * *  qbackup backup --qmp /run/vm1.qmp --repo /backup/vm1
             """)
 
     @Argument(help: "The qcow2 disk image to back up (not with --nbd).") var image: String?
@@ -34,6 +41,18 @@ struct BackupCommand: ParsableCommand {
 
     @Option(name: .long, help: "With --nbd: the name the repository records for the disk (default: the URI).")
     var sourceName: String?
+
+    @Option(name: .long, help: "Back up the disk of a running QEMU through this QMP socket (one for qbackup alone).")
+    var qmp: String?
+
+    @Option(name: .long, help: "With --qmp: the disk's qcow2 format node (default: the VM's only disk).")
+    var node: String?
+
+    @Option(name: .long, help: "With --qmp: folder of the fleecing overlay and NBD socket (default: the image's folder).")
+    var fleeceDir: String?
+
+    @Option(name: .long, help: "With --qmp: use the NBD server QEMU already runs, unix:PATH or HOST:PORT.")
+    var nbdServer: String?
 
     @Option(name: .long, help: "The repository folder (created if missing).") var repo: String
 
@@ -60,7 +79,12 @@ struct BackupCommand: ParsableCommand {
 
     func validate() throws {
         if full && incremental { throw ValidationError("--full and --incremental exclude each other") }
-        if (image == nil) == (nbd == nil) { throw ValidationError("give either IMAGE or --nbd URI") }
+        if [image != nil, nbd != nil, qmp != nil].filter({ $0 }).count != 1 {
+            throw ValidationError("give one of IMAGE, --nbd URI or --qmp SOCKET")
+        }
+        if qmp == nil && (node != nil || fleeceDir != nil || nbdServer != nil) {
+            throw ValidationError("--node, --fleece-dir and --nbd-server go with --qmp")
+        }
         if sourceName != nil && nbd == nil { throw ValidationError("--source-name goes with --nbd") }
         if nbd != nil && takeOverBitmap { throw ValidationError("--take-over-bitmap does not apply to --nbd (qbackup resets no bitmap of an export)") }
         // Swift repairs invalid UTF-8 in arguments into U+FFFD: look at the bytes given.
@@ -76,7 +100,7 @@ struct BackupCommand: ParsableCommand {
 
     func request() -> BackupEngine.Request {
         let mode: BackupEngine.Mode = full ? .full : incremental ? .incremental : .auto
-        return BackupEngine.Request(image: image ?? nbd ?? "", repository: repo, bitmap: bitmap, mode: mode, compression: compress,
+        return BackupEngine.Request(image: image ?? nbd ?? qmp ?? "", repository: repo, bitmap: bitmap, mode: mode, compression: compress,
                                     dryRun: dryRun, clusterSize: clusterSize, takeOverBitmap: takeOverBitmap)
     }
 
@@ -85,7 +109,17 @@ struct BackupCommand: ParsableCommand {
             let request = request()
             let progress = options.progressReporter("backup")
             let result: BackupEngine.Result
-            if let nbd {
+            var notes: [String] = []
+            if let qmp {
+                let outcome = try QMPBackup.backup(
+                    QMPBackup.Request(socket: qmp, node: node, repository: repo, bitmap: bitmap, mode: request.mode,
+                                      compression: compress, fleeceDir: fleeceDir, nbdServer: nbdServer, dryRun: dryRun,
+                                      clusterSize: clusterSize, takeOverBitmap: takeOverBitmap),
+                    logger: options.logger, progress: progress?.update)
+                result = outcome.result
+                if let reason = outcome.reason { notes.append("a full layer: \(reason)") }
+                notes += outcome.warnings
+            } else if let nbd {
                 result = try NBDBackup.backup(
                     NBDBackup.Request(uri: nbd, repository: repo, bitmap: bitmap, sourceName: sourceName, mode: request.mode,
                                       compression: compress, dryRun: dryRun, clusterSize: clusterSize),
@@ -95,9 +129,8 @@ struct BackupCommand: ParsableCommand {
             }
             progress?.finish()
             // An export's bitmap belongs to its exporter: say that it was left as it was.
-            let untouchedBitmap = nbd != nil && bitmap != nil && !result.dryRun
-            if untouchedBitmap && !options.json {
-                FileHandle.standardError.write(Data("qbackup: note: bitmap '\(result.bitmap)' of the export was not reset; the exporter owns it\n".utf8))
+            if nbd != nil && bitmap != nil && !result.dryRun {
+                notes.append("bitmap '\(result.bitmap)' of the export was not reset; the exporter owns it")
             }
             if options.json {
                 var pairs: [(String, JSON)] = [
@@ -107,6 +140,7 @@ struct BackupCommand: ParsableCommand {
                     ("virtual-size", .uint(result.virtualSize)),
                 ]
                 if nbd != nil { pairs.append(("bitmap-reset", .bool(false))) }
+                if !notes.isEmpty { pairs.append(("notes", .array(notes.map { .string($0) }))) }
                 if let layer = result.layer {
                     pairs.insert(("layer", .string(layer.file)), at: 0)
                     pairs.append(("file-size", .uint(layer.fileSize)))
@@ -117,6 +151,9 @@ struct BackupCommand: ParsableCommand {
                 emit("would take \(result.kind == .full ? "a full" : "an incremental") backup as layer \(result.index): \(humanSize(result.bytesCopied)) in \(result.extents) extent(s)\n")
             } else if let layer = result.layer {
                 emit("\(result.kind.rawValue) backup: layer \(result.index) \(layer.file), \(humanSize(result.bytesCopied)) copied in \(result.extents) extent(s), file \(humanSize(layer.fileSize))\n")
+            }
+            if !options.json {
+                for note in notes { FileHandle.standardError.write(Data("qbackup: note: \(note)\n".utf8)) }
             }
             return 0
         }
