@@ -4,7 +4,7 @@ import Foundation
 /// What a live backup does with bitmap NAME in QEMU, from its state (DESIGN,
 /// "Live backup of a running VM"):
 /// - missing → add it in the start transaction (a full layer);
-/// - inconsistent (or not persistent) → remove it and add it again (a full layer);
+/// - inconsistent (or not persistent) → remove it, then add it again in the transaction (a full layer);
 /// - disabled → enable and clear it in the transaction (a full layer);
 /// - recording → freeze: its bits move into a disabled NAME.frozen and NAME is
 ///   cleared, in the transaction (incremental when the chain allows, else full;
@@ -62,6 +62,14 @@ struct BitmapPlan {
         reason = why
     }
 
+    /// Before the start transaction: an inconsistent (or non-persistent) NAME is removed; it
+    /// tracks nothing that can be trusted, and the layer is full either way.
+    func prepare(_ qmp: QMPClient, node: String) throws {
+        if state == .inconsistent {
+            try qmp.execute("block-dirty-bitmap-remove", ["node": node, "name": name])
+        }
+    }
+
     /// The bitmap actions of the start transaction.
     func startActions(node: String) -> [[String: Any]] {
         func action(_ type: String, _ data: [String: Any]) -> [String: Any] {
@@ -71,8 +79,8 @@ struct BitmapPlan {
         case .missing:
             return [action("block-dirty-bitmap-add", ["name": name, "persistent": true])]
         case .inconsistent:
-            return [action("block-dirty-bitmap-remove", ["name": name]),
-                    action("block-dirty-bitmap-add", ["name": name, "persistent": true])]
+            // Removed by `prepare`: QEMU refuses to add a name that the same transaction removes.
+            return [action("block-dirty-bitmap-add", ["name": name, "persistent": true])]
         case .disabled:
             return [action("block-dirty-bitmap-enable", ["name": name]),
                     action("block-dirty-bitmap-clear", ["name": name])]

@@ -101,6 +101,7 @@ public enum QMPBackup {
                 engineRequest.mode = settled.incremental ? .incremental : .full
                 // The bitmap is QEMU's, checked above; the engine must not look for it in a file.
                 engineRequest.takeOverBitmap = true
+                try settled.prepare(qmp, node: disk.node)
                 let fleece = FleeceSession(qmp: qmp, disk: disk, names: names, server: server, logger: logger)
                 session = fleece
                 try fleece.start(bitmapActions: settled.startActions(node: disk.node),

@@ -72,6 +72,11 @@ public final class QemuVM {
         try qemuIO("write -z \(offset) \(length)")
     }
 
+    /// A guest flush: what the guest wrote is on disk (a kill -9 after it loses nothing).
+    public func flush() throws {
+        try qemuIO("flush")
+    }
+
     private func qemuIO(_ command: String) throws {
         let output = try monitor.hmp("qemu-io -d \(qdev) \"\(command)\"")
         // qemu-io's own output goes to QEMU's stdout; an error comes back as the HMP reply.

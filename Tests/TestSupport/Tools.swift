@@ -1,4 +1,7 @@
 import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// Runs external programs (QEMU's tools, the qbackup binary) for tests.
 public enum Tools {
@@ -172,5 +175,48 @@ extension Tools.Result {
     public var failedCleanly: Bool {
         status != 0 && status < 128 && errorLines.count == 1 && !stderr.contains("Fatal error")
             && !stderr.contains("Program crashed")
+    }
+}
+
+/// A qbackup run in the background (for tests that act while it works, or kill it).
+public final class RunningQBackup: @unchecked Sendable {
+    public let process: Process
+    private let out: String
+    private let err: String
+
+    /// Starts `qbackup ARGS` with stdout and stderr going to files in `directory`.
+    public init(_ arguments: [String], environment: [String: String] = [:], directory: TempDir) throws {
+        let tag = UUID().uuidString.prefix(6)
+        out = directory.file("qbackup-\(tag).out")
+        err = directory.file("qbackup-\(tag).err")
+        FileManager.default.createFile(atPath: out, contents: nil)
+        FileManager.default.createFile(atPath: err, contents: nil)
+        process = Process()
+        process.executableURL = URL(fileURLWithPath: try QBackupBinary.path())
+        process.arguments = arguments
+        process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
+        process.standardOutput = FileHandle(forWritingAtPath: out)
+        process.standardError = FileHandle(forWritingAtPath: err)
+        process.standardInput = FileHandle.nullDevice
+        try process.run()
+    }
+
+    public var isRunning: Bool { process.isRunning }
+
+    /// kill -9.
+    public func kill() {
+        if process.isRunning { Glibc.kill(process.processIdentifier, SIGKILL) }
+    }
+
+    /// Waits for the exit (at most `seconds`, then kills it) and returns what it printed.
+    public func wait(seconds: TimeInterval = 120) -> Tools.Result {
+        let deadline = Date().addingTimeInterval(seconds)
+        while process.isRunning && Date() < deadline { usleep(2_000) }
+        kill()
+        process.waitUntilExit()
+        let stdout = (try? Data.contents(of: out)) ?? Data()
+        let stderr = (try? String(contentsOfFile: err, encoding: .utf8)) ?? ""
+        return Tools.Result(status: process.terminationStatus, stdout: String(decoding: stdout, as: UTF8.self),
+                            stderr: stderr, stdoutData: stdout)
     }
 }
