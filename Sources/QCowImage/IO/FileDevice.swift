@@ -13,32 +13,69 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
     public let writable: Bool
     private var closed = false
 
-    /// Opens an existing file.
+    /// Opens an existing file: a regular file or a block device. Anything else (a FIFO, a
+    /// socket, a character device, a folder) is refused before a byte is read, so that no
+    /// open or read can hang on it (DESIGN.md: images and backing files).
     public init(path: String, writable: Bool) throws {
         self.name = path
         self.writable = writable
-        do {
-            descriptor = try FileDescriptor.open(
-                FilePath(path), writable ? .readWrite : .readOnly, options: [.closeOnExec])
-        } catch let errno as Errno {
-            throw QCowError(.io, "cannot open: \(errno.description)", path: path)
-        }
+        descriptor = try Self.openStorage(path, writable ? .readWrite : .readOnly, options: [], what: "open")
         CrashSeam.shared.configureFromEnvironment()
     }
 
-    /// Creates a new file (failing if it exists unless `truncate`).
+    /// Creates a new file (failing if it exists unless `truncate`, which reuses only a
+    /// regular file or block device).
     public init(creating path: String, truncate: Bool = false) throws {
         self.name = path
         self.writable = true
-        var options: FileDescriptor.OpenOptions = [.create, .closeOnExec]
-        options.insert(truncate ? .truncate : .exclusiveCreate)
-        do {
-            descriptor = try FileDescriptor.open(
-                FilePath(path), .readWrite, options: options, permissions: [.ownerReadWrite, .groupRead, .otherRead])
-        } catch let errno as Errno {
-            throw QCowError(.io, "cannot create: \(errno.description)", path: path)
-        }
+        descriptor = try Self.openStorage(path, .readWrite, options: [.create, truncate ? .truncate : .exclusiveCreate],
+                                          what: "create")
         CrashSeam.shared.configureFromEnvironment()
+    }
+
+    /// Opens `path` without blocking (a FIFO would wait for a peer), refuses what is not a
+    /// regular file or block device, then makes the descriptor blocking for positional I/O.
+    static func openStorage(_ path: String, _ mode: FileDescriptor.AccessMode, options: FileDescriptor.OpenOptions,
+                            what: String) throws -> FileDescriptor {
+        let fd: FileDescriptor
+        do {
+            fd = try FileDescriptor.open(FilePath(path), mode, options: options.union([.closeOnExec, .nonBlocking]),
+                                         permissions: [.ownerReadWrite, .groupRead, .otherRead])
+        } catch let errno as Errno {
+            // A socket cannot be opened at all (ENXIO): say what it is rather than "no such device".
+            var st = stat()
+            if stat(path, &st) == 0, let kind = unsupportedKind(st.st_mode) { throw notStorage(path, kind) }
+            throw QCowError(.io, "cannot \(what): \(errno.description)", path: path)
+        }
+        var st = stat()
+        guard fstat(fd.rawValue, &st) == 0 else {
+            let err = Errno(rawValue: errno)
+            try? fd.close()
+            throw QCowError(.io, "cannot stat: \(err.description)", path: path)
+        }
+        if let kind = unsupportedKind(st.st_mode) {
+            try? fd.close()
+            throw notStorage(path, kind)
+        }
+        _ = fcntl(fd.rawValue, F_SETFL, fcntl(fd.rawValue, F_GETFL) & ~O_NONBLOCK)
+        return fd
+    }
+
+    /// What a file of `mode` is when it is neither a regular file nor a block device, or nil.
+    public static func unsupportedKind(_ mode: mode_t) -> String? {
+        switch mode & S_IFMT {
+        case S_IFREG, S_IFBLK: nil
+        case S_IFIFO: "a FIFO"
+        case S_IFSOCK: "a socket"
+        case S_IFCHR: "a character device"
+        case S_IFDIR: "a folder"
+        case S_IFLNK: "a symbolic link"
+        default: "not a regular file"
+        }
+    }
+
+    static func notStorage(_ path: String, _ kind: String) -> QCowError {
+        QCowError(.refused, "is \(kind); images and backing files must be regular files or block devices", path: path)
     }
 
     /// Takes over a descriptor the caller opened (with flags this type does not offer, such
@@ -71,7 +108,11 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
         if fstat(descriptor.rawValue, &st) != 0 {
             throw QCowError(.io, "cannot stat: \(Errno(rawValue: errno).description)", path: name)
         }
-        return UInt64(st.st_size)
+        guard st.st_mode & S_IFMT == S_IFBLK else { return UInt64(st.st_size) }
+        // A block device's st_size is 0; its end is its size.
+        let end = lseek(descriptor.rawValue, 0, SEEK_END)
+        guard end >= 0 else { throw QCowError(.io, "cannot find the size: \(Errno(rawValue: errno).description)", path: name) }
+        return UInt64(end)
     }
 
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws -> Int {
