@@ -22,6 +22,27 @@ enum LayerWriter {
     static func write(plan: CopyPlan, from source: BackupSource, to path: String, clusterSize: Int, backing: String?,
                       compression: LayerCompression, durable: Bool = true,
                       progress: ((UInt64, UInt64) -> Void)?) throws -> Written {
+        let layer = try QCowCreator.create(at: path, options: options(source, clusterSize, backing, compression))
+        defer { layer.close() }
+        return try fill(layer, path: path, plan: plan, from: source, clusterSize: clusterSize, hideZeros: backing != nil,
+                        compression: compression, durable: durable, progress: progress)
+    }
+
+    /// Writes a standalone image (a restored point) into `output` and commits it: OUT appears
+    /// only complete. Returns the guest bytes written as data.
+    static func write(plan: CopyPlan, from source: BackupSource, into output: OutputFile, clusterSize: Int,
+                      progress: ((UInt64, UInt64) -> Void)?) throws -> UInt64 {
+        let layer = try QCowCreator.create(in: output, options: options(source, clusterSize, nil, .none))
+        defer { layer.close() }
+        let written = try fill(layer, path: output.temporaryPath, plan: plan, from: source, clusterSize: clusterSize,
+                               hideZeros: false, compression: .none, durable: false, progress: progress)
+        try layer.writeBack()
+        try output.commit()
+        return written.bytes
+    }
+
+    static func options(_ source: BackupSource, _ clusterSize: Int, _ backing: String?,
+                        _ compression: LayerCompression) -> QCowCreateOptions {
         var options = QCowCreateOptions(size: source.virtualSize)
         options.clusterSize = clusterSize
         if let backing {
@@ -29,11 +50,16 @@ enum LayerWriter {
             options.backingFormat = .qcow2
         }
         if compression == .zstd { options.compression = .zstd }
-        let layer = try QCowCreator.create(at: path, options: options)
-        defer { layer.close() }
+        return options
+    }
+
+    /// Copies the plan into the new, empty `layer` (the file at `path`).
+    static func fill(_ layer: QCowFile, path: String, plan: CopyPlan, from source: BackupSource, clusterSize: Int,
+                     hideZeros: Bool, compression: LayerCompression, durable: Bool,
+                     progress: ((UInt64, UInt64) -> Void)?) throws -> Written {
         // The file is new and thrown away if we die before it is complete: one fsync at the end will do.
         layer.syncBarriers = false
-        var copier = ChunkCopier(layer: layer, clusterSize: clusterSize, hideZeros: backing != nil,
+        var copier = ChunkCopier(layer: layer, clusterSize: clusterSize, hideZeros: hideZeros,
                                  compressor: compression == .none ? nil : ParallelCompressor(layer.header.compression))
         defer { copier.pipeline.drain() }
         var done: UInt64 = 0

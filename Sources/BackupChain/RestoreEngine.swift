@@ -14,9 +14,12 @@ public enum RestoreEngine {
         public var format: OutputFormat
         /// Also check each layer's checksum before reading (every byte of the chain is read twice).
         public var verify: Bool
+        /// Replace an existing OUT (`--force`); without it an existing OUT is refused.
+        public var force: Bool
         public init(repository: String, output: String, index: Int? = nil, format: OutputFormat = .qcow2,
-                    verify: Bool = false) {
+                    verify: Bool = false, force: Bool = false) {
             self.verify = verify
+            self.force = force
             self.repository = repository
             self.output = output
             self.index = index
@@ -93,29 +96,30 @@ public enum RestoreEngine {
             throw ChainError(.invalidArgument, "no layer \(index): the repository has layers 0 to \(manifest.layers.count - 1)",
                              path: request.repository)
         }
-        guard !DurableFiles.exists(request.output) else {
-            throw ChainError(.invalidArgument, "the output file exists; restore never overwrites", path: request.output)
-        }
+        // OUT is written under a temporary name and renamed only when complete; an existing
+        // OUT (a symbolic link included) is refused before anything is read, unless forced.
+        let output = try OutputFile(request.output, overwrite: request.force)
         try checkChain(repo, manifest, index: index, digests: request.verify)
         let image = try openPoint(repo.path, manifest, index: index)
         defer { image.close() }
         logger.debug("restoring", metadata: ["index": "\(index)", "output": "\(request.output)"])
         let written: UInt64
-        switch request.format {
-        case .raw:
-            written = try RawExporter.export(image, to: request.output, progress: progress)
-        case .qcow2:
-            // The point in time as one standalone qcow2: data copied, zeros and holes left unallocated.
-            let source = GuestImageSource(image)
-            let plan = try CopyPlan.make(kind: .full, source: source, bitmap: "", clusterSize: UInt64(manifest.clusterSize))
-            do {
-                written = try LayerWriter.write(plan: plan, from: source, to: request.output,
-                                                clusterSize: manifest.clusterSize, backing: nil, compression: .none,
-                                                durable: false, progress: progress).bytes
-            } catch {
-                try? DurableFiles.remove(request.output)
-                throw error
+        do {
+            switch request.format {
+            case .raw:
+                written = try RawExporter.export(image, into: output, progress: progress)
+            case .qcow2:
+                // The point in time as one standalone qcow2: data copied, zeros and holes left unallocated.
+                let source = GuestImageSource(image)
+                let plan = try CopyPlan.make(kind: .full, source: source, bitmap: "",
+                                             clusterSize: UInt64(manifest.clusterSize))
+                written = try LayerWriter.write(plan: plan, from: source, into: output, clusterSize: manifest.clusterSize,
+                                                progress: progress)
             }
+        } catch {
+            // Only the temporary file goes: whatever was at OUT stays as it was.
+            output.discard()
+            throw error
         }
         return Result(index: index, layer: manifest.layers[index], virtualSize: image.virtualSize, dataBytes: written)
     }

@@ -28,7 +28,7 @@ public enum Bounded {
         default:
             limit = "ulimit -v \(mebibytes * 1024)"
         }
-        return "\(limit); exec timeout \(seconds) \(quoted)"
+        return "\(limit); exec timeout -k 5 \(seconds) \(quoted)"
     }
 
     /// Runs `arguments` under `shellCommand`'s bounds.

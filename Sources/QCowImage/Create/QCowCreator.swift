@@ -96,16 +96,17 @@ public enum QCowCreator {
         return image
     }
 
-    /// Creates a new qcow2 file at `path` (refusing an existing file unless
-    /// `overwrite`), locked for writing, and returns it open. The backing file is
-    /// not opened; use `ImageOpener` for a chain.
+    /// Creates a new qcow2 file at `path` in place (refusing an existing file), locked for
+    /// writing, and returns it open. For files whose name the caller manages (repository
+    /// layers); a file at a path the user named is made through `OutputFile` (`createFile`,
+    /// `create(in:)`). The backing file is not opened; use `ImageOpener` for a chain.
     @discardableResult
-    public static func create(at path: String, options: QCowCreateOptions, overwrite: Bool = false,
+    public static func create(at path: String, options: QCowCreateOptions,
                               logger: Logger = Logger(label: "qbackup.create", factory: { _ in SwiftLogNoOpLogHandler() }))
         throws -> QCowFile
     {
         try validate(options)
-        let device = try FileDevice(creating: path, truncate: overwrite)
+        let device = try FileDevice(creating: path)
         do {
             try ImageLock.acquire(device, writable: true)
             return try create(on: device, options: options, logger: logger)
@@ -115,12 +116,47 @@ public enum QCowCreator {
         }
     }
 
-    /// Creates a raw image of `size` bytes (sparse) at `path`.
+    /// Writes a new qcow2 image into `output`'s temporary file, locked for writing, and returns
+    /// it open; the caller fills it, then commits (or discards) `output`.
+    public static func create(in output: OutputFile, options: QCowCreateOptions,
+                              logger: Logger = Logger(label: "qbackup.create", factory: { _ in SwiftLogNoOpLogHandler() }))
+        throws -> QCowFile
+    {
+        try validate(options)
+        try ImageLock.acquire(output.device, writable: true)
+        return try create(on: output.device, options: options, logger: logger)
+    }
+
+    /// `qemu-img create`: a new qcow2 image at `path`, durably; an existing file is refused
+    /// unless `overwrite`. A failure (a full disk, say) leaves nothing at `path`.
+    public static func createFile(at path: String, options: QCowCreateOptions, overwrite: Bool = false,
+                                  logger: Logger = Logger(label: "qbackup.create", factory: { _ in SwiftLogNoOpLogHandler() }))
+        throws
+    {
+        try validate(options)
+        let output = try OutputFile(path, overwrite: overwrite, durable: true)
+        do {
+            let image = try create(in: output, options: options, logger: logger)
+            defer { image.close() }
+            try output.commit()
+        } catch {
+            output.discard()
+            throw error
+        }
+    }
+
+    /// Creates a raw image of `size` bytes (sparse) at `path`, durably; an existing file is
+    /// refused unless `overwrite`.
     public static func createRaw(at path: String, size: UInt64, overwrite: Bool = false) throws {
-        let device = try FileDevice(creating: path, truncate: overwrite)
-        defer { device.close() }
-        try device.resize(to: size)
-        try device.sync()
+        let output = try OutputFile(path, overwrite: overwrite, durable: true)
+        defer { output.device.close() }
+        do {
+            try output.device.resize(to: size)
+            try output.commit()
+        } catch {
+            output.discard()
+            throw error
+        }
     }
 
     /// Refuses a cluster size QEMU refuses: a power of two from 512 B to 2 MiB.

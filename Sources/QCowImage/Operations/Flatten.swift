@@ -48,17 +48,25 @@ public enum ImageFlattener {
         create.refcountBits = options.refcountBits
         create.extendedL2 = options.extendedL2
         create.compression = options.compression ?? .zlib
-        let out = try QCowCreator.create(at: path, options: create, overwrite: overwrite, logger: logger)
-        defer { out.close() }
-        // A new file that is useless after a crash anyway: at most one flush at the end,
-        // so the engine's ordering barriers are skipped.
-        out.syncBarriers = false
-        logger.debug("flattening", metadata: ["source": "\(source.filename)", "output": "\(path)"])
-        let result = options.compression == nil
-            ? try copyExtents(from: source, to: out, progress: progress)
-            : try copyCompressed(from: source, to: out, progress: progress)
-        if options.durable { try out.flush() } else { try out.commitRefcounts() }
-        return result
+        // Written under a temporary name and renamed only when complete (OutputFile).
+        let output = try OutputFile(path, overwrite: overwrite, durable: options.durable)
+        do {
+            let out = try QCowCreator.create(in: output, options: create, logger: logger)
+            defer { out.close() }
+            // A new file that is useless after a crash anyway: at most one flush at the end,
+            // so the engine's ordering barriers are skipped.
+            out.syncBarriers = false
+            logger.debug("flattening", metadata: ["source": "\(source.filename)", "output": "\(path)"])
+            let result = options.compression == nil
+                ? try copyExtents(from: source, to: out, progress: progress)
+                : try copyCompressed(from: source, to: out, progress: progress)
+            if options.durable { try out.flush() } else { try out.commitRefcounts() }
+            try output.commit()
+            return result
+        } catch {
+            output.discard()
+            throw error
+        }
     }
 
     /// Copies extent by extent, in reads and writes of up to 8 MiB.

@@ -8,16 +8,28 @@ import Darwin
 /// in large sequential writes, zero and unallocated ranges left as holes.
 public enum RawExporter {
     /// Exports `image` to a new raw file at `path` (which must not exist, unless `overwrite`).
-    /// With `durable`, the file is fsynced before returning (like qemu-img, a plain export
-    /// does not wait for the disk). Returns the bytes of data written.
+    /// Written through `OutputFile`: `path` appears only when complete. With `durable`, the
+    /// file and its folder are fsynced (like qemu-img, a plain export does not wait for the
+    /// disk). Returns the bytes of data written.
     @discardableResult
     public static func export(_ image: GuestImage, to path: String, overwrite: Bool = false, durable: Bool = false,
                               progress: ((UInt64, UInt64) -> Void)? = nil) throws -> UInt64 {
-        let out = try FileDevice(creating: path, truncate: overwrite)
+        let output = try OutputFile(path, overwrite: overwrite, durable: durable)
+        do {
+            return try export(image, into: output, progress: progress)
+        } catch {
+            // Only the temporary file goes; whatever was at `path` stays.
+            output.discard()
+            throw error
+        }
+    }
+
+    /// Writes `image` as raw bytes into `output` (new and empty) and commits it; returns the
+    /// bytes of data written. On failure the caller discards `output`.
+    public static func export(_ image: GuestImage, into output: OutputFile,
+                              progress: ((UInt64, UInt64) -> Void)? = nil) throws -> UInt64 {
+        let out = output.device
         defer { out.close() }
-        // A failed export (unreadable or corrupt source) leaves no partial output behind.
-        var finished = false
-        defer { if !finished { unlink(path) } }
         let total = image.virtualSize
         try out.resize(to: total)
         // Reads here, writes on another thread.
@@ -42,8 +54,7 @@ public enum RawExporter {
             progress?(offset, total)
         }
         try pipeline.finish()
-        if durable { try out.sync() }
-        finished = true
+        try output.commit()
         return written
     }
 }

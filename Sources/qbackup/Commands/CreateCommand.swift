@@ -8,7 +8,7 @@ struct CreateCommand: ParsableCommand {
         abstract: "Create a new qcow2 v3 image (or a raw one), like qemu-img create.",
         discussion: "SIZE takes K/M/G/T suffixes. With --backing, SIZE defaults to the backing file's size.")
 
-    @Argument(help: "The new image file (must not exist).") var image: String
+    @Argument(help: "The new image file (must not exist, unless --force).") var image: String
     @Argument(help: "Virtual size, e.g. 10G.", transform: parseSize) var size: UInt64?
 
     @Option(name: [.customShort("f"), .customLong("format")], help: "qcow2 (default) or raw.")
@@ -23,6 +23,7 @@ struct CreateCommand: ParsableCommand {
     @Option(name: .long, help: "Compression type for compressed clusters: zlib (default) or zstd.")
     var compressionType: CompressionChoice = .zlib
     @Flag(name: .long, help: "Use extended L2 entries (subclusters).") var extendedL2 = false
+    @Flag(name: .long, help: "Replace an existing IMAGE (a regular file) once the new one is complete.") var force = false
     @Option(name: .long, help: "Refcount width: 1, 2, 4, 8, 16 (default), 32 or 64 bits.") var refcountBits: Int = 16
 
     @OptionGroup var options: GlobalOptions
@@ -54,7 +55,7 @@ struct CreateCommand: ParsableCommand {
                 base.close()
             }
             if format == .raw {
-                try QCowCreator.createRaw(at: image, size: bytes)
+                try QCowCreator.createRaw(at: image, size: bytes, overwrite: force)
             } else {
                 var create = QCowCreateOptions(size: bytes)
                 if let clusterSize { create.clusterSize = clusterSize }
@@ -71,8 +72,7 @@ struct CreateCommand: ParsableCommand {
                     }
                     create.backingFormat = backingType
                 }
-                let file = try QCowCreator.create(at: image, options: create)
-                file.close()
+                try QCowCreator.createFile(at: image, options: create, overwrite: force)
             }
             if options.json {
                 emit(JSON.object([("file", .string(image)), ("format", .string(format.rawValue)),

@@ -9,7 +9,9 @@ struct FlattenCommand: ParsableCommand {
         discussion: "Unallocated and zero ranges stay holes (raw) or unallocated/zero (qcow2) in the output.")
 
     @Argument(help: "The top image of the chain.") var top: String
-    @Argument(help: "The output file (must not exist).") var out: String
+    @Argument(help: "The output file (must not exist, unless --force).") var out: String
+
+    @Flag(name: .long, help: "Replace an existing OUT (a regular file) once the new one is complete.") var force = false
 
     @Option(name: .long, help: "Output format: qcow2 (default) or raw.")
     var format: ImageOpener.Format = .qcow2
@@ -38,7 +40,7 @@ struct FlattenCommand: ParsableCommand {
             flatten.format = format
             flatten.compression = compress.map { $0 == .zstd ? .zstd : .zlib }
             if let clusterSize { flatten.clusterSize = clusterSize }
-            let result = try ImageFlattener.flatten(source, to: out, options: flatten, logger: options.logger,
+            let result = try ImageFlattener.flatten(source, to: out, options: flatten, overwrite: force, logger: options.logger,
                                                     progress: progress?.update)
             let written = result.dataBytes
             progress?.finish()

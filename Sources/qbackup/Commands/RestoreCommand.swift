@@ -7,11 +7,13 @@ struct RestoreCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "restore",
         abstract: "Write the disk as it was at one backup layer as a standalone image.",
-        discussion: "The repository is never modified. OUT must not exist.")
+        discussion: "The repository is never modified. OUT is written under a temporary name beside it and renamed into place only when complete; an existing OUT is refused unless --force.")
 
     @Argument(help: "The repository folder.") var repository: String
 
-    @Option(name: .long, help: "The output image file (must not exist).") var to: String
+    @Option(name: .long, help: "The output image file (must not exist, unless --force).") var to: String
+
+    @Flag(name: .long, help: "Replace an existing OUT (a regular file) once the new one is complete.") var force = false
 
     @Option(name: .long, help: "The layer index to restore (default: the latest; see 'qbackup list').")
     var at: Int?
@@ -28,7 +30,8 @@ struct RestoreCommand: ParsableCommand {
         try ExitStatus.run {
             let progress = options.progressReporter("restore")
             let result = try RestoreEngine.restore(
-                RestoreEngine.Request(repository: repository, output: to, index: at, format: format, verify: verify),
+                RestoreEngine.Request(repository: repository, output: to, index: at, format: format, verify: verify,
+                                      force: force),
                 progress: progress?.update)
             progress?.finish()
             if options.json {
