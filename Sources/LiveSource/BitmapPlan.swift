@@ -110,7 +110,8 @@ struct BitmapPlan {
     /// Merges NAME.frozen back into NAME and removes it, in one transaction (NAME is added
     /// first if it went missing). An inconsistent NAME.frozen cannot be merged: it is
     /// removed, and NAME too, so that the next layer is full.
-    static func mergeBack(_ qmp: QMPClient, disk: QMPDisk, name: String) throws {
+    /// Returns what was done, for the output.
+    static func mergeBack(_ qmp: QMPClient, disk: QMPDisk, name: String) throws -> String {
         let frozenName = frozen(name)
         if disk.bitmaps[frozenName]?.inconsistent == true || disk.bitmaps[name]?.inconsistent == true {
             var actions: [[String: Any]] = [["type": "block-dirty-bitmap-remove", "data": ["node": disk.node, "name": frozenName]]]
@@ -118,9 +119,10 @@ struct BitmapPlan {
                 actions.append(["type": "block-dirty-bitmap-remove", "data": ["node": disk.node, "name": name]])
             }
             try qmp.execute("transaction", ["actions": actions])
-            return
+            return "removed the inconsistent bitmaps '\(name)' and '\(frozenName)' an interrupted backup left (QEMU did not close the image cleanly), so this layer is full"
         }
         try mergeBack(qmp, node: disk.node, name: name, addTarget: disk.bitmaps[name] == nil)
+        return "merged bitmap '\(frozenName)' left by an interrupted backup back into '\(name)'"
     }
 
     static func mergeBack(_ qmp: QMPClient, node: String, name: String, addTarget: Bool = false) throws {

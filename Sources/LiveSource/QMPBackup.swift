@@ -83,15 +83,14 @@ public enum QMPBackup {
         do {
             result = try BackupEngine.backup(engine, logger: logger, progress: progress) { repo, engineRequest in
                 _ = try BackupEngine.preflight(engine, repo: repo, virtualSize: disk.virtualSize)
-                let id = repo.manifest?.id ?? BackupRepository.newID()
+                let id = repo.manifest?.id ?? newRepositoryID(repo.path)
                 let folder = request.fleeceDir ?? (disk.file as NSString).deletingLastPathComponent
                 let names = FleeceSession.Names(id: id, folder: folder)
                 try FleeceSession.removeLeftovers(qmp: qmp, names: names, logger: logger)
                 // A NAME.frozen left by a crash holds changes no layer has: put them back first.
                 let name = repo.manifest?.bitmap ?? request.bitmap ?? "qbackup-\(id)"
                 if disk.bitmaps[BitmapPlan.frozen(name)] != nil {
-                    warnings.append("merged bitmap '\(BitmapPlan.frozen(name))' left by an interrupted backup back into '\(name)'")
-                    try BitmapPlan.mergeBack(qmp, disk: disk, name: name)
+                    warnings.append(try BitmapPlan.mergeBack(qmp, disk: disk, name: name))
                     disk = try QMPDisk.find(qmp, node: disk.node)
                 }
                 let settled = try BitmapPlan(request: request, manifest: repo.manifest, disk: disk, id: id)
@@ -122,6 +121,16 @@ public enum QMPBackup {
         finish(qmp: qmp, disk: disk, session: session, plan: plan, committed: source?.committed ?? false,
                logger: logger, warnings: &warnings)
         return Outcome(result: result, reason: plan?.reason, warnings: warnings)
+    }
+
+    /// The id of a repository that has no manifest yet: derived from its folder (FNV-1a of the
+    /// absolute path), so that a first backup killed before its manifest names the same QEMU
+    /// objects as the next attempt, which then recognises and removes them.
+    static func newRepositoryID(_ path: String) -> String {
+        let absolute = URL(fileURLWithPath: path).standardizedFileURL.path
+        var hash: UInt64 = 0xcbf2_9ce4_8422_2325
+        for byte in absolute.utf8 { hash = (hash ^ UInt64(byte)) &* 0x100_0000_01b3 }
+        return String(format: "%016llx", hash)
     }
 
     /// Cleanup, then the bitmaps: dropped NAME.frozen after a committed layer, merged back otherwise.

@@ -38,6 +38,20 @@ struct QMPDisk {
             name = only
         }
         let nodes = try qmp.execute("query-named-block-nodes", ["flat": true]) as? [[String: Any]] ?? []
+        if wanted == nil, name.hasPrefix("qb-cbw-"),
+           let filter = nodes.first(where: { $0["node-name"] as? String == name }) {
+            // A killed qbackup left its copy-before-write filter on top of the disk: the disk is
+            // the qcow2 node of the same file under it (the next steps remove the filter).
+            let file = filter["file"] as? String
+            let under = nodes.filter {
+                $0["drv"] as? String == "qcow2" && $0["file"] as? String == file
+                    && !(($0["node-name"] as? String)?.hasPrefix("qb-") ?? true)
+            }
+            guard under.count == 1, let node = under.first?["node-name"] as? String else {
+                throw LiveError(.invalidArgument, "the disk is behind qbackup's leftover filter '\(name)'; name its qcow2 node with --node")
+            }
+            return try find(qmp, node: node)
+        }
         guard let info = nodes.first(where: { $0["node-name"] as? String == name }) else {
             let known = nodes.compactMap { $0["node-name"] as? String }
             throw LiveError(.invalidArgument, "QEMU has no block node '\(name)' (nodes: \(known.joined(separator: ", ")))")
