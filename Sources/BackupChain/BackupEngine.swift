@@ -183,6 +183,8 @@ public enum BackupEngine {
         do {
             written = try LayerWriter.write(plan: plan, from: source, to: temp, clusterSize: clusterSize,
                                            backing: previous, compression: request.compression, progress: progress)
+            // A file truncated meanwhile reads as zeros: such a layer is not recorded (nor the bitmap touched).
+            try source.checkUnchanged()
         } catch {
             try? DurableFiles.remove(temp)
             throw error

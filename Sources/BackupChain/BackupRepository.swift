@@ -33,11 +33,7 @@ public final class BackupRepository {
                 return
             }
             guard create else { throw ChainError(.invalidArgument, "no such repository folder", path: path) }
-            do {
-                try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
-            } catch {
-                throw ChainError(.io, "cannot create the repository folder: \(error.localizedDescription)", path: path)
-            }
+            try Self.createFolders(path)
         } else if !isDir.boolValue {
             throw ChainError(.invalidArgument, "not a folder", path: path)
         }
@@ -61,6 +57,24 @@ public final class BackupRepository {
 
     deinit {
         if lockFD >= 0 { Glibc.close(lockFD) }
+    }
+
+    /// mkdir -p, with the system's reason and the component it concerns in the error
+    /// (Foundation's createDirectory reports only "NSCocoaErrorDomain error 512").
+    static func createFolders(_ path: String) throws {
+        var prefix = path.hasPrefix("/") ? "/" : ""
+        for part in path.split(separator: "/") {
+            prefix += part
+            if mkdir(prefix, 0o755) != 0 && errno != EEXIST {
+                let reason = errno == ENOTDIR ? "a part of the path is not a folder" : String(cString: strerror(errno))
+                throw ChainError(.io, "cannot create the repository folder: \(prefix): \(reason)", path: path)
+            }
+            var st = stat()
+            if stat(prefix, &st) == 0 && st.st_mode & S_IFMT != S_IFDIR {
+                throw ChainError(.io, "cannot create the repository folder: \(prefix) is a file, not a folder", path: path)
+            }
+            prefix += "/"
+        }
     }
 
     /// `path/name`

@@ -18,8 +18,17 @@ public protocol BackupSource: AnyObject {
     func forEachDirtyExtent(_ name: String, _ body: (Range<UInt64>) throws -> Void) throws
     /// Makes `name` an empty, enabled, consistent bitmap (created if missing), durably.
     func resetBitmap(_ name: String) throws
+    /// Throws when the disk changed under the copy so that what was read cannot be trusted
+    /// (a file of a local chain truncated or grown by another process). Called after the
+    /// layer is written and before it is recorded.
+    func checkUnchanged() throws
     /// Releases the source (and its locks).
     func close()
+}
+
+extension BackupSource {
+    /// Sources whose reads fail when the disk goes away (NBD) need no check.
+    public func checkUnchanged() throws {}
 }
 
 /// Whether a tracking bitmap can drive an incremental backup.

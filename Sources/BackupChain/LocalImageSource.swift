@@ -20,9 +20,31 @@ final class LocalImageSource: BackupSource {
         self.file = file
         do {
             catalog = try BitmapCatalog(file: file)
+            fileSizes = try Self.chainFiles(image).map { ($0, try $0.size()) }
         } catch {
             image.close()
             throw error
+        }
+    }
+
+    /// Every file the guest data is read from, and its size when the source was opened.
+    private var fileSizes: [(BlockDevice, UInt64)] = []
+
+    static func chainFiles(_ image: GuestImage) -> [BlockDevice] {
+        image.chain.flatMap { layer -> [BlockDevice] in
+            if let q = layer as? QCowFile { return q.dataDevice === q.device ? [q.device] : [q.device, q.dataDevice] }
+            if let r = layer as? RawImage { return [r.device] }
+            return []
+        }
+    }
+
+    func checkUnchanged() throws {
+        for (device, size) in fileSizes {
+            let now = try device.size()
+            guard now == size else {
+                throw ChainError(.refused, "\(device.name) changed size from \(size) to \(now) bytes during the backup (another process wrote it); the layer was not recorded and the bitmap is unchanged",
+                                 path: name)
+            }
         }
     }
 

@@ -33,13 +33,34 @@ enum ExitStatus {
         } catch let error as ExitCode {
             throw error
         } catch let error as CocoaError {
-            report(error.localizedDescription)
+            report(describe(error))
             throw ExitCode(errorStatus ?? failure)
         } catch {
             report("\(error)")
             throw ExitCode(errorStatus ?? failure)
         }
         if status != 0 { throw ExitCode(status) }
+    }
+
+    /// A Foundation error in words: the file and the system's reason, never
+    /// "The operation could not be completed. (NSCocoaErrorDomain error 512.)".
+    static func describe(_ error: CocoaError) -> String {
+        let reason: String
+        if let posix = error.underlying as? POSIXError {
+            reason = String(cString: strerror(posix.code.rawValue))
+        } else {
+            switch error.code {
+            case .fileNoSuchFile, .fileReadNoSuchFile: reason = "no such file or folder"
+            case .fileReadNoPermission, .fileWriteNoPermission: reason = "permission denied"
+            case .fileWriteFileExists: reason = "already exists"
+            case .fileWriteOutOfSpace: reason = "no space left on the device"
+            case .fileWriteVolumeReadOnly: reason = "the file system is read-only"
+            case .propertyListReadCorrupt: reason = "not valid JSON"
+            default: reason = "the operation failed (Foundation error \(error.code.rawValue))"
+            }
+        }
+        let path = error.filePath ?? error.url?.path
+        return path.map { "\($0): \(reason)" } ?? reason
     }
 
     static func report(_ message: String) {
