@@ -101,4 +101,41 @@ import TestSupport
         let result = try QBackupBinary.run(["restore", s.repo, "--to", s.dir.file("r.raw")])
         #expect(result.status == 1 && result.stderr.contains("inside the repository folder"), "\(result.stderr)")
     }
+
+    /// A layer replaced by a FIFO is refused at once: opening it must not wait for a writer.
+    @Test(arguments: ["restore", "verify", "merge"])
+    func aFIFOLayerIsRefusedWithoutHanging(_ command: String) throws {
+        let s = try Self.twoPoints(seed: 76)
+        let top = s.layerPath(try s.layers()[1])
+        try FileManager.default.removeItem(atPath: top)
+        try Tools.run("mkfifo", [top])
+        let args: [String] = switch command {
+        case "restore": ["restore", s.repo, "--to", s.dir.file("r.raw"), "--format", "raw"]
+        case "merge": ["merge", s.repo, "--keep", "1"]
+        default: ["verify", s.repo]
+        }
+        let result = try Bounded.run([try QBackupBinary.path()] + args, mebibytes: 1024, seconds: 20)
+        #expect(result.status == 1, "\(command): exit \(result.status) (124 or 137: it hung and the bound stopped it) \(result.stderr)")
+        #expect((result.stdout + result.stderr).contains("FIFO"), "\(command): \(result.stdout)\(result.stderr)")
+        #expect(!FileManager.default.fileExists(atPath: s.dir.file("r.raw")))
+    }
+
+    /// merge's temporary file name is a symlink to a file outside: it is neither followed nor written.
+    @Test func mergeNeverWritesThroughASymlinkedTemporaryName() throws {
+        let s = try Self.twoPoints(seed: 77)
+        let layers = try s.layers()
+        // A hard-linked copy makes merge write point 1 as a new file under LAYER.merge.partial.
+        try Tools.run("cp", ["-al", s.repo, s.dir.file("snap")])
+        let outside = s.dir.file("outside.bin")
+        try Data("keep me\n".utf8).write(to: URL(fileURLWithPath: outside))
+        let temp = s.layerPath(layers[1]) + ".merge.partial"
+        try FileManager.default.createSymbolicLink(atPath: temp, withDestinationPath: outside)
+        _ = try QBackupBinary.run(["merge", s.repo, "--keep", "1"])
+        #expect(try String(contentsOfFile: outside, encoding: .utf8) == "keep me\n", "merge wrote through the symlink")
+        for (k, reference) in s.references.enumerated() {
+            let out = s.dir.file("snap-\(k).raw")
+            try s.qbackup(["restore", s.dir.file("snap"), "--to", out, "--at", String(k), "--format", "raw"])
+            #expect(try s.same(out, reference))
+        }
+    }
 }
