@@ -7,14 +7,10 @@ enum OutputFormat: String, ExpressibleByArgument, CaseIterable {
     case human, json
 }
 
-/// Flags shared by the commands: output format, progress bar, verbosity.
+/// Flags shared by every command: how to report, verbosity.
 struct GlobalOptions: ParsableArguments {
-    @Option(name: .long, help: "Output format: human or json (JSON goes to stdout).")
+    @Option(name: .long, help: "How to report: human or json (JSON goes to stdout).")
     var output: OutputFormat = .human
-
-    @Flag(name: [.short, .long], inversion: .prefixedNo,
-          help: "Draw a progress bar on stderr (default: on when stderr is a terminal).")
-    var progress: Bool?
 
     @Flag(name: .long, help: "Log debug details to stderr.")
     var verbose = false
@@ -27,9 +23,16 @@ struct GlobalOptions: ParsableArguments {
         logger.logLevel = verbose ? .debug : .warning
         return logger
     }
+}
+
+/// `-p/--progress`, only on the commands that do long work (copy, compare, verify, merge).
+struct ProgressOptions: ParsableArguments {
+    @Flag(name: [.short, .long], inversion: .prefixedNo,
+          help: "Show progress on stderr: a bar on a terminal, else a line every few seconds (default: on when stderr is a terminal).")
+    var progress: Bool?
 
     /// A progress reporter, or nil when progress is off.
-    func progressReporter(_ label: String) -> ProgressReporter? {
+    func reporter(_ label: String) -> ProgressReporter? {
         let on = progress ?? (isatty(STDERR_FILENO) != 0)
         return on ? ProgressReporter(label: label) : nil
     }

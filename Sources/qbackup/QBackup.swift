@@ -9,9 +9,9 @@ struct QBackup: ParsableCommand {
         commandName: "qbackup",
         abstract: "QEMU qcow2 images, persistent dirty bitmaps and incremental backup chains.",
         discussion: """
-            Reads and writes qcow2 images exactly as QEMU does. Errors go to stderr as one
-            'qbackup: error:' line; exit status 0 is success, 1 a failed operation, 2 a usage
-            error, 75 busy: the repository is locked by another qbackup or the image by QEMU (try
+            Reads and writes qcow2 images exactly as QEMU does. Errors go to stderr as one \
+            'qbackup: error:' line; exit status 0 is success, 1 a failed operation, 2 a usage \
+            error, 75 busy: the repository is locked by another qbackup or the image by QEMU (try \
             again later; 'check' and 'compare' use qemu-img's statuses).
             """,
         version: "0.1.0",

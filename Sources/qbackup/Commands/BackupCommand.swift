@@ -76,6 +76,7 @@ struct BackupCommand: ParsableCommand {
     @Flag(name: .long, help: "Report what would be copied; change nothing.") var dryRun = false
 
     @OptionGroup var options: GlobalOptions
+    @OptionGroup var progressOptions: ProgressOptions
 
     func validate() throws {
         if full && incremental { throw ValidationError("--full and --incremental exclude each other") }
@@ -107,7 +108,7 @@ struct BackupCommand: ParsableCommand {
     func run() throws {
         try ExitStatus.run {
             let request = request()
-            let progress = options.progressReporter("backup")
+            let progress = progressOptions.reporter("backup")
             let result: BackupEngine.Result
             var notes: [String] = []
             if let qmp {

@@ -15,10 +15,11 @@ struct CommitCommand: ParsableCommand {
     @Argument(help: "The top image (qcow2) whose backing file receives its data.") var top: String
 
     @OptionGroup var options: GlobalOptions
+    @OptionGroup var progressOptions: ProgressOptions
 
     func run() throws {
         try ExitStatus.run {
-            let progress = options.progressReporter("commit")
+            let progress = progressOptions.reporter("commit")
             let result = try CommitTracking.commit(topPath: top, logger: options.logger, progress: progress?.update)
             progress?.finish()
             if options.json {

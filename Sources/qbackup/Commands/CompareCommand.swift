@@ -24,6 +24,7 @@ struct CompareCommand: ParsableCommand {
     var strict = false
 
     @OptionGroup var options: GlobalOptions
+    @OptionGroup var progressOptions: ProgressOptions
 
     func run() throws {
         try ExitStatus.run(errorStatus: 2) {
@@ -31,7 +32,7 @@ struct CompareCommand: ParsableCommand {
             defer { a.close() }
             let b = try ImageOpener.open(second, format: secondFormat)
             defer { b.close() }
-            let progress = options.progressReporter("compare")
+            let progress = progressOptions.reporter("compare")
             let outcome = try ImageComparison.compare(a, b, strict: strict, progress: progress?.update)
             progress?.finish()
             switch outcome {

@@ -13,7 +13,7 @@ struct FlattenCommand: ParsableCommand {
 
     @Flag(name: .long, help: "Replace an existing OUT (a regular file) once the new one is complete.") var force = false
 
-    @Option(name: .long, help: "Output format: qcow2 (default) or raw.")
+    @Option(name: .long, help: "Format of OUT: qcow2 (default) or raw.")
     var format: ImageOpener.Format = .qcow2
 
     @Option(name: .long, help: "Compress the qcow2 output's clusters: zlib or zstd.")
@@ -30,12 +30,13 @@ struct FlattenCommand: ParsableCommand {
     }
 
     @OptionGroup var options: GlobalOptions
+    @OptionGroup var progressOptions: ProgressOptions
 
     func run() throws {
         try ExitStatus.run {
             let source = try ImageOpener.open(top)
             defer { source.close() }
-            let progress = options.progressReporter("flatten")
+            let progress = progressOptions.reporter("flatten")
             var flatten = FlattenOptions()
             flatten.format = format
             flatten.compression = compress.map { $0 == .zstd ? .zstd : .zlib }

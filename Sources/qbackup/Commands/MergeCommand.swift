@@ -17,6 +17,7 @@ struct MergeCommand: ParsableCommand {
     @Option(name: .long, help: "How many layers to keep (at least 1).") var keep: Int
 
     @OptionGroup var options: GlobalOptions
+    @OptionGroup var progressOptions: ProgressOptions
 
     func validate() throws {
         if keep < 1 { throw ValidationError("--keep must be at least 1") }
@@ -24,7 +25,7 @@ struct MergeCommand: ParsableCommand {
 
     func run() throws {
         try ExitStatus.run {
-            let progress = options.progressReporter("merge")
+            let progress = progressOptions.reporter("merge")
             let result = try MergeEngine.merge(repository: repository, keep: keep, logger: options.logger,
                                                progress: progress?.update)
             progress?.finish()

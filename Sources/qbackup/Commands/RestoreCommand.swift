@@ -18,17 +18,18 @@ struct RestoreCommand: ParsableCommand {
     @Option(name: .long, help: "The layer index to restore (default: the latest; see 'qbackup list').")
     var at: Int?
 
-    @Option(name: .long, help: "Output format: qcow2 or raw.")
+    @Option(name: .long, help: "Format of the restored image: qcow2 (default) or raw.")
     var format: RestoreEngine.OutputFormat = .qcow2
 
     @Flag(name: .long, help: "Check each layer's checksum before reading it (reads the chain twice).")
     var verify = false
 
     @OptionGroup var options: GlobalOptions
+    @OptionGroup var progressOptions: ProgressOptions
 
     func run() throws {
         try ExitStatus.run {
-            let progress = options.progressReporter("restore")
+            let progress = progressOptions.reporter("restore")
             let result = try RestoreEngine.restore(
                 RestoreEngine.Request(repository: repository, output: to, index: at, format: format, verify: verify,
                                       force: force),

@@ -22,6 +22,7 @@ struct VerifyCommand: ParsableCommand {
     var wait: Double = 5
 
     @OptionGroup var options: GlobalOptions
+    @OptionGroup var progressOptions: ProgressOptions
 
     func validate() throws {
         if !(wait >= 0 && wait <= 86400) { throw ValidationError("--wait must be 0 to 86400 seconds") }
@@ -29,7 +30,7 @@ struct VerifyCommand: ParsableCommand {
 
     func run() throws {
         try ExitStatus.run {
-            let progress = options.progressReporter("verify")
+            let progress = progressOptions.reporter("verify")
             let report = try ChainVerifier.verify(repository: repository, image: image, wait: wait, logger: options.logger,
                                                   progress: progress?.update)
             progress?.finish()
