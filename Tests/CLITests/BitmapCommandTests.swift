@@ -61,10 +61,28 @@ import TestSupport
         #expect(try Self.qemuBitmaps(path).keys.sorted() == ["b"])
         #expect(try Tools.run("qemu-img", ["check", path]).status == 0)
 
-        // list JSON names what is there.
+        // list JSON is an object, as every other command's: {"bitmaps": [...]}, naming what is there.
         let list = try QBackupBinary.run(["bitmap", "list", path, "--output", "json"])
         #expect(list.status == 0)
-        #expect(list.stdout.contains("\"b\""))
+        let object = try JSONHelpers.parse(list.stdout) as? [String: Any]
+        let rows = object?["bitmaps"] as? [[String: Any]]
+        #expect(rows?.compactMap { $0["name"] as? String } == ["b"], "\(list.stdout)")
+    }
+
+    /// The human DIRTY column in human sizes, the JSON in bytes.
+    @Test func listShowsDirtyBytesInHumanSizes() throws {
+        let dir = TempDir()
+        let path = dir.file("img.qcow2")
+        try Tools.qemuImg("create", "-q", "-f", "qcow2", path, "64M")
+        #expect(try QBackupBinary.run(["bitmap", "add", path, "a"]).status == 0)
+        try Tools.qemuIO(path, format: "qcow2", ["write -P 1 0 3M", "write -P 2 10M 512k"])
+        let human = try QBackupBinary.run(["bitmap", "list", path])
+        #expect(human.status == 0, "\(human.stderr)")
+        let row = human.stdout.split(separator: "\n").first { $0.hasPrefix("a ") }.map(String.init) ?? ""
+        #expect(row.hasSuffix(" 3.5 MiB"), "\(human.stdout)")
+        let json = try JSONHelpers.parse(try QBackupBinary.run(["bitmap", "list", path, "--output", "json"]).stdout)
+        let rows = (json as? [String: Any])?["bitmaps"] as? [[String: Any]]
+        #expect(rows?.first?["dirty-bytes"] as? Int == 3_670_016)
     }
 
     @Test func inUseBitmapIsRefusedButListedAndDumped() throws {

@@ -24,12 +24,12 @@ struct BitmapCommand: ParsableCommand {
             try ExitStatus.run {
                 let rows = try BitmapCatalog.withCatalog(image, writable: false) { try $0.list() }
                 if options.json {
-                    emit(JSON.array(rows.map(List.json)).pretty() + "\n")
+                    emit(JSON.object([("bitmaps", .array(rows.map(List.json)))]).pretty() + "\n")
                 } else {
                     let width = max(24, (rows.map(\.name.count).max() ?? 0) + 2)
                     emit("NAME".padding(width) + "GRANULARITY".padding(13) + "ENABLED".padding(9) + "IN_USE".padding(8) + "DIRTY\n")
                     for row in rows {
-                        let dirty = row.dirtyBytes.map(String.init) ?? "- (inconsistent)"
+                        let dirty = row.dirtyBytes.map(humanSize) ?? "- (inconsistent)"
                         emit(row.name.padding(width) + String(row.granularity).padding(13) + (row.enabled ? "yes" : "no").padding(9)
                              + (row.inUse ? "yes" : "no").padding(8) + dirty + "\n")
                     }
