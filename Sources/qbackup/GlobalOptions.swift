@@ -15,7 +15,15 @@ struct GlobalOptions: ParsableArguments {
     @Flag(name: .long, help: "Log debug details to stderr.")
     var verbose = false
 
+    @Flag(name: [.short, .long], help: "Print no informational output (a success summary); warnings and errors still go to stderr.")
+    var quiet = false
+
     var json: Bool { output == .json }
+
+    /// Informational output (a human success summary) on stdout, unless --quiet.
+    func inform(_ text: String) {
+        if !quiet { emit(text) }
+    }
 
     /// A logger to stderr: debug with --verbose, else warnings only.
     var logger: Logger {

@@ -149,9 +149,9 @@ struct BackupCommand: ParsableCommand {
                 }
                 emit(JSON.object(pairs).pretty() + "\n")
             } else if result.dryRun {
-                emit("would take \(result.kind == .full ? "a full" : "an incremental") backup as layer \(result.index): \(humanSize(result.bytesCopied)) in \(result.extents) extent(s)\n")
+                options.inform("would take \(result.kind == .full ? "a full" : "an incremental") backup as layer \(result.index): \(humanSize(result.bytesCopied)) in \(result.extents) extent(s)\n")
             } else if let layer = result.layer {
-                emit("\(result.kind.rawValue) backup: layer \(result.index) \(layer.file), \(humanSize(result.bytesCopied)) copied in \(result.extents) extent(s), file \(humanSize(layer.fileSize))\n")
+                options.inform("\(result.kind.rawValue) backup: layer \(result.index) \(layer.file), \(humanSize(result.bytesCopied)) copied in \(result.extents) extent(s), file \(humanSize(layer.fileSize))\n")
             }
             if !options.json {
                 for note in notes { FileHandle.standardError.write(Data("qbackup: note: \(note)\n".utf8)) }

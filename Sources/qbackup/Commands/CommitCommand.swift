@@ -26,7 +26,7 @@ struct CommitCommand: ParsableCommand {
                 emit(JSON.object([("top", .string(top)), ("data-bytes", .uint(result.dataBytes)),
                                   ("zero-bytes", .uint(result.zeroBytes))]).pretty() + "\n")
             } else {
-                emit("Image committed.\n")
+                options.inform("Image committed.\n")
             }
             return 0
         }

@@ -78,7 +78,7 @@ struct CreateCommand: ParsableCommand {
                 emit(JSON.object([("file", .string(image)), ("format", .string(format.rawValue)),
                                   ("virtual-size", .uint(bytes))]).pretty() + "\n")
             } else {
-                emit("Formatting '\(image)', fmt=\(format.rawValue) size=\(bytes)\n")
+                options.inform("Formatting '\(image)', fmt=\(format.rawValue) size=\(bytes)\n")
             }
             return 0
         }

@@ -33,9 +33,9 @@ struct MergeCommand: ParsableCommand {
                 emit(JSON.object([("folded", .int(Int64(result.folded))), ("remaining", .int(Int64(result.remaining))),
                                   ("bytes-written", .uint(result.bytesWritten))]).pretty() + "\n")
             } else if result.folded == 0 {
-                emit("nothing to merge: \(result.remaining) layer(s), keeping \(keep)\n")
+                options.inform("nothing to merge: \(result.remaining) layer(s), keeping \(keep)\n")
             } else {
-                emit("folded \(result.folded) layer(s); \(result.remaining) remain\n")
+                options.inform("folded \(result.folded) layer(s); \(result.remaining) remain\n")
             }
             return 0
         }

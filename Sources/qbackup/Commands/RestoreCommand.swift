@@ -41,7 +41,7 @@ struct RestoreCommand: ParsableCommand {
                                   ("virtual-size", .uint(result.virtualSize)), ("data-bytes", .uint(result.dataBytes))])
                     .pretty() + "\n")
             } else {
-                emit("restored layer \(result.index) (\(result.layer.created)) to \(to)\n")
+                options.inform("restored layer \(result.index) (\(result.layer.created)) to \(to)\n")
             }
             return 0
         }

@@ -51,7 +51,7 @@ struct VerifyCommand: ParsableCommand {
                     emit("bitmap missed \(report.missedCount) changed block(s), first at offsets: \(list)\n")
                 }
                 if report.ok {
-                    emit("verified \(report.layersChecked) layer(s)\(report.imageChecked ? " and the tracking bitmap" : ""): all good\n")
+                    options.inform("verified \(report.layersChecked) layer(s)\(report.imageChecked ? " and the tracking bitmap" : ""): all good\n")
                 }
             }
             return report.ok ? 0 : 1
