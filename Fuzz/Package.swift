@@ -17,6 +17,7 @@ let package = Package(
         .executableTarget(name: "FuzzBitmaps", dependencies: ["CFuzzerDriver", .product(name: "FuzzTargets", package: "qbackup")]),
         .executableTarget(name: "FuzzWrite", dependencies: ["CFuzzerDriver", .product(name: "FuzzTargets", package: "qbackup")]),
         .executableTarget(name: "FuzzManifest", dependencies: ["CFuzzerDriver", .product(name: "FuzzTargets", package: "qbackup")]),
+        .executableTarget(name: "FuzzRepair", dependencies: ["CFuzzerDriver", .product(name: "FuzzTargets", package: "qbackup")]),
         .executableTarget(name: "FuzzRepository", dependencies: ["CFuzzerDriver", .product(name: "FuzzTargets", package: "qbackup")]),
     ],
     swiftLanguageModes: [.v6]

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds and runs one libFuzzer target for SECONDS:
 #   scripts/fuzz.sh TARGET SECONDS [extra libFuzzer flags...]
-# TARGET is one of: image, bitmaps, write, manifest, repository (see Tests/FuzzTargets). Builds Fuzz/ with
+# TARGET is one of: image, bitmaps, write, manifest, repository, repair (see Tests/FuzzTargets). Builds Fuzz/ with
 # -sanitize=fuzzer,address into .build-fuzz, generates the seed corpus
 # (scripts/fuzz-corpus.sh) if missing, and fuzzes with nice -n 19. Exits
 # non-zero on any crash, sanitizer report, leak, timeout (10 s per input) or
@@ -19,7 +19,8 @@ case "$target" in
     write) product=FuzzWrite ;;
     manifest) product=FuzzManifest ;;
     repository) product=FuzzRepository ;;
-    *) echo "fuzz.sh: unknown target '$target' (image, bitmaps, write, manifest, repository)" >&2; exit 2 ;;
+    repair) product=FuzzRepair ;;
+    *) echo "fuzz.sh: unknown target '$target' (image, bitmaps, write, manifest, repository, repair)" >&2; exit 2 ;;
 esac
 scratch="$PWD/.build-fuzz"
 # SwiftPM does not notice files added to a path dependency (the main package) once
@@ -29,7 +30,10 @@ rm -f "$scratch/release.yaml" "$scratch/release/description.json"
     -Xswiftc -sanitize=fuzzer,address -Xswiftc -parse-as-library -Xswiftc -g) >&2
 bin="$scratch/release/$product"
 seeds="$scratch/seeds"
-[ -d "$seeds/$target" ] || bash scripts/fuzz-corpus.sh "$seeds" >&2
+# The repair target starts from the image seeds (damaged ones come from mutation).
+seedset="$target"
+[ "$target" = repair ] && seedset=image
+[ -d "$seeds/$seedset" ] || bash scripts/fuzz-corpus.sh "$seeds" >&2
 corpus="$scratch/corpus/$target"
 artifacts="$PWD/fuzz-out/$target"
 mkdir -p "$corpus" "$artifacts"
@@ -39,4 +43,4 @@ dict=()
 export SWIFT_BACKTRACE=enable=no  # let ASan and libFuzzer report crashes
 exec nice -n 19 "$bin" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -malloc_limit_mb=2048 \
     -max_len=1048576 -print_final_stats=1 -artifact_prefix="$artifacts/" "${dict[@]}" "$@" \
-    "$corpus" "$seeds/$target" "Fuzz/regressions/$target"
+    "$corpus" "$seeds/$seedset" "Fuzz/regressions/$target"

@@ -15,6 +15,7 @@ public enum FuzzTargets {
         "write": write,
         "manifest": manifest,
         "repository": repository,
+        "repair": repair,
     ]
 
     /// Guest bytes read per input, at most: fuzzed virtual sizes reach 2^61.
