@@ -19,6 +19,8 @@ final class LocalImageSource: BackupSource {
         }
         self.file = file
         do {
+            // A backup writes the source's bitmaps: a damaged image is refused before that.
+            if writable { try BitmapCatalog.requireUndamaged(file) }
             catalog = try BitmapCatalog(file: file)
             fileSizes = try Self.chainFiles(image).map { ($0, try $0.size()) }
         } catch {

@@ -245,14 +245,15 @@ public struct BitmapDump: Sendable {
 }
 
 extension BitmapCatalog {
-    /// Opens `path` as qcow2 (read-only, or writable with the image lock held),
-    /// runs `body` on its catalog, stops tracking if it was started, and closes the image.
+    /// Opens `path` as qcow2 (read-only, or writable with the image lock held and
+    /// refused if its metadata is damaged: `requireUndamaged`), runs `body` on its catalog, stops tracking if it was started, and closes the image.
     public static func withCatalog<T>(_ path: String, writable: Bool, _ body: (BitmapCatalog) throws -> T) throws -> T {
         let opened = try ImageOpener.open(path, format: .qcow2, writable: writable)
         defer { opened.close() }
         guard let file = opened as? QCowFile else {
             throw BitmapError(.invalidFormat, "not a qcow2 image", path: path)
         }
+        if writable { try requireUndamaged(file) }
         let catalog = try BitmapCatalog(file: file)
         let result = try body(catalog)
         try catalog.close()

@@ -21,11 +21,17 @@ extension QCowFile {
                 let endCluster = (try device.size() + cs - 1) / cs
                 var count: UInt64 = 0
                 var c: UInt64 = 0
-                while c < endCluster && count < threshold {
-                    if try refcount(ofHostOffset: c * cs) > 0 { count += 1 }
-                    c += 1
+                // Refcounts that cannot be read (a damaged refcount table) say nothing about
+                // preallocation: map then reports what the L2 tables say, as info and flatten read them.
+                do {
+                    while c < endCluster && count < threshold {
+                        if try refcount(ofHostOffset: c * cs) > 0 { count += 1 }
+                        c += 1
+                    }
+                    result = count >= threshold
+                } catch {
+                    result = false
                 }
-                result = count >= threshold
             }
         }
         metadataPreallocation = result

@@ -28,8 +28,9 @@ final class ScratchBuffer {
 // MARK: - Opening for write, header updates, durability
 
 extension QCowFile {
-    /// Refuses images that are unsafe to write and clears unknown autoclear bits,
-    /// as the spec requires before writing. Nothing else in the header changes.
+    /// Refuses images that are unsafe to write, and notes unknown autoclear bits: the
+    /// spec requires clearing them before writing, which the first write does (so an
+    /// image opened for writing and refused, e.g. as damaged, stays byte-identical).
     func prepareForWriting() throws {
         if header.incompatibleFeatures.contains(.dirty) {
             throw QCowError(.refused, "image was not closed cleanly (\(header.featureName(kind: .incompatible, bit: 0)) set, refcounts may be stale); repair it first with 'qemu-img check -r all' or 'qbackup check --repair all'",
@@ -39,9 +40,7 @@ extension QCowFile {
             throw QCowError(.unsupported, "writing images with an external data file is not supported",
                             path: filename, offset: 72, region: "header")
         }
-        if !header.autoclearFeatures.subtracting(.known).isEmpty {
-            try rewriteHeader { _ in }
-        }
+        unknownAutoclearPending = !header.autoclearFeatures.subtracting(.known).isEmpty
     }
 
     /// Throws unless the image was opened writable and no earlier write failed.
@@ -52,6 +51,11 @@ extension QCowFile {
         if let failure = writeFailure {
             throw QCowError(.refused, "an earlier write failed (\(failure.message)); the image takes no more writes until reopened",
                             path: filename, offset: failure.offset, region: failure.region)
+        }
+        if unknownAutoclearPending {
+            // Before the first write: a program that writes must clear the autoclear bits it does not know.
+            unknownAutoclearPending = false
+            try guarded { try writeHeader(header) }
         }
     }
 

@@ -51,6 +51,8 @@ public final class QCowFile: GuestImage {
     let scratch = ScratchBuffer()
     /// Set when a write failed midway or hit metadata: the image takes no more writes.
     var writeFailure: QCowError?
+    /// Unknown autoclear bits are set and not yet cleared (the first write clears them).
+    var unknownAutoclearPending = false
 
     public var virtualSize: UInt64 { header.size }
 

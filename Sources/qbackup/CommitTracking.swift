@@ -9,8 +9,11 @@ enum CommitTracking {
         var catalog: BitmapCatalog?
         return try ImageCommitter.commit(
             topPath: topPath, logger: logger, progress: progress,
+            // Data read through damaged metadata would be committed wrong: refused like a damaged base.
+            prepareTop: { try BitmapCatalog.requireUndamaged($0) },
             prepareBase: { base in
                 guard let file = base as? QCowFile else { return }
+                try BitmapCatalog.requireUndamaged(file)
                 let tracked = try BitmapCatalog(file: file)
                 try tracked.startTracking()
                 catalog = tracked

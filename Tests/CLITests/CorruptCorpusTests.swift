@@ -129,6 +129,59 @@ import TestSupport
         print("corrupt corpus backup: \(damage.name): backup=\(result.status)")
     }
 
+    /// Every command that writes an image, on each damaged field: where `check` finds the
+    /// damage (exit 1 or 2), each refuses with one error line and leaves the image and its
+    /// backing file byte-identical (DESIGN "Damaged images"); where it finds none, a
+    /// command may succeed, and one that fails still writes nothing.
+    @Test(arguments: damages)
+    func writingCommandsRefuseDamage(_ damage: Damage) throws {
+        let bases = try Self.bases.get()
+        let dir = TempDir("qbackup-corrupt-write")
+        let folder = bases.folder(damage.base)
+        let fm = FileManager.default
+        func fresh() throws {
+            for name in try fm.contentsOfDirectory(atPath: folder) {
+                try? fm.removeItem(atPath: dir.file(name))
+                try fm.copyItem(atPath: "\(folder)/\(name)", toPath: dir.file(name))
+            }
+            try damage.apply(try CorruptImageLayout(dir.file("image.qcow2")))
+        }
+        try fresh()
+        let image = dir.file("image.qcow2")
+        let binary = try QBackupBinary.path()
+        let check = try Bounded.run([binary, "check", image], mebibytes: 1024, seconds: 10)
+        let damaged = check.status == 1 || check.status == 2
+        let commands: [[String]] = [
+            ["backup", image, "--repo", dir.file("repo")], ["bitmap", "add", image, "new"],
+            ["bitmap", "remove", image, "b0"], ["bitmap", "clear", image, "b0"], ["bitmap", "enable", image, "b1"],
+            ["bitmap", "disable", image, "b0"], ["bitmap", "merge", image, "b0", "--source", "b1"], ["commit", image],
+        ]
+        var statuses: [String] = []
+        for args in commands {
+            let label = "\(damage.name): \(args.prefix(args[0] == "bitmap" ? 2 : 1).joined(separator: " "))"
+            let before = try Data.contents(of: image)
+            let backing = fm.fileExists(atPath: dir.file("backing.qcow2")) ? try Data.contents(of: dir.file("backing.qcow2")) : nil
+            let result = try Bounded.run([binary] + args, mebibytes: 1024, seconds: 20)
+            statuses.append("\(args[0] == "bitmap" ? args[1] : args[0])=\(result.status)")
+            #expect([0, 1].contains(result.status), "\(label): exit \(result.status): \(result.stderr)")
+            if damaged {
+                #expect(result.status == 1, "\(label): check finds damage (exit \(check.status)) but the command succeeded")
+            }
+            if result.status != 0 {
+                let lines = result.stderr.split(separator: "\n")
+                #expect(lines.count == 1 && lines[0].hasPrefix("qbackup: error: "), "\(label): \(result.stderr)")
+                #expect(try Data.contents(of: image) == before, "\(label) failed but changed the image")
+                if let backing {
+                    #expect(try Data.contents(of: dir.file("backing.qcow2")) == backing, "\(label) failed but changed the backing file")
+                }
+            } else {
+                try fresh()  // it wrote: the next command starts from the damaged image again
+            }
+            try? fm.removeItem(atPath: dir.file("repo"))
+        }
+        print("corrupt corpus writes: \(damage.name): check=\(check.status) \(statuses.joined(separator: " "))")
+    }
+
     /// Writes `value` big-endian at `at(layout)`.
     static func set<T: FixedWidthInteger & Sendable>(_ name: String, _ value: T, on base: Base = .v3,
                                                       at: @escaping @Sendable (CorruptImageLayout) throws -> UInt64) -> Damage {
@@ -308,6 +361,12 @@ import TestSupport
         // backup --dry-run plans against an existing (empty) repository folder.
         try FileManager.default.createDirectory(atPath: dir.file("repo"), withIntermediateDirectories: true)
         let binary = try QBackupBinary.path()
+        // Whether the metadata is damaged at all: then a read-only command that succeeds says so.
+        let checkRun = try Bounded.run([binary, "check", image], mebibytes: 1024, seconds: 10)
+        let checked = checkRun.status
+        // A file without the qcow2 magic is a raw image to the read-only commands, not a damaged qcow2.
+        let damagedMetadata = checked == 2 || (checked == 1 && !checkRun.stderr.contains("not a qcow2"))
+        let rescuers: Set<String> = ["info", "map", "compare", "flatten", "bitmap list", "bitmap dump"]
         var statuses: [String] = []
         for command in Self.commands(image: image, pristine: dir.file("pristine.qcow2"), out: dir.file("out.raw"),
                                          repo: dir.file("repo")) {
@@ -335,6 +394,16 @@ import TestSupport
                 #expect(line.contains(dir.path), "\(label): the error names no file: \(line)")
             } else {
                 #expect(errorLines.isEmpty, "\(label): exit \(result.status) with an error line: \(result.stderr)")
+                if damagedMetadata && rescuers.contains(verb) {
+                    // DESIGN "Damaged images": one warning line naming file, structure and offset.
+                    let warnings = result.stderr.split(separator: "\n").filter { $0.hasPrefix("qbackup: warning: ") }
+                    let damageWarnings = warnings.filter { $0.hasSuffix("; run 'qbackup check'") }
+                    #expect(damageWarnings.count == 1, "\(label): check exits \(checked), want one damage warning: \(result.stderr)")
+                    if let line = damageWarnings.first {
+                        #expect(line.contains(dir.path), "\(label): the warning names no file: \(line)")
+                        if damage.namesOffset { #expect(line.contains("at offset 0x"), "\(label): the warning names no offset: \(line)") }
+                    }
+                }
                 if command.jsonStdout {
                     #expect((try? JSONHelpers.parse(result.stdout)) != nil, "\(label): stdout is not JSON: \(result.stdout.prefix(200))")
                 }

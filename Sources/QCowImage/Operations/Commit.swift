@@ -55,16 +55,19 @@ public enum ImageCommitter {
     }
 
     /// Opens the qcow2 image at `path` and its backing file (writable, locked),
-    /// and commits. `prepareBase` runs on the opened backing file before any write
-    /// (BitmapStore installs its observer there) and `finishBase` after the commit,
-    /// before the files are closed.
+    /// and commits. `prepareTop` runs on the opened top image and `prepareBase` on the
+    /// opened backing file before any write (BitmapStore refuses damaged metadata there
+    /// and installs its observer on the base), `finishBase` after the commit, before the
+    /// files are closed.
     public static func commit(topPath path: String,
                               logger: Logger = Logger(label: "qbackup.commit", factory: { _ in SwiftLogNoOpLogHandler() }),
                               progress: ((UInt64, UInt64) -> Void)? = nil,
+                              prepareTop: ((QCowFile) throws -> Void)? = nil,
                               prepareBase: ((WritableImage) throws -> Void)? = nil,
                               finishBase: ((WritableImage) throws -> Void)? = nil) throws -> CommitResult {
         let top = try ImageOpener.openQCow(path, logger: logger)
         defer { top.close() }
+        try prepareTop?(top)
         guard let opened = try ImageOpener.openBacking(of: top, path: path, writable: true) else {
             throw QCowError(.invalidArgument, "image has no backing file to commit into", path: path, region: "header")
         }

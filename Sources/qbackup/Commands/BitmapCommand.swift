@@ -22,7 +22,13 @@ struct BitmapCommand: ParsableCommand {
 
         func run() throws {
             try ExitStatus.run {
-                let rows = try BitmapCatalog.withCatalog(image, writable: false) { try $0.list() }
+                var warnings: [String] = []
+                let rows = try BitmapCatalog.withCatalog(image, writable: false) { catalog in
+                    let rows = try catalog.list()
+                    warnings = DamageWarnings.lines(for: [catalog.file])
+                    return rows
+                }
+                for line in warnings { FileHandle.standardError.write(Data((line + "\n").utf8)) }
                 if options.json {
                     emit(JSON.object([("bitmaps", .array(rows.map(List.json)))]).pretty() + "\n")
                 } else {
@@ -154,7 +160,13 @@ struct BitmapCommand: ParsableCommand {
 
         func run() throws {
             try ExitStatus.run {
-                let dump = try BitmapCatalog.withCatalog(image, writable: false) { try $0.dump(name) }
+                var warnings: [String] = []
+                let dump = try BitmapCatalog.withCatalog(image, writable: false) { catalog in
+                    let dump = try catalog.dump(name)
+                    warnings = DamageWarnings.lines(for: [catalog.file])
+                    return dump
+                }
+                for line in warnings { FileHandle.standardError.write(Data((line + "\n").utf8)) }
                 if let warning = dump.warning {
                     FileHandle.standardError.write(Data("qbackup: warning: \(warning)\n".utf8))
                 }

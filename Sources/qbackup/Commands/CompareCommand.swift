@@ -35,6 +35,7 @@ struct CompareCommand: ParsableCommand {
             let progress = progressOptions.reporter("compare")
             let outcome = try ImageComparison.compare(a, b, strict: strict, progress: progress?.update)
             progress?.finish()
+            DamageWarnings.emit(for: [a, b])
             switch outcome {
             case .identical:
                 emit(options.json ? JSON.object([("identical", .bool(true))]).pretty() + "\n" : "Images are identical.\n")

@@ -49,6 +49,7 @@ struct FlattenCommand: ParsableCommand {
                 emit(JSON.object([("file", .string(out)), ("format", .string(format.rawValue)),
                                   ("virtual-size", .uint(source.virtualSize)), ("data-bytes", .uint(written))]).pretty() + "\n")
             }
+            DamageWarnings.emit(for: [source])
             return 0
         }
     }

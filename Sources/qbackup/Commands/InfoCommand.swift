@@ -37,6 +37,7 @@ struct InfoCommand: ParsableCommand {
             } else {
                 emit(zip(infos, bitmaps).map { InfoCommand.human($0, bitmaps: $1) }.joined(separator: "\n"))
             }
+            DamageWarnings.emit(for: [opened])
             return 0
         }
     }

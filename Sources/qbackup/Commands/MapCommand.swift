@@ -38,6 +38,7 @@ struct MapCommand: ParsableCommand {
                          + (ext.filename ?? "") + "\n")
                 }
             }
+            DamageWarnings.emit(for: [opened])
             return 0
         }
     }
