@@ -83,12 +83,17 @@ import TestSupport
         }
         #expect(image.header.autoclearFeatures.rawValue & (1 << 40) == 0)
         image.close()
-        // Set an unknown autoclear bit behind our back: opening for write clears it, and nothing else.
+        // Set an unknown autoclear bit behind our back: the first write clears it, and nothing
+        // else; opening for write alone changes nothing (a refused damaged image stays byte-identical).
         var autoclear = try peek(path, at: 88, count: 8)
         autoclear[2] |= 0x80
         try poke(path, at: 88, autoclear)
+        let before = try Data.contents(of: path)
         let reopened = try #require(try openWritableRetryingLock(path) as? QCowFile)
+        #expect(try Data.contents(of: path) == before)
+        try [UInt8](repeating: 7, count: 512).withUnsafeBytes { try reopened.write($0, at: 0) }
         #expect(reopened.header.autoclearFeatures.rawValue == 0)
+        #expect(try peek(path, at: 88, count: 8) == [UInt8](repeating: 0, count: 8))
         #expect(reopened.header.extensionData(0x1234_5678) == [1, 2, 3, 4, 5])
         #expect(reopened.header.compatibleFeatures.rawValue & (1 << 9) != 0)
         reopened.close()

@@ -94,8 +94,9 @@ extension QCowChecker {
                 try zeroEntry(cluster, at: at)
                 continue
             }
-            // An unaligned offset still counts (QEMU references the clusters it touches).
-            reference(host, clusterSize, "data cluster", at: at)
+            // An unaligned offset still counts (QEMU references the clusters it touches). Data
+            // in an external data file takes no refcount in this file.
+            if !externalData { reference(host, clusterSize, "data cluster", at: at) }
             if active {
                 report.allocatedClusters += 1
                 if let previousHost, host != previousHost + clusterSize { report.fragmentedClusters += 1 }
