@@ -76,8 +76,15 @@ public enum BackupEngine {
     /// before anything is opened or read.
     public static func backup(_ request: Request, logger: Logger = Logger(label: "qbackup.backup"),
                               progress: ((UInt64, UInt64) -> Void)? = nil) throws -> Result {
-        try backup(request, logger: logger, progress: progress) { _, request in
-            try LocalImageSource(path: request.image, writable: !request.dryRun)
+        try backup(request, logger: logger, progress: progress) { repo, request in
+            let source = try LocalImageSource(path: request.image, writable: !request.dryRun)
+            if !request.dryRun, let name = repo.manifest?.bitmap ?? request.bitmap {
+                do { try source.mergeBackFrozen(name) } catch {
+                    source.close()
+                    throw error
+                }
+            }
+            return source
         }
     }
 

@@ -90,6 +90,24 @@ final class LocalImageSource: BackupSource {
         try catalog.resetForBackup(name)
     }
 
+    /// A `NAME.frozen` left by a live backup that did not finish (QEMU quit mid-backup, then
+    /// the VM stopped) holds changes that no layer has: merged into NAME and removed, as the
+    /// live workflow does. A crash between the two steps leaves both, and the next run merges
+    /// again (a union). When either bitmap cannot be trusted, both go, so the layer is full.
+    func mergeBackFrozen(_ name: String) throws {
+        let frozen = name + ".frozen"
+        guard let entry = catalog.entry(named: frozen) else { return }
+        guard let target = catalog.entry(named: name), catalog.inconsistency(of: entry) == nil,
+              catalog.inconsistency(of: target) == nil
+        else {
+            try catalog.remove(frozen)
+            if catalog.entry(named: name) != nil { try catalog.remove(name) }
+            return
+        }
+        try catalog.merge(into: name, sources: [frozen])
+        try catalog.remove(frozen)
+    }
+
     func close() { image.close() }
 }
 

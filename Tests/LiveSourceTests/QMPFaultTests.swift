@@ -79,6 +79,29 @@ import TestSupport
         try s.checkEveryPoint()
     }
 
+    /// QEMU quits mid-backup and the VM stays off: the offline backup of the file merges the
+    /// stored NAME.frozen back, so its incremental misses nothing.
+    @Test func offlineBackupAfterQuitMidBackup() throws {
+        let s = try LiveScenario("live-quit-offline")
+        try s.write(0x75, at: 0, length: 1 << 20)
+        try s.startVM()
+        try s.backup()
+        try s.write(0x76, at: 2 << 20, length: 128 << 10)
+        let run = try Self.startHeldBackup(s, pause: "3")
+        s.quitVM()
+        #expect(run.wait().status == 1)
+        let info = try Tools.qemuImg("info", "--output=json", s.disk).stdout
+        #expect(info.contains(".frozen"), "QEMU stored no frozen bitmap: the test proves nothing")
+        try s.write(0x77, at: 6 << 20, length: 64 << 10)
+        let offline = try s.backup()
+        #expect(offline["kind"] as? String == "incremental")
+        #expect(offline["bytes-copied"] as? Int == (128 + 64) << 10)
+        #expect(try !Tools.qemuImg("info", "--output=json", s.disk).stdout.contains(".frozen"))
+        try s.checkEveryPoint()
+        let verify = try QBackupBinary.run(["verify", s.repo, "--image", s.disk])
+        #expect(verify.status == 0, "\(verify.stdout)\(verify.stderr)")
+    }
+
     /// QEMU killed mid-backup: its bitmaps are lost or stay in_use in the file, so the next backup is a full one.
     @Test func qemuKilledMidBackup() throws {
         let s = try LiveScenario("live-qemu-killed")
