@@ -61,7 +61,7 @@ let package = Package(
         .target(name: "TestSupport", dependencies: ["QCowImage", "LiveSource"], path: "Tests/TestSupport"),
         .testTarget(name: "QCowImageTests", dependencies: ["QCowImage", "TestSupport"]),
         .testTarget(name: "BitmapStoreTests", dependencies: ["BitmapStore", "TestSupport"]),
-        .testTarget(name: "BackupChainTests", dependencies: ["BackupChain", "TestSupport"]),
+        .testTarget(name: "BackupChainTests", dependencies: ["BackupChain", "TestSupport", .product(name: "Crypto", package: "swift-crypto")]),
         .testTarget(name: "CLITests", dependencies: ["TestSupport"]),
         .testTarget(name: "LiveSourceTests", dependencies: ["LiveSource", "BackupChain", "TestSupport"]),
         .target(name: "FuzzTargets", dependencies: ["QCowImage", "BitmapStore", "BackupChain"], path: "Tests/FuzzTargets"),

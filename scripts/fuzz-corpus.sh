@@ -82,7 +82,7 @@ done
 cp "$work"/bitmaps-*.qcow2 "$out/bitmaps/"
 mkdir -p "$out/write" && cp "$out/image/"*.qcow2 "$out/write/"
 
-# Manifests: layer 0 full, incrementals after it, an optional pending merge.
+# Version 1 manifests: layer 0 full, incrementals after it, an optional pending merge.
 sha="$(printf 'a%.0s' {1..64})"
 layer() { # FILE KIND
     printf '{"file":"%s","kind":"%s","created":"2024-05-01T02:00:00Z","bytes-copied":65536,"file-size":262144,"virtual-size":1073741824,"sha256":"%s"}' "$1" "$2" "$sha"
@@ -139,6 +139,8 @@ repo two-segments
 qemu-io -f qcow2 -c "write -P 0x41 8k 4k" "$work/two-segments-disk.qcow2" >/dev/null
 "$qbackup" backup "$work/two-segments-disk.qcow2" --repo "$work/two-segments-repo" --full >/dev/null
 pack "$work/two-segments-repo" "$out/repository/two-segments"
+# Version 2 manifests as qbackup writes them (the version 1 ones above are still read).
+for r in three-layers zstd merged two-segments; do cp "$work/$r-repo/manifest.json" "$out/manifest/v2-$r.json"; done
 for f in "$out/repository"/*; do
     size=$(stat -c %s "$f")
     if [ "$size" -gt $((512 * 1024)) ]; then echo "fuzz-corpus: $f is $size bytes, too big for a seed" >&2; exit 1; fi

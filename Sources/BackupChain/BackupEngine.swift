@@ -7,12 +7,14 @@ import QCowImage
 /// ranges the tracking bitmap marks dirty, on top of the repository's chain.
 ///
 /// Order for durability (a kill at any moment loses no change):
-/// 1. the layer is written under `NAME.partial` and fsynced;
+/// 1. the names about to be created are journaled in the manifest; the layer is written
+///    under `NAME.partial` and fsynced;
 /// 2. renamed to NAME, directory fsynced;
-/// 3. the manifest is replaced atomically (temp, fsync, rename, directory fsync);
+/// 3. the layer's sidecar is written, then the manifest is replaced atomically (temp, fsync,
+///    rename, directory fsync) listing the layer, its names out of the journal;
 /// 4. only then is the bitmap reset in the source image.
 /// Dying before 3 leaves the manifest as it was and the bitmap still holding
-/// every change (the next run removes the leftover); dying between 3 and 4
+/// every change (the next run removes the journaled leftovers); dying between 3 and 4
 /// leaves extra dirty bits, so the next incremental copies a little more.
 public enum BackupEngine {
     public enum Mode: String, Sendable { case auto, full, incremental }
@@ -30,9 +32,8 @@ public enum BackupEngine {
         /// A new repository may use a `bitmap` that already exists in the image (it may be
         /// another repository's: taking it over resets it, and that repository misses changes).
         public var takeOverBitmap: Bool
-        /// What the manifest records as the disk when it is not the image file `image`
-        /// (an NBD export's URI, or the user's `--source-name`).
-        public var sourceName: String? = nil
+        /// What the manifest records as the disk; default: kind file, the image's canonical path.
+        public var source: BackupManifest.Source?
         /// The id of a new repository (a live backup names QEMU objects after it before the
         /// repository is created); default: a random one.
         public var repositoryID: String? = nil
@@ -70,10 +71,13 @@ public enum BackupEngine {
         public var extents: Int
         public var dryRun: Bool
         public var virtualSize: UInt64
+        /// Why a full layer was taken when an incremental one was asked for by auto mode.
+        public var reason: String?
     }
 
     /// Runs one backup of `request.image` into `request.repository`. The request is validated
-    /// before anything is opened or read.
+    /// before anything is opened or read. A first backup that fails leaves no repository folder
+    /// (nor manifest) behind.
     public static func backup(_ request: Request, logger: Logger = Logger(label: "qbackup.backup"),
                               progress: ((UInt64, UInt64) -> Void)? = nil) throws -> Result {
         try backup(request, logger: logger, progress: progress) { repo, request in
@@ -91,34 +95,43 @@ public enum BackupEngine {
     /// Runs one backup from the source that `open` returns, once the repository is open,
     /// locked and recovered (a live source sets QEMU up only then, and may settle the
     /// request's mode and bitmap from what it found). The source is closed before this
-    /// returns; `request.sourceName` identifies it in the manifest.
+    /// returns; `request.source` identifies it in the manifest.
     public static func backup(_ request: Request, logger: Logger, progress: ((UInt64, UInt64) -> Void)?,
                               open: (BackupRepository, inout Request) throws -> BackupSource) throws -> Result {
         try request.validate()
         let repo = try BackupRepository(path: request.repository, create: !request.dryRun, exclusive: !request.dryRun,
                                         allowMissing: request.dryRun)
-        if !request.dryRun {
-            try MergeEngine.recover(repo, logger: logger)
-            try repo.removeLeftovers()
+        do {
+            if !request.dryRun {
+                try repo.requireIntact()
+                try MergeEngine.recover(repo, logger: logger)
+                try repo.removeLeftovers()
+            }
+            var request = request
+            let source = try open(repo, &request)
+            defer { source.close() }
+            return try backup(request, repo: repo, source: source, logger: logger, progress: progress)
+        } catch {
+            repo.removeIfUnused()
+            throw error
         }
-        var request = request
-        let source = try open(repo, &request)
-        defer { source.close() }
-        return try backup(request, repo: repo, source: source, logger: logger, progress: progress)
     }
 
     /// The checks that refuse a backup into this repository before anything is read or
     /// changed (a live source runs them before it sets QEMU up): the repository's disk,
-    /// its bitmap, and a disk that shrank. Returns the disk's name for the manifest.
-    public static func preflight(_ request: Request, repo: BackupRepository, virtualSize: UInt64) throws -> String {
-        let sourcePath = request.sourceName ?? LocalImageSource.canonicalPath(request.image)
+    /// its bitmap, and a disk that shrank. Returns the disk as the manifest records it.
+    @discardableResult
+    public static func preflight(_ request: Request, repo: BackupRepository, virtualSize: UInt64) throws
+        -> BackupManifest.Source
+    {
+        let sourceRecord = request.source ?? .file(LocalImageSource.canonicalPath(request.image))
         if let m = repo.manifest {
-            if m.source != sourcePath {
-                throw ChainError(.refused, "the repository belongs to another disk (\(m.source)), not \(sourcePath)",
+            if m.source != sourceRecord {
+                throw ChainError(.refused, "the repository belongs to another disk (\(m.source.summary)), not \(sourceRecord.summary)",
                                  path: repo.path)
             }
             if let name = request.bitmap, name != m.bitmap {
-                throw ChainError(.refused, "the repository tracks changes with bitmap '\(m.bitmap)', not '\(name)'",
+                throw ChainError(.refused, "the repository tracks changes with bitmap '\(m.bitmap ?? "none")', not '\(name)'",
                                  path: repo.path)
             }
             if virtualSize < m.virtualSize {
@@ -126,65 +139,46 @@ public enum BackupEngine {
                                  path: repo.path)
             }
         }
-        return sourcePath
+        return sourceRecord
     }
 
     /// The engine proper, on any `BackupSource`.
     public static func backup(_ request: Request, repo: BackupRepository, source: BackupSource, logger: Logger,
                               progress: ((UInt64, UInt64) -> Void)?) throws -> Result {
         try request.validate()
-        let existing = repo.manifest
-        let sourcePath = try preflight(request, repo: repo, virtualSize: source.virtualSize)
+        var existing = repo.manifest
+        let sourceRecord = try preflight(request, repo: repo, virtualSize: source.virtualSize)
+        // A version 1 repository: each layer hashed once (a damaged one is marked, never trusted).
+        if let m = existing, m.version == 1, !request.dryRun { existing = try repo.upgraded(m) }
         if existing == nil, let name = request.bitmap, !request.takeOverBitmap, try source.bitmapState(name) != .missing {
             throw ChainError(.refused, "bitmap '\(name)' already exists in \(source.name) and may belong to another repository (taking it over would make that one miss changes); choose another --bitmap, or pass --take-over-bitmap",
                              path: repo.path)
         }
         let id = existing?.id ?? request.repositoryID ?? BackupRepository.newID()
         let bitmap = existing?.bitmap ?? request.bitmap ?? "qbackup-\(id)"
-        let hasChain = !(existing?.layers.isEmpty ?? true)
 
-        // Decide the kind of backup.
-        let kind: BackupManifest.Layer.Kind
-        switch request.mode {
-        case .full:
-            kind = .full
-        case .auto, .incremental:
-            guard hasChain else {
-                if request.mode == .incremental {
-                    throw ChainError(.refused, "the repository holds no full backup yet; run a full backup first",
-                                     path: repo.path)
-                }
-                kind = .full
-                break
-            }
-            switch try source.bitmapState(bitmap) {
-            case .ready:
-                kind = .incremental
-            case .missing:
-                throw ChainError(.refused, "bitmap '\(bitmap)' is missing from \(source.name), so changes since the last backup are unknown; only --full is allowed",
-                                 path: repo.path)
-            case .disabled:
-                throw ChainError(.refused, "bitmap '\(bitmap)' in \(source.name) is disabled and may have missed writes; only --full is allowed",
-                                 path: repo.path)
-            case .inconsistent(let why):
-                throw ChainError(.refused, "bitmap '\(bitmap)' in \(source.name) is inconsistent (\(why)); only --full is allowed",
-                                 path: repo.path)
-            }
-        }
+        // Decide the kind of backup: incremental only when the chain and the bitmap can be trusted.
+        let (kind, reason) = try decide(request.mode, existing, repo: repo, source: source, bitmap: bitmap)
+        if let reason { logger.info("taking a full backup", metadata: ["reason": "\(reason)"]) }
 
         let clusterSize = existing?.clusterSize ?? request.clusterSize ?? 65536
         let plan = try CopyPlan.make(kind: kind, source: source, bitmap: bitmap, clusterSize: UInt64(clusterSize))
-        let index = existing?.layers.count ?? 0
+        var manifest = existing ?? BackupManifest(id: id, virtualSize: source.virtualSize, clusterSize: clusterSize,
+                                                  bitmap: bitmap, source: sourceRecord)
+        let index = manifest.nextIndex
         if request.dryRun {
             return Result(kind: kind, layer: nil, index: index, bitmap: bitmap, bytesCopied: plan.bytes,
-                          extents: plan.ranges.count, dryRun: true, virtualSize: source.virtualSize)
+                          extents: plan.ranges.count, dryRun: true, virtualSize: source.virtualSize, reason: reason)
         }
 
-        // 1. Write the layer under a temporary name.
+        // 1. Journal the names about to be created, then write the layer under a temporary name.
         let now = Date()
         let name = repo.newLayerName(kind: kind, at: now)
+        let created = BackupRepository.namesCreated(forLayer: name)
+        manifest.journal += created.map { BackupManifest.JournalEntry(file: $0) }
+        try repo.save(manifest)
         let temp = repo.file(name + BackupRepository.tempSuffix)
-        let previous = kind == .incremental ? existing?.layers.last?.file : nil
+        let previous = kind == .incremental ? manifest.layers.last?.file : nil
         logger.info("writing layer", metadata: ["file": "\(name)", "kind": "\(kind.rawValue)", "bytes": "\(plan.bytes)"])
         let written: LayerWriter.Written
         do {
@@ -196,23 +190,53 @@ public enum BackupEngine {
             try? DurableFiles.remove(temp)
             throw error
         }
+        guard let (digest, identity) = written.digest else {
+            throw ChainError(.io, "the layer was written without a checksum", path: temp)
+        }
         // 2. Rename into place.
         try DurableFiles.rename(temp, to: repo.file(name))
-        // 3. Record it in the manifest.
-        let copied = written.bytes
-        let (sha, size) = written.digest!
-        let layer = BackupManifest.Layer(file: name, kind: kind, created: BackupRepository.isoStamp(now),
-                                         bytesCopied: copied, fileSize: size, virtualSize: source.virtualSize, sha256: sha)
-        var manifest = existing ?? BackupManifest(id: id, virtualSize: source.virtualSize, clusterSize: clusterSize,
-                                                  bitmap: bitmap, source: sourcePath)
+        // 3. Record it in the manifest (its sidecar first), the journal done with its names.
+        let layer = BackupManifest.Layer(index: index, file: name, kind: kind, mode: source.mode,
+                                         created: BackupRepository.isoStamp(now), bytesCopied: written.bytes,
+                                         fileSize: digest.size, virtualSize: source.virtualSize, digest: digest,
+                                         identity: identity)
         manifest.virtualSize = source.virtualSize
         // A full layer stands alone (no backing file) and starts a new segment of the chain;
         // older points stay restorable until merge folds them away.
         manifest.layers.append(layer)
+        manifest.journal.removeAll { $0.file.map(created.contains) ?? false }
         try repo.save(manifest)
         // 4. Only now: start tracking anew.
         try source.resetBitmap(bitmap)
-        return Result(kind: kind, layer: layer, index: manifest.layers.count - 1, bitmap: bitmap,
-                      bytesCopied: copied, extents: plan.ranges.count, dryRun: false, virtualSize: source.virtualSize)
+        return Result(kind: kind, layer: layer, index: index, bitmap: bitmap, bytesCopied: written.bytes,
+                      extents: plan.ranges.count, dryRun: false, virtualSize: source.virtualSize, reason: reason)
+    }
+
+    /// Full or incremental, and why a full one when the mode let it be incremental. Auto takes a
+    /// full layer for every reason a full layer fixes; `--incremental` refuses for each instead.
+    static func decide(_ mode: Mode, _ manifest: BackupManifest?, repo: BackupRepository, source: BackupSource,
+                       bitmap: String) throws -> (BackupManifest.Layer.Kind, reason: String?) {
+        if mode == .full { return (.full, nil) }
+        let why: String
+        if manifest?.layers.isEmpty ?? true {
+            guard mode == .auto else {
+                throw ChainError(.refused, "the repository holds no full backup yet; run a full backup first", path: repo.path)
+            }
+            return (.full, nil)
+        } else if let m = manifest, let broken = repo.brokenChain(m) {
+            why = "the chain is broken: \(broken)"
+        } else {
+            switch try source.bitmapState(bitmap) {
+            case .ready: return (.incremental, nil)
+            case .missing: why = "bitmap '\(bitmap)' is missing from \(source.name), so changes since the last backup are unknown"
+            case .disabled: why = "bitmap '\(bitmap)' in \(source.name) is disabled and may have missed writes"
+            case .inconsistent(let what): why = "bitmap '\(bitmap)' in \(source.name) is inconsistent (\(what))"
+            }
+        }
+        guard mode == .auto else {
+            throw ChainError(.refused, "\(why); an incremental backup cannot be trusted (the bitmap is left as it was) — run a full backup",
+                             path: repo.path)
+        }
+        return (.full, why)
     }
 }

@@ -13,6 +13,10 @@ public final class BackupRepository {
     public let path: String
     public private(set) var manifest: BackupManifest?
     private var lockFD: Int32 = -1
+    /// This run made the folder (a first backup): `removeIfUnused` may take it away again.
+    private var createdFolder = false
+    /// The folder had no manifest when opened.
+    private var startedEmpty = false
 
     static let lockName = ".qbackup.lock"
     static let tempSuffix = ".partial"
@@ -33,6 +37,7 @@ public final class BackupRepository {
                 return
             }
             guard create else { throw ChainError(.invalidArgument, "no such repository folder", path: path) }
+            createdFolder = true
             try Self.createFolders(path)
         } else if !isDir.boolValue {
             throw ChainError(.invalidArgument, "not a folder", path: path)
@@ -52,7 +57,30 @@ public final class BackupRepository {
                 throw error
             }
         }
-        manifest = try loadManifest()
+        do {
+            manifest = try loadManifest()
+        } catch let error as ChainError where error.errorCode == .invalidFormat {
+            throw ChainError(.invalidFormat, "\(error.message); run 'qbackup repair \(path)' to rebuild it from the layer files",
+                             path: error.path)
+        }
+        startedEmpty = manifest == nil
+    }
+
+    /// After a failed first backup: the manifest this run wrote (no layer in it), the files its
+    /// journal names and, when this run made it, the folder itself are removed — nothing else.
+    public func removeIfUnused() {
+        guard startedEmpty, lockFD >= 0, manifest?.layers.isEmpty ?? true else { return }
+        for name in manifest?.journalFiles ?? [] { unlink(file(name)) }
+        if manifest != nil {
+            unlink(manifestPath)
+            manifest = nil
+        }
+        if createdFolder {
+            Glibc.close(lockFD)
+            lockFD = -1
+            unlink(file(Self.lockName))
+            rmdir(path)
+        }
     }
 
     deinit {
@@ -96,24 +124,166 @@ public final class BackupRepository {
         return try BackupManifest(validating: Data(bytes), path: manifestPath)
     }
 
-    /// Writes the manifest atomically and durably.
+    /// Writes the manifest atomically and durably. Each layer's sidecar that differs from its
+    /// record is written (durably) first, so `repair` finds every listed layer described
+    /// beside it; a version 1 model is upgraded (its layers hashed) on the way.
     func save(_ new: BackupManifest) throws {
+        var new = new
+        if new.version == 1 { new = try upgraded(new) }
         try new.validate(path: manifestPath)
+        for layer in new.layers { try writeSidecar(layer, of: new) }
         try DurableFiles.replace(manifestPath, with: try new.encoded())
         manifest = new
     }
 
-    /// Removes leftovers of interrupted runs: `*.partial` files, a stale manifest
-    /// temp, and layer files (by qbackup's naming) that the manifest does not list —
-    /// a layer renamed into place just before a crash, or folded by a merge.
-    func removeLeftovers() throws {
-        let names = (try? FileManager.default.contentsOfDirectory(atPath: path)) ?? []
-        let listed = Set(manifest?.layers.map(\.file) ?? [])
-        for name in names {
-            let stale = name.hasSuffix(Self.tempSuffix) || name == BackupManifest.fileName + ".tmp"
-                || (Self.isLayerFileName(name) && !listed.contains(name))
-            if stale { try DurableFiles.remove(file(name)) }
+    /// Sidecars known to be on disk as recorded (file name → contents), to skip rewriting them.
+    private var sidecarsOnDisk: [String: LayerSidecar] = [:]
+
+    private func writeSidecar(_ layer: BackupManifest.Layer, of manifest: BackupManifest) throws {
+        let record = LayerSidecar(manifest: manifest, layer: layer)
+        let name = LayerSidecar.fileName(of: layer.file)
+        if sidecarsOnDisk[name] == record { return }
+        if sidecarsOnDisk[name] == nil, let existing = try? LayerSidecar.read(file(name)), existing == record {
+            sidecarsOnDisk[name] = record
+            return
         }
+        try DurableFiles.replace(file(name), with: try record.encoded())
+        sidecarsOnDisk[name] = record
+    }
+
+    /// The names qbackup writes next to a new layer file NAME, to be journaled before any
+    /// is created: NAME.partial, NAME, its sidecar and the sidecar's temporary file.
+    static func namesCreated(forLayer name: String) -> [String] {
+        let sidecar = LayerSidecar.fileName(of: name)
+        return [name + tempSuffix, name, sidecar, sidecar + DurableFiles.tempSuffix]
+    }
+
+    /// `new` with `layers` (and their sidecars) dropped from it, saved with them in the journal;
+    /// then their files are removed and the journal forgets them.
+    /// `sidecarsOf`: layer files (renamed meanwhile) whose sidecars alone are dropped.
+    func saveDropping(_ new: BackupManifest, files: [String], sidecarsOf renamed: [String] = []) throws {
+        var m = new
+        let names = files.flatMap { [$0, LayerSidecar.fileName(of: $0)] } + renamed.map(LayerSidecar.fileName(of:))
+        m.journal += names.map { BackupManifest.JournalEntry(file: $0) }
+        try save(m)
+        for name in names { try DurableFiles.remove(file(name)) }
+        m.journal.removeAll { $0.file.map(names.contains) ?? false }
+        try save(m)
+    }
+
+    /// Removes what interrupted runs left behind: every file the journal names that no layer
+    /// (or a layer's sidecar) claims. Nothing else is ever removed — files that neither the
+    /// manifest nor the journal names are foreign (a user's file, even one named like a layer).
+    func removeLeftovers() throws {
+        guard var m = manifest, !m.journalFiles.isEmpty else { return }
+        let owned = Set(m.layers.flatMap { [$0.file, LayerSidecar.fileName(of: $0.file)] })
+        for name in m.journalFiles where !owned.contains(name) {
+            try DurableFiles.remove(file(name))
+            sidecarsOnDisk[name] = nil
+        }
+        m.journal.removeAll { $0.file != nil }
+        try save(m)
+    }
+
+    /// Before any change: a folder whose manifest is missing while layer sidecars are there, or
+    /// whose sidecars name layers of this repository that the manifest does not list, is refused
+    /// (`qbackup repair DIR` rebuilds the manifest); nothing of it is touched.
+    func requireIntact() throws {
+        let listed = Set((manifest?.layers.map(\.file) ?? []) + (manifest?.journalFiles ?? []))
+        let strays = sidecars().filter { name, sidecar in
+            manifest.map { sidecar.repository.id == $0.id } ?? true && !listed.contains(sidecar.layer.file)
+                && !(manifest?.journalFiles.contains(name) ?? false)
+        }
+        guard strays.isEmpty else {
+            let files = strays.map(\.1.layer.file).sorted()
+            let shown = files.prefix(3).joined(separator: ", ") + (files.count > 3 ? ", …" : "")
+            let what = manifest == nil ? "has no manifest but holds \(files.count) layer file(s) with sidecars (\(shown))"
+                : "holds \(files.count) layer file(s) of this repository that the manifest does not list (\(shown))"
+            throw ChainError(.refused, "the repository \(what); nothing was changed — run 'qbackup repair \(path)' to rebuild the manifest",
+                             path: path)
+        }
+    }
+
+    /// The layer sidecars in the folder (name → record); unreadable ones are left out.
+    func sidecars() -> [(String, LayerSidecar)] {
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: path)) ?? []
+        return names.sorted().filter(LayerSidecar.isSidecarName).compactMap { name in
+            (try? LayerSidecar.read(file(name))).map { (name, $0) }
+        }
+    }
+
+    /// `manifest` with every layer not yet hashed in chunks (read from version 1) hashed once:
+    /// a file that still matches its version 1 checksum gets its chunks and identity; one that
+    /// does not (or is missing) is marked damaged — reported, never trusted.
+    func upgraded(_ manifest: BackupManifest) throws -> BackupManifest {
+        var m = manifest
+        for i in m.layers.indices where m.layers[i].chunks == nil && m.layers[i].damaged == nil {
+            let layer = m.layers[i]
+            do {
+                let (digest, identity) = try LayerDigest.compute(path: file(layer.file), wholeFile: true)
+                if digest.size != layer.fileSize {
+                    m.layers[i].damaged = "file is \(digest.size) bytes, the manifest said \(layer.fileSize)"
+                } else if digest.fileSHA256 != layer.sha256 {
+                    m.layers[i].damaged = "checksum mismatch: sha256 is \(digest.fileSHA256 ?? ""), the manifest said \(layer.sha256)"
+                } else {
+                    m.layers[i].record(digest, identity: identity)
+                }
+            } catch {
+                m.layers[i].damaged = "cannot be read: \((error as? CodedError)?.description ?? "\(error)")"
+            }
+        }
+        if var pending = m.pendingMerge, pending.chunks == nil, !pending.sha256.isEmpty {
+            // A version 1 merge record holds a whole-file checksum: hash the merged file in chunks.
+            let found = [pending.into, pending.file].compactMap { $0 }.lazy
+                .compactMap { try? LayerDigest.compute(path: self.file($0), wholeFile: true) }
+                .first { $0.0.fileSHA256 == pending.sha256 }
+            if let (digest, identity) = found {
+                pending.sha256 = digest.sha256
+                pending.chunks = digest.chunks
+                pending.identity = identity
+                m.pendingMerge = pending
+            } else {
+                pending.sha256 = String(repeating: "0", count: 64)
+                pending.chunks = []
+                pending.fileSize = 0
+                m.pendingMerge = pending
+            }
+        }
+        m.version = BackupManifest.currentVersion
+        return m
+    }
+
+    /// Why the chain cannot be extended, if it cannot: the cheap check of every layer the next
+    /// incremental layer would depend on (the newest full layer and the layers after it) — a
+    /// regular file with its recorded identity (inode, size, mtime) and backing link. No data is read.
+    func brokenChain(_ m: BackupManifest) -> String? {
+        guard let last = m.layers.indices.last else { return nil }
+        for i in m.segmentStart(of: last)...last {
+            let layer = m.layers[i]
+            let what = "layer \(layer.index) (\(layer.file))"
+            if let damaged = layer.damaged { return "\(what) is damaged: \(damaged)" }
+            var st = stat()
+            guard lstat(file(layer.file), &st) == 0 else { return "\(what) is missing" }
+            guard st.st_mode & S_IFMT == S_IFREG else { return "\(what) is \(RepositoryFiles.kind(st.st_mode)), not a regular file" }
+            if let recorded = layer.identity, LayerDigest.identity(st) != recorded {
+                return "\(what) changed since it was recorded (inode, size or modification time differ)"
+            }
+            let expected = layer.kind == .incremental && i > 0 ? m.layers[i - 1].file : nil
+            do {
+                let device = try RepositoryFiles(directory: path).openFile(file(layer.file), writable: false)
+                defer { device.close() }
+                let n = Int(min(UInt64(st.st_size), UInt64(max(m.clusterSize, 65536))))
+                let header = try QCowHeader(decoding: try device.readBytes(n, at: 0, region: "header"))
+                if header.backingFile != expected {
+                    return "\(what) has backing file \(header.backingFile ?? "none"), the manifest says \(expected ?? "none")"
+                }
+            } catch let error as CodedError {
+                return "\(what) cannot be read: \(error.description)"
+            } catch {
+                return "\(what) cannot be read: \(error)"
+            }
+        }
+        return nil
     }
 
     /// Names qbackup gives layers: `full-20261125T094800Z.qcow2`, `incr-20261125T094800Z-2.qcow2`.

@@ -24,6 +24,12 @@ public protocol BackupSource: AnyObject {
     func checkUnchanged() throws
     /// Releases the source (and its locks).
     func close()
+    /// How the data is read, as the layer records it.
+    var mode: BackupManifest.Mode { get }
+}
+
+extension BackupSource {
+    public var mode: BackupManifest.Mode { .offline }
 }
 
 extension BackupSource {

@@ -61,9 +61,8 @@ public enum ChainVerifier {
         do {
             let file = try ImageOpener.openQCow(path, files: files)
             defer { file.close() }
-            let (sha, size) = try DurableFiles.sha256(of: file.device)
-            if size != layer.fileSize { problem("file is \(size) bytes, the manifest says \(layer.fileSize)") }
-            if sha != layer.sha256 { problem("checksum mismatch: sha256 is \(sha), the manifest says \(layer.sha256)") }
+            if let damaged = layer.damaged { problem("damaged (found when the manifest was upgraded): \(damaged)") }
+            if let mismatch = try LayerDigest.problem(file.device, layer: layer) { problem(mismatch) }
             let expectedBacking = layer.kind == .incremental && i > 0 ? manifest.layers[i - 1].file : nil
             if file.header.backingFile != expectedBacking {
                 problem("backing file is \(file.header.backingFile ?? "none"), the manifest says \(expectedBacking ?? "none")")
@@ -102,8 +101,12 @@ public enum ChainVerifier {
             report.imageChecked = true
             return
         }
+        guard let name = manifest.bitmap else {
+            throw ChainError(.invalidArgument, "the repository tracks changes without a bitmap; --image has nothing to check",
+                             path: repo.path)
+        }
         let catalog = try BitmapCatalog(file: file)
-        let bitmap = try catalog.load(manifest.bitmap)
+        let bitmap = try catalog.load(name)
         let latest = try RestoreEngine.openPoint(repo.path, manifest, index: manifest.layers.count - 1)
         defer { latest.close() }
         report.imageChecked = true

@@ -13,8 +13,8 @@ enum LayerWriter {
     struct Written {
         /// Guest bytes written as data.
         var bytes: UInt64
-        /// The file's SHA-256 and size (durable layers only).
-        var digest: (hex: String, size: UInt64)?
+        /// The file's chunk digests and identity once synced (durable layers only).
+        var digest: (LayerDigest, BackupManifest.Identity)?
     }
 
     /// Creates `path` and fills it. With `durable` (backup and merge layers) the file is
@@ -76,7 +76,7 @@ enum LayerWriter {
         try copier.finish()
         guard durable else { return Written(bytes: copier.written, digest: nil) }
         try layer.writeBack()
-        let digest = try DurableFiles.sha256(of: path) { try layer.flush() }
+        let digest = try LayerDigest.compute(path: path) { try layer.flush() }
         return Written(bytes: copier.written, digest: digest)
     }
 }

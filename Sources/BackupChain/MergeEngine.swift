@@ -55,8 +55,7 @@ public enum MergeEngine {
         if target.kind == .full {
             let dropped = manifest.layers[0..<k].map(\.file)
             manifest.layers.removeFirst(k)
-            try repo.save(manifest)
-            for file in dropped { try DurableFiles.remove(repo.file(file)) }
+            try repo.saveDropping(manifest, files: dropped)
         } else {
             try checkDigests(repo, manifest, base...k, held: Array(held[base...k]))
             let sameSize = manifest.layers[base...k].allSatisfy { $0.virtualSize == manifest.layers[base].virtualSize }
@@ -102,9 +101,8 @@ public enum MergeEngine {
                              held: [FileDevice]) throws {
         for (i, device) in zip(range, held) {
             let layer = manifest.layers[i]
-            let (sha, size) = try DurableFiles.sha256(of: device)
-            guard size == layer.fileSize, sha == layer.sha256 else {
-                throw ChainError(.corrupt, "layer \(i) (\(layer.file)) does not match its checksum in the manifest (damaged or changed since it was written); merge refuses to fold it — run 'qbackup verify'",
+            if let problem = try LayerDigest.problem(device, layer: layer) {
+                throw ChainError(.corrupt, "layer \(layer.index) (\(layer.file)) does not match its checksum in the manifest (\(problem)): damaged or changed since it was written; merge refuses to fold it — run 'qbackup verify'",
                                  path: repo.file(layer.file))
             }
         }
@@ -159,9 +157,11 @@ public enum MergeEngine {
             }
         }
         // 3-5.
-        let (sha, size) = try DurableFiles.sha256(of: basePath)
-        manifest.pendingMerge?.sha256 = sha
-        manifest.pendingMerge?.fileSize = size
+        let (digest, identity) = try LayerDigest.compute(path: basePath)
+        manifest.pendingMerge?.sha256 = digest.sha256
+        manifest.pendingMerge?.fileSize = digest.size
+        manifest.pendingMerge?.chunks = digest.chunks
+        manifest.pendingMerge?.identity = identity
         try repo.save(manifest)
         try DurableFiles.rename(basePath, to: repo.file(manifest.layers[k].file))
         try finish(repo, logger: logger)
@@ -174,7 +174,11 @@ public enum MergeEngine {
                                 progress: ((UInt64, UInt64) -> Void)?) throws -> UInt64 {
         var manifest = manifest
         let target = manifest.layers[k]
-        let temp = repo.file(target.file + ".merge" + BackupRepository.tempSuffix)
+        let tempName = target.file + ".merge" + BackupRepository.tempSuffix
+        let temp = repo.file(tempName)
+        // The temporary file is journaled before it exists: only a journaled file is ever removed.
+        manifest.journal.append(BackupManifest.JournalEntry(file: tempName))
+        try repo.save(manifest)
         let image = try RestoreEngine.openPoint(repo.path, manifest, index: k,
                                                 files: RepositoryFiles(directory: repo.path, takesLocks: false))
         let source = GuestImageSource(image)
@@ -188,11 +192,12 @@ public enum MergeEngine {
             try? DurableFiles.remove(temp)
             throw error
         }
-        guard let (sha, size) = layer.digest else {
+        guard let (digest, identity) = layer.digest else {
             throw ChainError(.io, "the merged layer was written without a checksum", path: temp)
         }
         // Record the intent, then switch the file, then finish.
-        manifest.pendingMerge = BackupManifest.PendingMerge(file: target.file, sha256: sha, fileSize: size, folded: k)
+        manifest.pendingMerge = BackupManifest.PendingMerge(file: target.file, sha256: digest.sha256, fileSize: digest.size,
+                                                            folded: k, chunks: digest.chunks, identity: identity)
         try repo.save(manifest)
         try DurableFiles.rename(temp, to: repo.file(target.file))
         try finish(repo, logger: logger)
@@ -224,8 +229,9 @@ public enum MergeEngine {
             }
             return
         }
-        let (sha, _) = try DurableFiles.sha256(of: repo.file(pending.file))
-        if sha == pending.sha256 {
+        // A version 1 record holds the whole file's checksum, a version 2 one the digest of its chunks.
+        let digest = try? LayerDigest.compute(path: repo.file(pending.file), wholeFile: manifest.version == 1).0
+        if (manifest.version == 1 ? digest?.fileSHA256 : digest?.sha256) == pending.sha256 {
             logger.info("finishing an interrupted merge", metadata: ["file": "\(pending.file)"])
             try finish(repo, logger: logger)
         } else {
@@ -243,10 +249,17 @@ public enum MergeEngine {
         let dropped = manifest.layers[0..<pending.folded].map(\.file).filter { $0 != pending.into }
         manifest.layers.removeFirst(pending.folded)
         manifest.layers[0].kind = .full
-        manifest.layers[0].sha256 = pending.sha256
-        manifest.layers[0].fileSize = pending.fileSize
+        if let chunks = pending.chunks {
+            manifest.layers[0].record(LayerDigest(chunks: chunks, sha256: pending.sha256, size: pending.fileSize),
+                                      identity: pending.identity)
+        } else {
+            // A version 1 record: the whole file's checksum, checked when the save upgrades it.
+            manifest.layers[0].sha256 = pending.sha256
+            manifest.layers[0].fileSize = pending.fileSize
+        }
         manifest.pendingMerge = nil
-        try repo.save(manifest)
-        for file in dropped { try DurableFiles.remove(repo.file(file)) }
+        // The full layer file an in-place merge committed into now has the folded layer's name;
+        // its old sidecar goes with the dropped layers.
+        try repo.saveDropping(manifest, files: dropped, sidecarsOf: pending.into.map { [$0] } ?? [])
     }
 }

@@ -91,18 +91,21 @@ public enum RestoreEngine {
             throw ChainError(.refused, "a merge was interrupted; run 'qbackup merge' or 'qbackup verify' to finish it first",
                              path: request.repository)
         }
-        let index = request.index ?? manifest.layers.count - 1
-        guard index >= 0, index < manifest.layers.count else {
-            throw ChainError(.invalidArgument, "no layer \(index): the repository has layers 0 to \(manifest.layers.count - 1)",
+        // `request.index` is a point's stable index (as `list` shows it), not a position.
+        let indices = manifest.layers.map(\.index)
+        guard let position = request.index.map({ manifest.position(ofIndex: $0) }) ?? manifest.layers.indices.last else {
+            let held = indices.count == 1 ? "point \(indices[0])" : "points \(indices.prefix(20).map(String.init).joined(separator: ", "))\(indices.count > 20 ? ", …" : "")"
+            throw ChainError(.invalidArgument, "no point \(request.index ?? -1): the repository holds \(held)",
                              path: request.repository)
         }
+        let index = position
         // OUT is written under a temporary name and renamed only when complete; an existing
         // OUT (a symbolic link included) is refused before anything is read, unless forced.
         let output = try OutputFile(request.output, overwrite: request.force)
         try checkChain(repo, manifest, index: index, digests: request.verify)
         let image = try openPoint(repo.path, manifest, index: index)
         defer { image.close() }
-        logger.debug("restoring", metadata: ["index": "\(index)", "output": "\(request.output)"])
+        logger.debug("restoring", metadata: ["index": "\(manifest.layers[index].index)", "output": "\(request.output)"])
         let written: UInt64
         do {
             switch request.format {
@@ -121,6 +124,6 @@ public enum RestoreEngine {
             output.discard()
             throw error
         }
-        return Result(index: index, layer: manifest.layers[index], virtualSize: image.virtualSize, dataBytes: written)
+        return Result(index: manifest.layers[index].index, layer: manifest.layers[index], virtualSize: image.virtualSize, dataBytes: written)
     }
 }

@@ -45,7 +45,9 @@ public enum NBDBackup {
                                           compression: request.compression, dryRun: request.dryRun,
                                           clusterSize: request.clusterSize, takeOverBitmap: true)
         let name = request.sourceName ?? request.uri
-        engine.sourceName = name
+        // The manifest records the export by the name given, else by its URI.
+        engine.source = request.sourceName.map { BackupManifest.Source(kind: .nbd, name: $0) }
+            ?? BackupManifest.Source(kind: .nbd, uri: request.uri)
         return try BackupEngine.backup(engine, logger: logger, progress: progress) { _, _ in
             try NBDSource(uri: request.uri, name: name,
                           tracking: request.bitmap.map { NBDSource.Tracking(name: $0, exported: $0) })

@@ -48,6 +48,7 @@ public final class NBDSource: BackupSource {
     }
 
     public var virtualSize: UInt64 { connection.size }
+    public var mode: BackupManifest.Mode { .nbd }
 
     public func blockStatus(at offset: UInt64, maxLength: UInt64) throws -> BlockStatus {
         guard offset < connection.size, maxLength > 0 else {

@@ -106,7 +106,7 @@ import Glibc
             try s.qbackup(["merge", s.repo, "--keep", "2"])
             let layers = try s.layers()
             #expect(layers.count == 2)
-            for (k, reference) in s.references.suffix(2).enumerated() {
+            for (k, reference) in s.references.enumerated().suffix(2) {
                 try s.expectRestore(k, equals: reference)
             }
             try s.qbackup(["verify", s.repo])

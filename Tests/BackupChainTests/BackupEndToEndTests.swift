@@ -91,16 +91,17 @@ import TestSupport
             let layers = try s.layers()
             #expect(layers.count == keep)
             #expect(layers.first?["kind"] as? String == "full")
-            let kept = Array(s.references.suffix(keep))
-            for (k, reference) in kept.enumerated() {
+            // Points keep their indices for life: the kept ones are still the newest indices.
+            for (j, (k, reference)) in s.references.enumerated().suffix(keep).enumerated() {
+                #expect(layers[j]["index"] as? Int == k)
                 try s.expectRestore(k, equals: reference)
-                try s.expectQemuCheckClean(s.layerPath(layers[k]))
+                try s.expectQemuCheckClean(s.layerPath(layers[j]))
             }
             try s.qbackup(["verify", s.repo])
             // The chain goes on after a merge.
             try s.dirty(writes: 5, maxOffset: 400 << 20)
             try s.backup()
-            try s.expectRestore(keep, equals: s.references.last!)
+            try s.expectRestore(s.references.count - 1, equals: s.references.last!)
         }
     }
 
@@ -153,15 +154,20 @@ import TestSupport
         try s.backup()
         let name = (try JSONHelpers.parse(try s.qbackup(["list", s.repo, "--output", "json"]).stdout)
             as? [String: Any])?["bitmap"] as? String ?? ""
-        // A disabled bitmap: only --full.
+        // A disabled bitmap: --incremental refuses (the bitmap left as it was), auto takes a full layer and says why.
         try Tools.qemuImg("bitmap", "--disable", s.disk, name)
-        let disabled = try s.qbackup(["backup", s.disk, "--repo", s.repo], expect: 1)
-        #expect(disabled.stderr.contains("--full"))
-        // A missing bitmap: only --full.
+        let disabled = try s.qbackup(["backup", s.disk, "--repo", s.repo, "--incremental"], expect: 1)
+        #expect(disabled.stderr.contains("disabled") && disabled.stderr.contains("full backup"))
+        let disabledAuto = try JSONHelpers.parse(try s.qbackup(["backup", s.disk, "--repo", s.repo, "--output", "json"]).stdout)
+            as? [String: Any]
+        #expect(disabledAuto?["kind"] as? String == "full")
+        #expect((disabledAuto?["reason"] as? String ?? "").contains("disabled"))
+        // A missing bitmap: the same.
         try Tools.qemuImg("bitmap", "--remove", s.disk, name)
-        let missing = try s.qbackup(["backup", s.disk, "--repo", s.repo], expect: 1)
-        #expect(missing.stderr.contains("--full") && missing.stderr.contains("missing"))
-        try s.backup(["--full"])
+        let missing = try s.qbackup(["backup", s.disk, "--repo", s.repo, "--incremental"], expect: 1)
+        #expect(missing.stderr.contains("missing"))
+        let missingAuto = try s.qbackup(["backup", s.disk, "--repo", s.repo])
+        #expect(missingAuto.stdout.contains("full backup") && missingAuto.stdout.contains("missing"))
         // Another disk is refused.
         let other = s.dir.file("other.qcow2")
         try Tools.qemuImg("create", "-q", "-f", "qcow2", other, "64M")
@@ -230,9 +236,9 @@ import TestSupport
         // Merges across the growth (point 2 is larger than the full layer: written anew) and
         // before it (layers of one size: committed in place) keep every remaining point.
         try s.qbackup(["merge", main, "--keep", "2"])
-        for (k, reference) in s.references.suffix(2).enumerated() { try s.expectRestore(k, equals: reference) }
+        for (k, reference) in s.references.enumerated().suffix(2) { try s.expectRestore(k, equals: reference) }
         try s.qbackup(["merge", offsite, "--keep", "3"])
-        for (k, reference) in offsiteRefs.suffix(3).enumerated() {
+        for (k, reference) in offsiteRefs.enumerated().suffix(3) {
             let out = s.dir.file("off-merged-\(k).raw")
             try s.qbackup(["restore", offsite, "--to", out, "--at", String(k), "--format", "raw"])
             #expect(try s.same(out, reference), "offsite layer \(k) after merge")

@@ -4,14 +4,15 @@ import FuzzTargets
 import QCowImage
 import Testing
 
-/// The repository fuzz target verifies from memory: its kept seed (a repository
-/// qbackup made, packed by scripts/fuzz-corpus.sh) unpacks, verifies clean and opens
-/// every point; a flipped byte in any layer makes the same in-memory verify fail.
+/// The repository fuzz target verifies from memory: its kept seeds (repositories qbackup
+/// made, packed by scripts/fuzz-corpus.sh: one with a version 1 manifest, one with version 2
+/// and sidecars) unpack, verify clean and open every point; a flipped byte in any layer
+/// makes the same in-memory verify fail.
 @Suite struct RepositoryTargetTests {
-    static let seed = FuzzRegressionTests.root.appendingPathComponent("repository/qbackup-made-three-layers")
+    static let seeds = ["qbackup-made-three-layers", "qbackup-made-three-layers-v2"]
 
-    static func unpack() throws -> (BackupManifest, [String: [UInt8]]) {
-        let bytes = try Data(contentsOf: seed)
+    static func unpack(_ seed: String) throws -> (BackupManifest, [String: [UInt8]]) {
+        let bytes = try Data(contentsOf: FuzzRegressionTests.root.appendingPathComponent("repository/\(seed)"))
         let files = try #require(bytes.withUnsafeBytes { FuzzTargets.unpackRepository($0) })
         let manifestBytes = try #require(files[BackupManifest.fileName])
         let manifest = try BackupManifest(validating: Data(manifestBytes), path: "manifest.json")
@@ -25,8 +26,9 @@ import Testing
         return report
     }
 
-    @Test func seedVerifiesAndEveryPointOpens() throws {
-        let (manifest, files) = try Self.unpack()
+    @Test(arguments: seeds) func seedVerifiesAndEveryPointOpens(_ seed: String) throws {
+        let (manifest, files) = try Self.unpack(seed)
+        #expect(manifest.version == (seed.hasSuffix("v2") ? 2 : 1))
         #expect(manifest.layers.count == 3)
         let report = Self.verify(manifest, files)
         #expect(report.ok, "\(report.problems)")
@@ -39,8 +41,8 @@ import Testing
         }
     }
 
-    @Test func aFlippedByteInAnyLayerFailsVerify() throws {
-        let (manifest, files) = try Self.unpack()
+    @Test(arguments: seeds) func aFlippedByteInAnyLayerFailsVerify(_ seed: String) throws {
+        let (manifest, files) = try Self.unpack(seed)
         for layer in manifest.layers {
             var damaged = files
             damaged[layer.file]![damaged[layer.file]!.count / 2] ^= 0x40

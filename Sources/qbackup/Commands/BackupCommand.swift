@@ -142,6 +142,7 @@ struct BackupCommand: ParsableCommand {
                 ]
                 if nbd != nil { pairs.append(("bitmap-reset", .bool(false))) }
                 if !notes.isEmpty { pairs.append(("notes", .array(notes.map { .string($0) }))) }
+                if let reason = result.reason { pairs.append(("reason", .string(reason))) }
                 if let layer = result.layer {
                     pairs.insert(("layer", .string(layer.file)), at: 0)
                     pairs.append(("file-size", .uint(layer.fileSize)))
@@ -149,8 +150,10 @@ struct BackupCommand: ParsableCommand {
                 }
                 emit(JSON.object(pairs).pretty() + "\n")
             } else if result.dryRun {
+                if let reason = result.reason { options.inform("would take a full backup: \(reason)\n") }
                 options.inform("would take \(result.kind == .full ? "a full" : "an incremental") backup as layer \(result.index): \(humanSize(result.bytesCopied)) in \(result.extents) extent(s)\n")
             } else if let layer = result.layer {
+                if let reason = result.reason { options.inform("taking a full backup: \(reason)\n") }
                 options.inform("\(result.kind.rawValue) backup: layer \(result.index) \(layer.file), \(humanSize(result.bytesCopied)) copied in \(result.extents) extent(s), file \(humanSize(layer.fileSize))\n")
             }
             if !options.json {

@@ -25,23 +25,35 @@ struct ListCommand: ParsableCommand {
             let repo = try BackupRepository(path: repository, exclusive: false, wait: wait)
             let layers = repo.manifest?.layers ?? []
             if options.json {
-                let items: [JSON] = layers.enumerated().map { i, l in
-                    .object([("index", .int(Int64(i))), ("file", .string(l.file)), ("kind", .string(l.kind.rawValue)),
-                             ("created", .string(l.created)), ("bytes-copied", .uint(l.bytesCopied)),
-                             ("file-size", .uint(l.fileSize)), ("virtual-size", .uint(l.virtualSize))])
+                let items: [JSON] = layers.map { l in
+                    var pairs: [(String, JSON)] = [
+                        ("index", .int(Int64(l.index))), ("file", .string(l.file)), ("kind", .string(l.kind.rawValue)),
+                        ("mode", .string(l.mode.rawValue)), ("created", .string(l.created)),
+                        ("bytes-copied", .uint(l.bytesCopied)), ("file-size", .uint(l.fileSize)),
+                        ("virtual-size", .uint(l.virtualSize)), ("sha256", .string(l.sha256)),
+                    ]
+                    if let checkpoint = l.checkpoint { pairs.append(("checkpoint", .string(checkpoint))) }
+                    if let damaged = l.damaged { pairs.append(("damaged", .string(damaged))) }
+                    return .object(pairs)
                 }
                 var top: [(String, JSON)] = [("layers", .array(items))]
                 if let m = repo.manifest {
-                    top += [("id", .string(m.id)), ("bitmap", .string(m.bitmap)), ("source", .string(m.source)),
+                    let s = m.source
+                    let source: [(String, JSON)] = [("kind", .string(s.kind.rawValue))]
+                        + [("path", s.path), ("domain-uuid", s.domainUUID), ("disk", s.disk), ("uri", s.uri), ("name", s.name)]
+                        .compactMap { key, value in value.map { (key, JSON.string($0)) } }
+                    top += [("id", .string(m.id)), ("version", .int(Int64(m.version))),
+                            ("bitmap", m.bitmap.map(JSON.string) ?? .null),
+                            ("replica-of", m.replicaOf.map(JSON.string) ?? .null), ("source", .object(source)),
                             ("virtual-size", .uint(m.virtualSize))]
                 }
                 emit(JSON.object(top).pretty() + "\n")
             } else if let m = repo.manifest {
-                emit("repository \(repository): disk \(m.source), bitmap \(m.bitmap), \(layers.count) layer(s)\n")
+                emit("repository \(repository): disk \(m.source.summary), bitmap \(m.bitmap ?? "none"), \(layers.count) layer(s)\n")
                 emit("INDEX".padding(7) + "KIND".padding(13) + "CREATED (UTC)".padding(22) + "COPIED".padding(12)
                      + "SIZE".padding(12) + "FILE\n")
-                for (i, l) in layers.enumerated() {
-                    emit(String(i).padding(7) + l.kind.rawValue.padding(13) + l.created.padding(22)
+                for l in layers {
+                    emit(String(l.index).padding(7) + l.kind.rawValue.padding(13) + l.created.padding(22)
                          + humanSize(l.bytesCopied).padding(12) + humanSize(l.fileSize).padding(12) + l.file + "\n")
                 }
             } else {
