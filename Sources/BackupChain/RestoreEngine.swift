@@ -71,11 +71,11 @@ public enum RestoreEngine {
             defer { device.close() }
             let size = try device.size()
             guard size == layer.fileSize else {
-                throw ChainError(.corrupt, "layer \(i) is \(size) bytes, the manifest says \(layer.fileSize) (truncated or replaced); run 'qbackup verify'",
+                throw ChainError(.corrupt, "layer \(layer.index) is \(size) bytes, the manifest says \(layer.fileSize) (truncated or replaced); run 'qbackup verify'",
                                  path: repo.file(layer.file))
             }
-            if digests, try DurableFiles.sha256(of: device).hex != layer.sha256 {
-                throw ChainError(.corrupt, "layer \(i) does not match its checksum in the manifest (damaged or replaced); run 'qbackup verify'",
+            if digests, let problem = try LayerDigest.problem(device, layer: layer) {
+                throw ChainError(.corrupt, "layer \(layer.index) does not match its checksum in the manifest (\(problem): damaged or replaced); run 'qbackup verify'",
                                  path: repo.file(layer.file))
             }
         }
