@@ -22,7 +22,7 @@ struct ListCommand: ParsableCommand {
 
     func run() throws {
         try ExitStatus.run {
-            let repo = try BackupRepository(path: repository, exclusive: false, wait: wait)
+            let repo = try BackupRepository(path: repository, exclusive: false, allowMissing: true, wait: wait)
             let layers = repo.manifest?.layers ?? []
             if options.json {
                 let items: [JSON] = layers.map { l in
