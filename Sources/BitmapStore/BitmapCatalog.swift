@@ -253,8 +253,10 @@ extension BitmapCatalog {
         guard let file = opened as? QCowFile else {
             throw BitmapError(.invalidFormat, "not a qcow2 image", path: path)
         }
-        if writable { try requireUndamaged(file) }
+        // Opening the catalog names a broken bitmap structure precisely (and writes nothing);
+        // the rest of the metadata is checked before the body may write.
         let catalog = try BitmapCatalog(file: file)
+        if writable { try requireUndamaged(file) }
         let result = try body(catalog)
         try catalog.close()
         return result
