@@ -24,6 +24,9 @@ public final class NBDSource: BackupSource {
     public let name: String
     public let uri: String
     public let tracking: Tracking?
+    /// What the manifest records as the layer's mode: `.nbd` for an export someone else set
+    /// up, `.qmp` when qbackup's own QMP workflow made the fleecing export.
+    public let mode: BackupManifest.Mode
     /// Set when the engine has recorded the layer in the manifest (see the type's comment).
     public private(set) var committed = false
 
@@ -33,13 +36,15 @@ public final class NBDSource: BackupSource {
 
     /// Connects to `uri`; with `tracking`, the export must offer that bitmap's context.
     /// `name` is what messages call the disk (default: the URI).
-    public init(uri: String, name: String? = nil, tracking: Tracking?, timeout: TimeInterval = 60) throws {
+    public init(uri: String, name: String? = nil, tracking: Tracking?, mode: BackupManifest.Mode = .nbd,
+                timeout: TimeInterval = 60) throws {
         var contexts = [NBDConnection.allocationContext]
         if let tracking { contexts.append(NBDConnection.dirtyBitmapContext(tracking.exported)) }
         connection = try NBDConnection(uri: uri, contexts: contexts, timeout: timeout)
         self.uri = uri
         self.name = name ?? uri
         self.tracking = tracking
+        self.mode = mode
         if let tracking, !connection.contexts.contains(NBDConnection.dirtyBitmapContext(tracking.exported)) {
             connection.close()
             throw LiveError(.refused,
@@ -48,7 +53,6 @@ public final class NBDSource: BackupSource {
     }
 
     public var virtualSize: UInt64 { connection.size }
-    public var mode: BackupManifest.Mode { .nbd }
 
     public func blockStatus(at offset: UInt64, maxLength: UInt64) throws -> BlockStatus {
         guard offset < connection.size, maxLength > 0 else {

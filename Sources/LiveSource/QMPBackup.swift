@@ -109,7 +109,7 @@ public enum QMPBackup {
                                         tracking: settled.incremental
                                             ? NBDSource.Tracking(name: settled.name, exported: BitmapPlan.frozen(settled.name))
                                             : nil,
-                                        timeout: request.timeout)
+                                        mode: .qmp, timeout: request.timeout)
                 source = nbd
                 return nbd
             }

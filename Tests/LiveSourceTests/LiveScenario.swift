@@ -96,3 +96,11 @@ final class LiveScenario {
                 sourceLocation: sourceLocation)
     }
 }
+
+/// Each layer's mode as `qbackup list --output json` reports it, in index order.
+func layerModes(_ repo: String, sourceLocation: SourceLocation = #_sourceLocation) throws -> [String] {
+    let listed = try QBackupBinary.run(["list", repo, "--output", "json"])
+    #expect(listed.status == 0, "list: \(listed.stderr)", sourceLocation: sourceLocation)
+    let json = try JSONHelpers.parse(listed.stdout) as? [String: Any] ?? [:]
+    return (json["layers"] as? [[String: Any]] ?? []).map { $0["mode"] as? String ?? "?" }
+}

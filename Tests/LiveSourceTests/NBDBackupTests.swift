@@ -85,8 +85,10 @@ import TestSupport
         for _ in 0..<2 {
             let result = try Self.json(try QBackupBinary.run(["backup", "--nbd", Self.uri(server), "--repo", repo, "--output", "json"]))
             #expect(result["kind"] as? String == "full")
+            #expect(result["mode"] as? String == "nbd")
             #expect(result["bytes-copied"] as? Int == 1 << 20)
         }
+        #expect(try layerModes(repo) == ["nbd", "nbd"])
         let manifest = try String(contentsOfFile: dir.file("repo/manifest.json"), encoding: .utf8)
         #expect(manifest.contains(server.socket))
         let incremental = try QBackupBinary.run(["backup", "--nbd", Self.uri(server), "--repo", repo, "--incremental"])

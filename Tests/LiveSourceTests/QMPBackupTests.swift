@@ -49,18 +49,24 @@ import TestSupport
     }
 
     /// Offline full, live incrementals, offline incremental: one chain, one bitmap; every point
-    /// restores byte-exact and verify --image passes.
+    /// restores byte-exact and verify --image passes. Each layer records how it was taken
+    /// (mode offline or qmp), in backup's JSON and in list's.
     @Test func mixedOfflineAndLiveChain() throws {
         let s = try LiveScenario("live-mixed")
         try s.write(0x21, at: 0, length: 2 << 20)
-        #expect(try s.backup()["kind"] as? String == "full")
+        let full = try s.backup()
+        #expect(full["kind"] as? String == "full")
+        #expect(full["mode"] as? String == "offline")
         try s.write(0x22, at: 4 << 20, length: 1 << 20)
         try s.startVM()
-        #expect(try s.backup()["kind"] as? String == "incremental")
+        let first = try s.backup()
+        #expect(first["kind"] as? String == "incremental")
+        #expect(first["mode"] as? String == "qmp")
         try s.write(0x23, at: 1 << 20, length: 64 << 10)
         try s.write(0x24, at: 15 << 20, length: 1 << 20)
         let second = try s.backup()
         #expect(second["kind"] as? String == "incremental")
+        #expect(second["mode"] as? String == "qmp")
         #expect(second["bytes-copied"] as? Int == (64 << 10) + (1 << 20))
         try s.checkNothingLeft()
         try s.write(0x25, at: 8 << 20, length: 64 << 10)
@@ -68,7 +74,9 @@ import TestSupport
         try s.write(0x26, at: 9 << 20, length: 64 << 10)
         let offline = try s.backup()
         #expect(offline["kind"] as? String == "incremental")
+        #expect(offline["mode"] as? String == "offline")
         #expect(offline["bytes-copied"] as? Int == 128 << 10)
+        #expect(try layerModes(s.repo) == ["offline", "qmp", "qmp", "offline"])
         try s.checkEveryPoint()
         let verify = try QBackupBinary.run(["verify", s.repo, "--image", s.disk])
         #expect(verify.status == 0, "\(verify.stdout)\(verify.stderr)")

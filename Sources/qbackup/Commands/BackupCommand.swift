@@ -145,6 +145,7 @@ struct BackupCommand: ParsableCommand {
                 if let reason = result.reason { pairs.append(("reason", .string(reason))) }
                 if let layer = result.layer {
                     pairs.insert(("layer", .string(layer.file)), at: 0)
+                    pairs.append(("mode", .string(layer.mode.rawValue)))
                     pairs.append(("file-size", .uint(layer.fileSize)))
                     pairs.append(("created", .string(layer.created)))
                 }
