@@ -56,8 +56,11 @@ let package = Package(
                 "QCowImage", "BitmapStore", "BackupChain", "LiveSource",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
-            ]
+            ],
+            plugins: ["BuildInfo"]
         ),
+        // Commit and build date for `qbackup --version` (scripts/build-info.sh, run on every build).
+        .plugin(name: "BuildInfo", capability: .buildTool()),
         .target(name: "TestSupport", dependencies: ["QCowImage", "LiveSource"], path: "Tests/TestSupport"),
         .testTarget(name: "QCowImageTests", dependencies: ["QCowImage", "TestSupport"]),
         .testTarget(name: "BitmapStoreTests", dependencies: ["BitmapStore", "TestSupport"]),

@@ -4,7 +4,7 @@
 # libnbd0, which libnbd-dev pulls in) and QEMU's tools and emulator, the
 # reference peers of the tests (the live tests run qemu-system-x86_64).
 set -euo pipefail
-packages=(pkg-config zlib1g-dev libzstd-dev liblz4-dev qemu-utils libnbd-bin libnbd-dev qemu-system-x86)
+packages=(pkg-config git zlib1g-dev libzstd-dev liblz4-dev qemu-utils libnbd-bin libnbd-dev qemu-system-x86)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -14,7 +14,7 @@ struct QBackup: ParsableCommand {
             error, 75 busy: the repository is locked by another qbackup or the image by QEMU (try \
             again later; 'check' and 'compare' use qemu-img's statuses).
             """,
-        version: "0.1.0",
+        version: "qbackup \(version) (commit \(BuildInfo.commit), built \(BuildInfo.date))",
         subcommands: [
             InfoCommand.self,
             MapCommand.self,
@@ -31,6 +31,10 @@ struct QBackup: ParsableCommand {
             BitmapCommand.self,
         ]
     )
+
+    /// The release number; `--version` adds the commit and build date (`BuildInfo`, generated
+    /// at build time by scripts/build-info.sh through the BuildInfo plugin).
+    static let version = "0.1.0"
 
     /// Custom entry so usage errors exit 2 (as DESIGN.md says) instead of 64.
     static func main() {
