@@ -25,8 +25,9 @@ public enum ChainVerifier {
     public static let maxMissedListed = 20
 
     /// Verifies the repository at `repository`, waiting up to `wait` seconds for a backup or
-    /// merge that holds its lock to finish.
-    public static func verify(repository: String, image: String? = nil, wait: Double = 0,
+    /// merge that holds its lock to finish. `lockImage` false opens `image` without QEMU's
+    /// image lock (-U: a VM may hold it).
+    public static func verify(repository: String, image: String? = nil, lockImage: Bool = true, wait: Double = 0,
                               logger: Logger = Logger(label: "qbackup.verify"),
                               progress: ((UInt64, UInt64) -> Void)? = nil) throws -> Report {
         let repo = try BackupRepository(path: repository, exclusive: false, wait: wait)
@@ -40,7 +41,7 @@ public enum ChainVerifier {
         }
         verifyLayers(of: manifest, in: repo.path, report: &report)
         if let image {
-            try verifyBitmap(repo, manifest, image: image, report: &report, progress: progress)
+            try verifyBitmap(repo, manifest, image: image, lock: lockImage, report: &report, progress: progress)
         }
         return report
     }
@@ -89,9 +90,9 @@ public enum ChainVerifier {
     }
 
     /// Every bitmap-granularity block where the image differs from the latest point must be dirty.
-    static func verifyBitmap(_ repo: BackupRepository, _ manifest: BackupManifest, image path: String,
+    static func verifyBitmap(_ repo: BackupRepository, _ manifest: BackupManifest, image path: String, lock: Bool = true,
                              report: inout Report, progress: ((UInt64, UInt64) -> Void)?) throws {
-        let image = try ImageOpener.open(path)
+        let image = try ImageOpener.open(path, lock: lock)
         defer { image.close() }
         guard let file = image as? QCowFile else {
             throw ChainError(.invalidArgument, "\(path) is not a qcow2 image; it has no bitmaps")

@@ -1,4 +1,5 @@
 import Foundation
+import QCowImage
 
 #if canImport(Glibc)
 import Glibc
@@ -17,32 +18,11 @@ enum RepositoryLock {
                 throw ChainError(.io, "cannot lock the repository: \(String(cString: strerror(err)))", path: path)
             }
             if Date() >= deadline {
-                let who = holder(of: fd).map { "\($0.command) (pid \($0.pid))" } ?? "another qbackup process"
+                let who = LockHolder.of(descriptor: fd).map(\.description) ?? "another qbackup process"
                 let waited = wait > 0 ? " (waited \(wait) s)" : ""
                 throw ChainError(.locked, "the repository is locked by \(who)\(waited); try again later", path: path)
             }
             usleep(50_000)
         }
-    }
-
-    /// The first process /proc/locks lists as holding a flock on the file of `fd`.
-    static func holder(of fd: Int32) -> (pid: Int32, command: String)? {
-        var st = stat()
-        guard fstat(fd, &st) == 0, let table = try? String(contentsOfFile: "/proc/locks", encoding: .utf8) else { return nil }
-        // Linux's dev_t encoding (major 12 bits + 20, minor 8 + 24), as /proc/locks prints it: MAJ:MIN:INODE in hex, hex, decimal.
-        let dev = UInt64(st.st_dev)
-        let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & ~UInt64(0xfff))
-        let minor = (dev & 0xff) | ((dev >> 12) & ~UInt64(0xff))
-        let file = String(format: "%02llx:%02llx:%llu", major, minor, UInt64(st.st_ino))
-        for line in table.split(separator: "\n") {
-            let fields = line.split(separator: " ", omittingEmptySubsequences: true)
-            // "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"; waiters have "->" after the number.
-            guard fields.count >= 6, fields[1] == "FLOCK", fields[5] == file, let pid = Int32(fields[4]), pid > 0,
-                  pid != getpid() else { continue }
-            let comm = (try? String(contentsOfFile: "/proc/\(pid)/comm", encoding: .utf8))?
-                .trimmingCharacters(in: .whitespacesAndNewlines)
-            return (pid, comm.flatMap { $0.isEmpty ? nil : $0 } ?? "a process")
-        }
-        return nil
     }
 }

@@ -247,8 +247,10 @@ public struct BitmapDump: Sendable {
 extension BitmapCatalog {
     /// Opens `path` as qcow2 (read-only, or writable with the image lock held and
     /// refused if its metadata is damaged: `requireUndamaged`), runs `body` on its catalog, stops tracking if it was started, and closes the image.
-    public static func withCatalog<T>(_ path: String, writable: Bool, _ body: (BitmapCatalog) throws -> T) throws -> T {
-        let opened = try ImageOpener.open(path, format: .qcow2, writable: writable)
+    /// `lock` false (-U, read-only only) opens it without QEMU's image lock.
+    public static func withCatalog<T>(_ path: String, writable: Bool, lock: Bool = true,
+                                      _ body: (BitmapCatalog) throws -> T) throws -> T {
+        let opened = try ImageOpener.open(path, format: .qcow2, writable: writable, lock: lock || writable)
         defer { opened.close() }
         guard let file = opened as? QCowFile else {
             throw BitmapError(.invalidFormat, "not a qcow2 image", path: path)

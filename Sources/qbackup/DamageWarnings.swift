@@ -6,14 +6,14 @@ import QCowImage
 /// structure still succeeds, and says so in one `qbackup: warning:` line per damaged
 /// file (the first problem `check` finds), so the user knows to run `check`.
 enum DamageWarnings {
-    /// The warning lines for the qcow2 files of `images` and their backing chains, each file once.
+    /// The warnings (without the `qbackup: warning:` prefix) for the qcow2 files of `images` and their backing chains, each file once.
     static func lines(for images: [GuestImage]) -> [String] {
         var seen: Set<String> = []
         var out: [String] = []
         for image in images {
             for case let file as QCowFile in image.chain where seen.insert(file.filename).inserted {
                 guard let damage = (try? BitmapCatalog.firstDamage(in: file)) ?? nil else { continue }
-                out.append("qbackup: warning: \(damage); run 'qbackup check'")
+                out.append("\(damage); run 'qbackup check'")
             }
         }
         return out
@@ -21,6 +21,6 @@ enum DamageWarnings {
 
     /// Writes the warning lines for `images` to stderr.
     static func emit(for images: [GuestImage]) {
-        for line in lines(for: images) { FileHandle.standardError.write(Data((line + "\n").utf8)) }
+        for line in lines(for: images) { warning(line) }
     }
 }

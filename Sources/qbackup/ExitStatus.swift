@@ -69,6 +69,12 @@ enum ExitStatus {
     }
 }
 
+/// One `qbackup: warning:` line on stderr: every warning a command prints goes through here.
+func warning(_ message: String) {
+    let oneLine = message.replacingOccurrences(of: "\n", with: " ")
+    FileHandle.standardError.write(Data("qbackup: warning: \(oneLine)\n".utf8))
+}
+
 /// Writes to stdout through a 64 KiB buffer (a map or dump of a million extents
 /// is one write per 64 KiB, not one per line); `ExitStatus.run` flushes it.
 func emit(_ text: String) {

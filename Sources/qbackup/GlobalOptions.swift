@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import Logging
+import QCowImage
 
 /// `--output human|json`, shared by every command that reports.
 enum OutputFormat: String, ExpressibleByArgument, CaseIterable {
@@ -43,5 +44,30 @@ struct ProgressOptions: ParsableArguments {
     func reporter(_ label: String) -> ProgressReporter? {
         let on = progress ?? (isatty(STDERR_FILENO) != 0)
         return on ? ProgressReporter(label: label) : nil
+    }
+}
+
+/// `-U/--force-share`, only on the read-only commands (as qemu-img's -U): open images
+/// without QEMU's image lock, so an image a VM or qemu-nbd holds can still be read.
+struct ShareOptions: ParsableArguments {
+    @Flag(name: [.customShort("U"), .customLong("force-share")],
+          help: "Open the image without QEMU's lock, to read an image a VM or qemu-nbd holds (the data may be changing as it is read).")
+    var forceShare = false
+
+    /// Whether to take QEMU's image lock.
+    var lock: Bool { !forceShare }
+
+    /// With -U, one warning per image: what is read may be changing (naming the process that may be writing it).
+    func warn(_ paths: [String]) {
+        guard forceShare else { return }
+        var seen: Set<String> = []
+        for path in paths where seen.insert(path).inserted {
+            // Byte 101 is QEMU's "write" permission lock: its holder may be writing the image.
+            if let writer = LockHolder.of(path: path, byte: 101) {
+                warning("\(path): read with -U/--force-share while \(writer) may be writing it: the data read may be changing")
+            } else {
+                warning("\(path): read with -U/--force-share, without QEMU's image lock: if a VM or qemu-nbd writes it meanwhile, the data read may be inconsistent")
+            }
+        }
     }
 }

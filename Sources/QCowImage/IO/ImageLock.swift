@@ -33,18 +33,32 @@ public enum ImageLock {
         let unshared: [Permission] = [.write, .resize]
         let fd = device.descriptor.rawValue
         device.holdsImageLocks = true
-        for p in held { try lock(fd, permissionBase + Int64(p.rawValue), device) }
-        for p in unshared { try lock(fd, sharedBase + Int64(p.rawValue), device) }
+        do {
+            for p in held { try lock(fd, permissionBase + Int64(p.rawValue), device) }
+            for p in unshared { try lock(fd, sharedBase + Int64(p.rawValue), device) }
+        } catch {
+            release(fd)
+            throw error
+        }
         for p in held where isLockedByOthers(fd, sharedBase + Int64(p.rawValue)) {
             release(fd)
-            throw QCowError(.locked, "failed to get \"\(p.name)\" lock: another process (a VM or qemu-nbd?) is using the image and does not share \(p.name) access",
-                            path: device.name, offset: UInt64(sharedBase) + UInt64(p.rawValue), region: "image lock")
+            throw inUse(device, byte: sharedBase + Int64(p.rawValue), "does not share \(p.name) access")
         }
         for p in unshared where isLockedByOthers(fd, permissionBase + Int64(p.rawValue)) {
             release(fd)
-            throw QCowError(.locked, "failed to get shared \"\(p.name)\" lock: another process (a VM or qemu-nbd?) has the image open for \(p.name)",
-                            path: device.name, offset: UInt64(permissionBase) + UInt64(p.rawValue), region: "image lock")
+            throw inUse(device, byte: permissionBase + Int64(p.rawValue),
+                        p == .write ? "may be writing it" : "has it open for \(p.name)")
         }
+    }
+
+    /// The refusal: who holds the image (/proc tells: `LockHolder`), and how to read it anyway.
+    /// No lock byte offset: that is QEMU's business, not the user's.
+    static func inUse(_ device: FileDevice, byte: Int64, _ what: String) -> QCowError {
+        let who = LockHolder.of(descriptor: device.descriptor.rawValue, byte: byte).map(\.description)
+            ?? "another process (a VM or qemu-nbd?)"
+        return QCowError(.locked, "the image is in use by \(who), which \(what); stop it first, or read it anyway "
+                         + "(the data may be changing) with -U/--force-share of a read-only command", path: device.name,
+                         region: "image lock")
     }
 
     private static func lock(_ fd: Int32, _ byte: Int64, _ device: FileDevice) throws {
@@ -57,8 +71,7 @@ public enum ImageLock {
         if fcntl(fd, F_OFD_SETLK, &fl) != 0 {
             let err = errno
             if err == EAGAIN || err == EACCES {
-                throw QCowError(.locked, "image lock byte \(byte) is held exclusively by another process", path: device.name,
-                                offset: UInt64(byte), region: "image lock")
+                throw inUse(device, byte: byte, "holds its lock exclusively")
             }
             // File systems without OFD locks: proceed unlocked, as QEMU does when locking is unsupported.
         }

@@ -19,16 +19,18 @@ struct BitmapCommand: ParsableCommand {
             abstract: "Show each bitmap: name, granularity, enabled (auto), in_use, dirty bytes.")
         @Argument(help: "The qcow2 image.") var image: String
         @OptionGroup var options: GlobalOptions
+        @OptionGroup var share: ShareOptions
 
         func run() throws {
             try ExitStatus.run {
                 var warnings: [String] = []
-                let rows = try BitmapCatalog.withCatalog(image, writable: false) { catalog in
+                share.warn([image])
+                let rows = try BitmapCatalog.withCatalog(image, writable: false, lock: share.lock) { catalog in
                     let rows = try catalog.list()
                     warnings = DamageWarnings.lines(for: [catalog.file])
                     return rows
                 }
-                for line in warnings { FileHandle.standardError.write(Data((line + "\n").utf8)) }
+                for line in warnings { warning(line) }
                 if options.json {
                     emit(JSON.object([("bitmaps", .array(rows.map(List.json)))]).pretty() + "\n")
                 } else {
@@ -157,19 +159,19 @@ struct BitmapCommand: ParsableCommand {
         @Argument(help: "The qcow2 image.") var image: String
         @Argument(help: "The bitmap's name.") var name: String
         @OptionGroup var options: GlobalOptions
+        @OptionGroup var share: ShareOptions
 
         func run() throws {
             try ExitStatus.run {
                 var warnings: [String] = []
-                let dump = try BitmapCatalog.withCatalog(image, writable: false) { catalog in
+                share.warn([image])
+                let dump = try BitmapCatalog.withCatalog(image, writable: false, lock: share.lock) { catalog in
                     let dump = try catalog.dump(name)
                     warnings = DamageWarnings.lines(for: [catalog.file])
                     return dump
                 }
-                for line in warnings { FileHandle.standardError.write(Data((line + "\n").utf8)) }
-                if let warning = dump.warning {
-                    FileHandle.standardError.write(Data("qbackup: warning: \(warning)\n".utf8))
-                }
+                for line in warnings { warning(line) }
+                if let inconsistent = dump.warning { warning(inconsistent) }
                 if options.json {
                     var first = true
                     emit("[")

@@ -20,11 +20,19 @@ struct CheckCommand: ParsableCommand {
     var repair: QCowChecker.RepairMode?
 
     @OptionGroup var options: GlobalOptions
+    @OptionGroup var share: ShareOptions
+
+    func validate() throws {
+        if share.forceShare && repair != nil {
+            throw ValidationError("-U/--force-share reads without the image lock, so it cannot be combined with --repair")
+        }
+    }
 
     func run() throws {
         try ExitStatus.run(errorStatus: ExitStatus.failure) {
             let mode = repair ?? .none
-            let file = try QCowChecker.open(image, repair: mode)
+            share.warn([image])
+            let file = try QCowChecker.open(image, repair: mode, lock: share.lock)
             defer { file.close() }
             var dropped: [String] = []
             if mode == .all {

@@ -24,14 +24,16 @@ struct CompareCommand: ParsableCommand {
     var strict = false
 
     @OptionGroup var options: GlobalOptions
+    @OptionGroup var share: ShareOptions
     @OptionGroup var progressOptions: ProgressOptions
 
     func run() throws {
         try ExitStatus.run(errorStatus: 2) {
-            let a = try ImageOpener.open(first, format: firstFormat)
+            let a = try ImageOpener.open(first, format: firstFormat, lock: share.lock)
             defer { a.close() }
-            let b = try ImageOpener.open(second, format: secondFormat)
+            let b = try ImageOpener.open(second, format: secondFormat, lock: share.lock)
             defer { b.close() }
+            share.warn([first, second])
             let progress = progressOptions.reporter("compare")
             let outcome = try ImageComparison.compare(a, b, strict: strict, progress: progress?.update)
             progress?.finish()

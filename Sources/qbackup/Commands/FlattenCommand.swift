@@ -30,11 +30,13 @@ struct FlattenCommand: ParsableCommand {
     }
 
     @OptionGroup var options: GlobalOptions
+    @OptionGroup var share: ShareOptions
     @OptionGroup var progressOptions: ProgressOptions
 
     func run() throws {
         try ExitStatus.run {
-            let source = try ImageOpener.open(top)
+            let source = try ImageOpener.open(top, lock: share.lock)
+            share.warn([top])
             defer { source.close() }
             let progress = progressOptions.reporter("flatten")
             var flatten = FlattenOptions()

@@ -20,10 +20,12 @@ struct InfoCommand: ParsableCommand {
     var backingChain = false
 
     @OptionGroup var options: GlobalOptions
+    @OptionGroup var share: ShareOptions
 
     func run() throws {
         try ExitStatus.run {
-            let opened = try ImageOpener.open(image, format: imageFormat)
+            let opened = try ImageOpener.open(image, format: imageFormat, lock: share.lock)
+            share.warn([image])
             defer { opened.close() }
             let layers = backingChain ? opened.chain : [opened]
             let infos = layers.map { ImageInfo($0) }

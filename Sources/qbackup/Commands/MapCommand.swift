@@ -18,10 +18,12 @@ struct MapCommand: ParsableCommand {
     var imageFormat: ImageOpener.Format?
 
     @OptionGroup var options: GlobalOptions
+    @OptionGroup var share: ShareOptions
 
     func run() throws {
         try ExitStatus.run {
-            let opened = try ImageOpener.open(image, format: imageFormat)
+            let opened = try ImageOpener.open(image, format: imageFormat, lock: share.lock)
+            share.warn([image])
             defer { opened.close() }
             if options.json {
                 var first = true

@@ -22,6 +22,7 @@ struct VerifyCommand: ParsableCommand {
     var wait: Double = 5
 
     @OptionGroup var options: GlobalOptions
+    @OptionGroup var share: ShareOptions
     @OptionGroup var progressOptions: ProgressOptions
 
     func validate() throws {
@@ -31,7 +32,9 @@ struct VerifyCommand: ParsableCommand {
     func run() throws {
         try ExitStatus.run {
             let progress = progressOptions.reporter("verify")
-            let report = try ChainVerifier.verify(repository: repository, image: image, wait: wait, logger: options.logger,
+            if let image { share.warn([image]) }
+            let report = try ChainVerifier.verify(repository: repository, image: image, lockImage: share.lock, wait: wait,
+                                                  logger: options.logger,
                                                   progress: progress?.update)
             progress?.finish()
             if options.json {
