@@ -165,7 +165,7 @@ public enum BackupEngine {
         let plan = try CopyPlan.make(kind: kind, source: source, bitmap: bitmap, clusterSize: UInt64(clusterSize))
         var manifest = existing ?? BackupManifest(id: id, virtualSize: source.virtualSize, clusterSize: clusterSize,
                                                   bitmap: bitmap, source: sourceRecord)
-        let index = manifest.nextIndex
+        let index = repo.nextIndex(of: manifest)
         if request.dryRun {
             return Result(kind: kind, layer: nil, index: index, bitmap: bitmap, bytesCopied: plan.bytes,
                           extents: plan.ranges.count, dryRun: true, virtualSize: source.virtualSize, reason: reason)

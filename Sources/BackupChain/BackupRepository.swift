@@ -17,6 +17,8 @@ public final class BackupRepository {
     private var createdFolder = false
     /// The folder had no manifest when opened.
     private var startedEmpty = false
+    /// Why the manifest could not be read (only when opened `tolerant`).
+    public private(set) var manifestProblem: String?
 
     static let lockName = ".qbackup.lock"
     static let tempSuffix = ".partial"
@@ -27,8 +29,10 @@ public final class BackupRepository {
     /// without creating anything (a dry run of the first backup).
     /// A lock held by another process is waited for up to `wait` seconds (0: not at all),
     /// then refused as `locked`, naming the holder when the system tells.
+    /// With `tolerant` (repair), a manifest that cannot be read opens as none, its problem kept
+    /// in `manifestProblem`.
     public init(path: String, create: Bool = false, exclusive: Bool, allowMissing: Bool = false,
-                wait: Double = 0) throws {
+                wait: Double = 0, tolerant: Bool = false) throws {
         self.path = path
         var isDir: ObjCBool = false
         if !FileManager.default.fileExists(atPath: path, isDirectory: &isDir) {
@@ -59,6 +63,9 @@ public final class BackupRepository {
         }
         do {
             manifest = try loadManifest()
+        } catch let error as CodedError where tolerant {
+            manifest = nil
+            manifestProblem = error.description
         } catch let error as ChainError where error.errorCode == .invalidFormat {
             throw ChainError(.invalidFormat, "\(error.message); run 'qbackup repair \(path)' to rebuild it from the layer files",
                              path: error.path)
@@ -188,11 +195,15 @@ public final class BackupRepository {
     /// Before any change: a folder whose manifest is missing while layer sidecars are there, or
     /// whose sidecars name layers of this repository that the manifest does not list, is refused
     /// (`qbackup repair DIR` rebuilds the manifest); nothing of it is touched.
+    /// With a manifest, a sidecar whose layer file is missing, not a regular file or not of its
+    /// recorded size and modification time is a misfit `repair` left out (it never deletes one),
+    /// not a lost layer: it does not block the repository.
     func requireIntact() throws {
         let listed = Set((manifest?.layers.map(\.file) ?? []) + (manifest?.journalFiles ?? []))
         let strays = sidecars().filter { name, sidecar in
-            manifest.map { sidecar.repository.id == $0.id } ?? true && !listed.contains(sidecar.layer.file)
-                && !(manifest?.journalFiles.contains(name) ?? false)
+            guard !listed.contains(sidecar.layer.file), !(manifest?.journalFiles.contains(name) ?? false) else { return false }
+            guard let m = manifest else { return true }
+            return sidecar.repository.id == m.id && holdsRecordedFile(sidecar.layer)
         }
         guard strays.isEmpty else {
             let files = strays.map(\.1.layer.file).sorted()
@@ -204,12 +215,58 @@ public final class BackupRepository {
         }
     }
 
-    /// The layer sidecars in the folder (name → record); unreadable ones are left out.
-    func sidecars() -> [(String, LayerSidecar)] {
+    /// Names in the folder that are not the repository's: neither a layer, a layer's sidecar, a
+    /// journaled file nor the manifest, its temporary file or the lock. They are never touched.
+    public func foreignFiles() -> [String] {
+        let m = manifest
+        var own: Set<String> = [BackupManifest.fileName, BackupManifest.fileName + DurableFiles.tempSuffix, Self.lockName]
+        for layer in m?.layers ?? [] { own.formUnion([layer.file, LayerSidecar.fileName(of: layer.file)]) }
+        own.formUnion(m?.journalFiles ?? [])
         let names = (try? FileManager.default.contentsOfDirectory(atPath: path)) ?? []
-        return names.sorted().filter(LayerSidecar.isSidecarName).compactMap { name in
-            (try? LayerSidecar.read(file(name))).map { (name, $0) }
+        return names.filter { !own.contains($0) }.sorted()
+    }
+
+    /// The index the next layer of `m` gets: one past the newest it lists, and past every index
+    /// a sidecar of this repository in the folder claims (a layer `repair` left out keeps its
+    /// index: indices are never reused).
+    func nextIndex(of m: BackupManifest) -> Int {
+        let claimed = sidecars().filter { $0.1.repository.id == m.id }.map { $0.1.layer.index + 1 }
+        return max(m.nextIndex, claimed.max() ?? 0)
+    }
+
+    /// Whether `layer`'s file is a regular file of the size and modification time its record says
+    /// (the inode is not compared: a copy of the repository keeps neither).
+    func holdsRecordedFile(_ layer: BackupManifest.Layer) -> Bool {
+        var st = stat()
+        guard lstat(file(layer.file), &st) == 0, st.st_mode & S_IFMT == S_IFREG else { return false }
+        guard let recorded = layer.identity else { return true }
+        let now = LayerDigest.identity(st)
+        return now.size == recorded.size && now.mtime == recorded.mtime
+    }
+
+    /// The layer sidecars in the folder (name → record); unreadable ones are left out.
+    func sidecars() -> [(String, LayerSidecar)] { readSidecars().records }
+
+    /// The layer sidecars in the folder (name → record), and those that cannot be used, each
+    /// with the reason (read as untrusted input: no symlink, bounded, validated; a record must
+    /// describe the layer file its name is beside).
+    func readSidecars() -> (records: [(String, LayerSidecar)], unreadable: [(name: String, reason: String)]) {
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: path)) ?? []
+        var records: [(String, LayerSidecar)] = []
+        var unreadable: [(name: String, reason: String)] = []
+        for name in names.sorted() where LayerSidecar.isSidecarName(name) {
+            do {
+                let record = try LayerSidecar.read(file(name))
+                guard LayerSidecar.fileName(of: record.layer.file) == name else {
+                    unreadable.append((name, "it describes \(record.layer.file), not the file it is beside"))
+                    continue
+                }
+                records.append((name, record))
+            } catch {
+                unreadable.append((name, (error as? CodedError)?.description ?? "\(error)"))
+            }
         }
+        return (records, unreadable)
     }
 
     /// `manifest` with every layer not yet hashed in chunks (read from version 1) hashed once:

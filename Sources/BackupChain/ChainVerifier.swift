@@ -13,6 +13,8 @@ public enum ChainVerifier {
         public var layersChecked = 0
         /// Problems found, one line each, naming the layer file.
         public var problems: [String] = []
+        /// Things to know that are not wrong with the repository (foreign files in its folder).
+        public var warnings: [String] = []
         /// With an image: guest offsets (bitmap-granularity blocks) that differ from the
         /// latest point but are clean in the bitmap — the first ones found.
         public var missedOffsets: [UInt64] = []
@@ -38,6 +40,9 @@ public enum ChainVerifier {
         if manifest.pendingMerge != nil {
             report.problems.append("a merge was interrupted; run 'qbackup merge' to finish it")
             return report
+        }
+        report.warnings += repo.foreignFiles().map {
+            "\($0) is not a file of this repository (neither the manifest nor its journal names it): left alone"
         }
         verifyLayers(of: manifest, in: repo.path, report: &report)
         if let image {

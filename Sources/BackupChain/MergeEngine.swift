@@ -38,6 +38,7 @@ public enum MergeEngine {
                              progress: ((UInt64, UInt64) -> Void)? = nil) throws -> Result {
         guard keep >= 1 else { throw ChainError(.invalidArgument, "--keep must be at least 1") }
         let repo = try BackupRepository(path: repository, exclusive: true)
+        try repo.requireIntact()
         try recover(repo, logger: logger)
         try repo.removeLeftovers()
         guard var manifest = repo.manifest, manifest.layers.count > keep else {

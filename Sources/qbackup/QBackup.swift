@@ -27,6 +27,7 @@ struct QBackup: ParsableCommand {
             CommitCommand.self,
             BackupCommand.self,
             MergeCommand.self,
+            RepairCommand.self,
             VerifyCommand.self,
             BitmapCommand.self,
         ]

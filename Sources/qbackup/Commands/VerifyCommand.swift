@@ -37,10 +37,12 @@ struct VerifyCommand: ParsableCommand {
                                                   logger: options.logger,
                                                   progress: progress?.update)
             progress?.finish()
+            for line in report.warnings { warning(line) }
             if options.json {
                 var pairs: [(String, JSON)] = [
                     ("ok", .bool(report.ok)), ("layers-checked", .int(Int64(report.layersChecked))),
                     ("problems", .array(report.problems.map { .string($0) })),
+                    ("warnings", .array(report.warnings.map { .string($0) })),
                 ]
                 if report.imageChecked {
                     pairs.append(("missed-blocks", .uint(report.missedCount)))
