@@ -130,7 +130,11 @@ import Glibc
         for (k, reference) in s.references.enumerated() { try s.expectRestore(k, equals: reference) }
     }
 
-    enum Misfit: String, CaseIterable, Sendable { case damaged, missing, symlinked, badSidecar }
+    enum Misfit: String, CaseIterable, Sendable {
+        case damaged, missing, symlinked, badSidecar, symlinkedSidecar, hugeSidecar
+        /// The sidecar, not the layer, is what does not fit: it is not read as a record.
+        var ofSidecar: Bool { [.badSidecar, .symlinkedSidecar, .hugeSidecar].contains(self) }
+    }
 
     /// (c): the newest layer does not fit (its bytes are not what its sidecar says, its file is
     /// gone, it is a symlink, its sidecar is not a valid record): repair leaves it out, says
@@ -162,6 +166,13 @@ import Glibc
         case .badSidecar:
             try Data("{\"format\": \"qbackup-layer\", \"version\": 2}".utf8).write(to: URL(fileURLWithPath: path + ".json"))
             expectedReason = "sidecar"
+        case .symlinkedSidecar:
+            try FileManager.default.moveItem(atPath: path + ".json", toPath: outside + ".json")
+            try FileManager.default.createSymbolicLink(atPath: path + ".json", withDestinationPath: outside + ".json")
+            expectedReason = "symbolic link"
+        case .hugeSidecar:
+            try Tools.run("truncate", ["-s", "100M", path + ".json"])
+            expectedReason = "more than the limit"
         }
         let outsideBefore = misfit == .symlinked ? try Self.digests(s.dir.path)["outside.qcow2"] : nil
         let before = try Self.digests(s.repo)
@@ -177,6 +188,9 @@ import Glibc
             #expect(after[name] != nil, "repair removed \(name)")
             if unchanged(name) { #expect(after[name] == digest, "repair changed \(name)") }
         }
+        if misfit == .symlinkedSidecar {
+            #expect((try? FileManager.default.destinationOfSymbolicLink(atPath: path + ".json")) == outside + ".json")
+        }
         if misfit == .symlinked {
             #expect((try? FileManager.default.destinationOfSymbolicLink(atPath: path)) == outside)
             #expect(try Self.digests(s.dir.path)["outside.qcow2"] == outsideBefore, "repair changed the file outside")
@@ -190,7 +204,7 @@ import Glibc
         let next = try s.backup()
         #expect(next["kind"] as? String == "full", "\(next)")
         // The left-out layer keeps its index (its sidecar claims it); an unreadable sidecar claims nothing.
-        #expect(next["index"] as? Int == (misfit == .badSidecar ? 2 : 3), "\(next)")
+        #expect(next["index"] as? Int == (misfit.ofSidecar ? 2 : 3), "\(next)")
         try s.expectRestore(next["index"] as? Int ?? -1, equals: s.references[3])
         #expect(next["layer"] as? String != newest)
         let final = try Self.digests(s.repo)
