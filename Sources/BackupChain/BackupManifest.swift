@@ -197,8 +197,11 @@ public struct BackupManifest: Codable, Equatable, Sendable {
         /// The merged file's digest (as a layer's `sha256`); empty while an in-place merge is still committing.
         public var sha256: String
         public var fileSize: UInt64
-        /// How many layers (from the oldest) the merged file replaces.
+        /// The position of the layer the merged file replaces; the layers from `from` up to it go.
         public var folded: Int
+        /// The position of the oldest layer that goes (absent: 0, the oldest layer of all).
+        /// A later position is a retention fold in the middle of the chain.
+        public var from: Int?
         /// In-place merges: the full layer file the newer layers are committed into
         /// (then renamed to `file`). Absent when the merged file was written anew.
         public var into: String?
@@ -206,12 +209,13 @@ public struct BackupManifest: Codable, Equatable, Sendable {
         public var chunks: [String]?
         public var identity: Identity?
 
-        public init(file: String, sha256: String, fileSize: UInt64, folded: Int, into: String? = nil,
+        public init(file: String, sha256: String, fileSize: UInt64, folded: Int, from: Int? = nil, into: String? = nil,
                     chunks: [String]? = nil, identity: Identity? = nil) {
             self.file = file
             self.sha256 = sha256
             self.fileSize = fileSize
             self.folded = folded
+            self.from = from
             self.into = into
             self.chunks = chunks
             self.identity = identity
@@ -220,8 +224,11 @@ public struct BackupManifest: Codable, Equatable, Sendable {
         enum CodingKeys: String, CodingKey {
             case file, sha256
             case fileSize = "file-size"
-            case folded, into, chunks, identity
+            case folded, from, into, chunks, identity
         }
+
+        /// The position of the oldest layer that goes.
+        public var start: Int { from ?? 0 }
     }
 
     enum CodingKeys: String, CodingKey {
@@ -372,11 +379,11 @@ public struct BackupManifest: Codable, Equatable, Sendable {
     private func validate(_ pending: PendingMerge, _ bad: (String) -> ChainError) throws {
         func inconsistent() -> ChainError { bad("pending merge record is inconsistent") }
         guard Self.isPlainFileName(pending.file), pending.folded >= 1, pending.folded < layers.count,
-              layers[pending.folded].file == pending.file
+              layers[pending.folded].file == pending.file, pending.start >= 0, pending.start < pending.folded
         else { throw inconsistent() }
         let hashed = Self.isDigest(pending.sha256)
         if let into = pending.into {
-            guard layers[segmentStart(of: pending.folded)].file == into, hashed || pending.sha256.isEmpty else {
+            guard layers[max(pending.start, segmentStart(of: pending.folded))].file == into, hashed || pending.sha256.isEmpty else {
                 throw inconsistent()
             }
         } else if !hashed {

@@ -1,10 +1,13 @@
 import Logging
 import QCowImage
 
-/// Retention: folds the oldest layers so at most N remain, keeping every
-/// remaining point in time restorable to the same bytes.
+/// Retention: folds the points a policy does not keep (`RetentionPolicy`: the newest N,
+/// and by calendar) into the next kept point, keeping every remaining point in time
+/// restorable to the same bytes, under the same index.
 ///
-/// The new oldest layer k must stand alone. When it is already full, the older
+/// A fold of the layers `from..<k` into k (the oldest ones: from = 0) works as follows; in the
+/// middle of the chain, "full layer" below reads "layer `from`" when no full layer lies between,
+/// and k keeps standing on the layer before `from`. The new oldest layer k must stand alone. When it is already full, the older
 /// files just leave the manifest. Otherwise the layers after k's full layer, up
 /// to k, are committed into that full layer's file in place (as `qemu-img commit`
 /// does: only their clusters are written), which makes it point k:
@@ -32,44 +35,118 @@ public enum MergeEngine {
         public var folded: Int
         public var remaining: Int
         public var bytesWritten: UInt64
+        /// The points kept and the points that went (or, with `dryRun`, would go), by stable index.
+        public var kept: [Int] = []
+        public var dropped: [Int] = []
+        /// Why each kept point stays (the rules that keep it), by stable index.
+        public var reasons: [Int: [String]] = [:]
+        /// Each point's creation time as recorded (ISO 8601), by stable index.
+        public var created: [Int: String] = [:]
     }
 
     public static func merge(repository: String, keep: Int, logger: Logger = Logger(label: "qbackup.merge"),
                              progress: ((UInt64, UInt64) -> Void)? = nil) throws -> Result {
         guard keep >= 1 else { throw ChainError(.invalidArgument, "--keep must be at least 1") }
-        let repo = try BackupRepository(path: repository, exclusive: true)
-        try repo.requireIntact()
-        try recover(repo, logger: logger)
-        try repo.removeLeftovers()
-        guard var manifest = repo.manifest, manifest.layers.count > keep else {
-            return Result(folded: 0, remaining: repo.manifest?.layers.count ?? 0, bytesWritten: 0)
+        return try merge(repository: repository, policy: RetentionPolicy(last: keep), logger: logger, progress: progress)
+    }
+
+    /// Retention by `policy`: every point it does not keep is folded into the next kept point
+    /// (a run of points that go, oldest run first, one crash-safe merge each), so every kept
+    /// point restores to the same bytes and keeps its index. `dryRun` decides and changes nothing.
+    public static func merge(repository: String, policy: RetentionPolicy, dryRun: Bool = false,
+                             logger: Logger = Logger(label: "qbackup.merge"),
+                             progress: ((UInt64, UInt64) -> Void)? = nil) throws -> Result {
+        let counts = [policy.last, policy.daily, policy.weekly, policy.monthly].compactMap { $0 }
+        guard !counts.isEmpty else {
+            throw ChainError(.invalidArgument, "merge needs a rule: --keep, --keep-daily, --keep-weekly or --keep-monthly")
         }
-        let k = manifest.layers.count - keep
-        let target = manifest.layers[k]
-        let base = manifest.segmentStart(of: k)
+        guard counts.allSatisfy({ $0 >= 1 }) else { throw ChainError(.invalidArgument, "every --keep count must be at least 1") }
+        let repo = try BackupRepository(path: repository, exclusive: !dryRun)
+        try repo.requireIntact()
+        if dryRun {
+            if repo.manifest?.pendingMerge != nil {
+                throw ChainError(.refused, "a merge was interrupted; run 'qbackup merge' without --dry-run to finish it first",
+                                 path: repository)
+            }
+        } else {
+            try recover(repo, logger: logger)
+            try repo.removeLeftovers()
+        }
+        guard let manifest = repo.manifest, !manifest.layers.isEmpty else {
+            return Result(folded: 0, remaining: 0, bytesWritten: 0)
+        }
+        let decision = try decide(policy, manifest.layers)
+        var result = Result(folded: 0, remaining: manifest.layers.count, bytesWritten: 0, kept: decision.kept,
+                            dropped: decision.dropped, reasons: decision.reasons,
+                            created: Dictionary(manifest.layers.map { ($0.index, $0.created) }) { first, _ in first })
+        if dryRun { return result }
+        let going = Set(decision.dropped)
+        while let current = repo.manifest, let start = current.layers.firstIndex(where: { going.contains($0.index) }) {
+            // The run of points that go ends just before a kept point (the newest is always kept).
+            guard let target = current.layers[start...].firstIndex(where: { !going.contains($0.index) }) else {
+                throw ChainError(.invalidArgument, "retention would drop the newest point", path: repository)
+            }
+            result.bytesWritten += try fold(repo, current, from: start, into: target, logger: logger, progress: progress)
+            result.folded += target - start
+        }
+        result.remaining = repo.manifest?.layers.count ?? 0
+        logger.info("merged", metadata: ["folded": "\(result.folded)", "remaining": "\(result.remaining)"])
+        return result
+    }
+
+    /// The policy's decision, the newest point of the chain always kept (backups continue from it,
+    /// even if a clock that went back made an older layer look newer).
+    static func decide(_ policy: RetentionPolicy, _ layers: [BackupManifest.Layer]) throws -> RetentionPolicy.Decision {
+        var decision = try policy.decide(layers)
+        if let newest = layers.last?.index, decision.reasons[newest] == nil {
+            decision.dropped.removeAll { $0 == newest }
+            decision.kept.append(newest)
+            decision.reasons[newest] = ["newest"]
+        }
+        return decision
+    }
+
+    /// Folds the layers at positions `from..<k` into point `k`, which must then stand on the
+    /// layer before `from` (or alone). The new base of k is the layer at `from` or, when a full
+    /// layer lies between, that full layer: when it is already k, the older files just leave the
+    /// manifest; otherwise the layers after it up to k are committed into its file in place and
+    /// the file takes k's name, or (sizes differ, or the file has other hard links) point k is
+    /// written as a new standalone file. Returns the guest bytes written.
+    private static func fold(_ repo: BackupRepository, _ manifest: BackupManifest, from: Int, into k: Int,
+                             logger: Logger, progress: ((UInt64, UInt64) -> Void)?) throws -> UInt64 {
+        var manifest = manifest
+        let base = max(from, manifest.segmentStart(of: k))
         // Nothing is recorded before every file the merge changes, replaces or removes is
         // ours alone (no VM or qemu-nbd reads it) and every file it reads holds what the
         // manifest says: a refused merge leaves the repository as it was.
-        let held = try lockForChange(repo, manifest.layers[0...k])
+        let held = try lockForChange(repo, manifest.layers[from...k])
         defer { for device in held { device.close() } }
-        var written: UInt64 = 0
-        if target.kind == .full {
-            let dropped = manifest.layers[0..<k].map(\.file)
-            manifest.layers.removeFirst(k)
+        if base == k {
+            let dropped = manifest.layers[from..<k].map(\.file)
+            manifest.layers.removeSubrange(from..<k)
             try repo.saveDropping(manifest, files: dropped)
-        } else {
-            try checkDigests(repo, manifest, base...k, held: Array(held[base...k]))
-            let sameSize = manifest.layers[base...k].allSatisfy { $0.virtualSize == manifest.layers[base].virtualSize }
-            // In place only when no other name shares the full layer's file (a `cp -al` copy).
-            let shared = (RepositoryFiles.linkCount(held[base]) ?? 1) > 1
-            if sameSize && !shared {
-                written = try commitInPlace(repo, manifest, k, logger: logger, progress: progress, recovering: false)
-            } else {
-                written = try rewrite(repo, manifest, k, logger: logger, progress: progress)
-            }
+            return 0
         }
-        logger.info("merged", metadata: ["folded": "\(k)", "remaining": "\(keep)"])
-        return Result(folded: k, remaining: keep, bytesWritten: written)
+        try checkDigests(repo, manifest, base...k, held: Array(held[(base - from)...]))
+        let sameSize = manifest.layers[base...k].allSatisfy { $0.virtualSize == manifest.layers[base].virtualSize }
+        // In place only when no other name shares the base layer's file (a `cp -al` copy).
+        let shared = (RepositoryFiles.linkCount(held[base - from]) ?? 1) > 1
+        if sameSize && !shared {
+            return try commitInPlace(repo, manifest, from: from, k, logger: logger, progress: progress, recovering: false)
+        }
+        // A new standalone file reads point k through its whole chain: the older layers it
+        // reads (kept, so not locked for change) must hold what the manifest says too.
+        let segment = manifest.segmentStart(of: k)
+        if segment < base {
+            let files = RepositoryFiles(directory: repo.path)
+            var readers: [FileDevice] = []
+            defer { for device in readers { device.close() } }
+            for layer in manifest.layers[segment..<base] {
+                readers.append(try files.openFile(repo.file(layer.file), writable: false))
+            }
+            try checkDigests(repo, manifest, segment...(base - 1), held: readers)
+        }
+        return try rewrite(repo, manifest, from: from, k, logger: logger, progress: progress)
     }
 
     /// Takes a writer's image locks on each layer file (on descriptors of their own, held
@@ -112,10 +189,10 @@ public enum MergeEngine {
     /// Steps 1-5 of an in-place merge of point `k`; returns the guest bytes written. Every file is
     /// opened (the full layer for writing) before step 1 records anything. `recovering`: an
     /// earlier attempt, already recorded, may have died midway, leaving leaked clusters to free.
-    private static func commitInPlace(_ repo: BackupRepository, _ manifest: BackupManifest, _ k: Int, logger: Logger,
-                                      progress: ((UInt64, UInt64) -> Void)?, recovering: Bool) throws -> UInt64 {
+    private static func commitInPlace(_ repo: BackupRepository, _ manifest: BackupManifest, from: Int, _ k: Int,
+                                      logger: Logger, progress: ((UInt64, UInt64) -> Void)?, recovering: Bool) throws -> UInt64 {
         var manifest = manifest
-        let base = manifest.segmentStart(of: k)
+        let base = max(from, manifest.segmentStart(of: k))
         let into = manifest.layers[base].file
         let basePath = repo.file(into)
         let newer = manifest.layers[(base + 1)...k]
@@ -127,8 +204,9 @@ public enum MergeEngine {
         let opened = try ImageOpener.open(basePath, format: .qcow2, writable: true, files: files)
         do {
             defer { opened.close() }
-            guard let baseFile = opened as? QCowFile, baseFile.backing == nil else {
-                throw ChainError(.corrupt, "the full layer has a backing file", path: basePath)
+            // A full base layer stands alone; an incremental one (a fold in the middle) keeps its backing file.
+            guard let baseFile = opened as? QCowFile, (baseFile.backing == nil) == (manifest.layers[base].kind == .full) else {
+                throw ChainError(.corrupt, "the base layer's backing file does not match its kind in the manifest", path: basePath)
             }
             var tops: [QCowFile] = []
             defer { for top in tops { top.close() } }
@@ -144,7 +222,7 @@ public enum MergeEngine {
             } else {
                 // 1. Record the intent.
                 manifest.pendingMerge = BackupManifest.PendingMerge(file: manifest.layers[k].file, sha256: "", fileSize: 0,
-                                                                    folded: k, into: into)
+                                                                    folded: k, from: from > 0 ? from : nil, into: into)
                 try repo.save(manifest)
             }
             // 2. Commit each newer layer's clusters.
@@ -171,7 +249,7 @@ public enum MergeEngine {
 
     /// Writes point k as a new standalone file and swaps it in (layers of different sizes, or
     /// a full layer whose file has other hard links). No existing file is ever written.
-    private static func rewrite(_ repo: BackupRepository, _ manifest: BackupManifest, _ k: Int, logger: Logger,
+    private static func rewrite(_ repo: BackupRepository, _ manifest: BackupManifest, from: Int, _ k: Int, logger: Logger,
                                 progress: ((UInt64, UInt64) -> Void)?) throws -> UInt64 {
         var manifest = manifest
         let target = manifest.layers[k]
@@ -198,7 +276,8 @@ public enum MergeEngine {
         }
         // Record the intent, then switch the file, then finish.
         manifest.pendingMerge = BackupManifest.PendingMerge(file: target.file, sha256: digest.sha256, fileSize: digest.size,
-                                                            folded: k, chunks: digest.chunks, identity: identity)
+                                                            folded: k, from: from > 0 ? from : nil, chunks: digest.chunks,
+                                                            identity: identity)
         try repo.save(manifest)
         try DurableFiles.rename(temp, to: repo.file(target.file))
         try finish(repo, logger: logger)
@@ -214,13 +293,14 @@ public enum MergeEngine {
                 // again; point `folded` (which reads the same throughout) is written anew instead.
                 logger.info("rewriting an interrupted merge as a new file", metadata: ["into": "\(into)"])
                 manifest.pendingMerge = nil
-                let held = try lockForChange(repo, manifest.layers[0...pending.folded])
+                let held = try lockForChange(repo, manifest.layers[pending.start...pending.folded])
                 defer { for device in held { device.close() } }
-                _ = try rewrite(repo, manifest, pending.folded, logger: logger, progress: nil)
+                _ = try rewrite(repo, manifest, from: pending.start, pending.folded, logger: logger, progress: nil)
             } else if pending.sha256.isEmpty {
                 logger.info("committing an interrupted merge again", metadata: ["into": "\(into)"])
                 manifest.pendingMerge = pending
-                _ = try commitInPlace(repo, manifest, pending.folded, logger: logger, progress: nil, recovering: true)
+                _ = try commitInPlace(repo, manifest, from: pending.start, pending.folded, logger: logger, progress: nil,
+                                      recovering: true)
             } else {
                 logger.info("finishing an interrupted merge", metadata: ["file": "\(pending.file)"])
                 if DurableFiles.exists(repo.file(into)) {
@@ -243,20 +323,24 @@ public enum MergeEngine {
         }
     }
 
-    /// The file of layer `folded` now holds the merged standalone layer: drop the older layers.
+    /// The file of layer `folded` now holds the merged layer: drop the layers from `start` before it.
     private static func finish(_ repo: BackupRepository, logger: Logger) throws {
         guard var manifest = repo.manifest, let pending = manifest.pendingMerge else { return }
-        // An in-place merge's full layer file was renamed to `pending.file`: not to be removed.
-        let dropped = manifest.layers[0..<pending.folded].map(\.file).filter { $0 != pending.into }
-        manifest.layers.removeFirst(pending.folded)
-        manifest.layers[0].kind = .full
+        let start = pending.start
+        // A new file stands alone; an in-place merge's file is what its base layer was (full, or
+        // incremental on the layer before `start` for a fold in the middle).
+        let full = pending.into.map { into in manifest.layers.first { $0.file == into }?.kind == .full } ?? true
+        // An in-place merge's base layer file was renamed to `pending.file`: not to be removed.
+        let dropped = manifest.layers[start..<pending.folded].map(\.file).filter { $0 != pending.into }
+        manifest.layers.removeSubrange(start..<pending.folded)
+        if full { manifest.layers[start].kind = .full }
         if let chunks = pending.chunks {
-            manifest.layers[0].record(LayerDigest(chunks: chunks, sha256: pending.sha256, size: pending.fileSize),
-                                      identity: pending.identity)
+            manifest.layers[start].record(LayerDigest(chunks: chunks, sha256: pending.sha256, size: pending.fileSize),
+                                          identity: pending.identity)
         } else {
             // A version 1 record: the whole file's checksum, checked when the save upgrades it.
-            manifest.layers[0].sha256 = pending.sha256
-            manifest.layers[0].fileSize = pending.fileSize
+            manifest.layers[start].sha256 = pending.sha256
+            manifest.layers[start].fileSize = pending.fileSize
         }
         manifest.pendingMerge = nil
         // The full layer file an in-place merge committed into now has the folded layer's name;
