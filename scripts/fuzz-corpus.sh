@@ -55,7 +55,8 @@ qemu-img create -q -f qcow2 -o cluster_size=512 -b base.qcow2 -F qcow2 "$work/ov
 qemu-io -f qcow2 -c "write -P 0x0c 1k 1k" "$work/overlay.qcow2" >/dev/null
 qemu-img create -q -f qcow2 -o cluster_size=512,compat=0.10 -b base.qcow2 -F qcow2 "$work/overlay-v2.qcow2" 64k
 qemu-img create -q -f raw "$work/data.raw" 64k
-qemu-img create -q -f qcow2 -o cluster_size=512,data_file=data.raw,data_file_raw=on "$work/datafile.qcow2" 64k
+# qemu-img opens a relative data_file name from its working directory: create it from $work.
+(cd "$work" && qemu-img create -q -f qcow2 -o cluster_size=512,data_file=data.raw,data_file_raw=on datafile.qcow2 64k)
 
 # Bitmaps: enabled and disabled, several granularities, dirty ranges written through qemu-io.
 img bitmaps-512 64k "cluster_size=512" "write -P 0x21 0 1k"
