@@ -31,8 +31,10 @@ public final class BackupRepository {
     /// then refused as `locked`, naming the holder when the system tells.
     /// With `tolerant` (repair), a manifest that cannot be read opens as none, its problem kept
     /// in `manifestProblem`.
+    /// Without `createLock` a missing lock file is not made (a shared open then takes no lock:
+    /// a run that only looks changes nothing in the folder).
     public init(path: String, create: Bool = false, exclusive: Bool, allowMissing: Bool = false,
-                wait: Double = 0, tolerant: Bool = false) throws {
+                wait: Double = 0, tolerant: Bool = false, createLock: Bool = true) throws {
         self.path = path
         var isDir: ObjCBool = false
         if !FileManager.default.fileExists(atPath: path, isDirectory: &isDir) {
@@ -47,7 +49,7 @@ public final class BackupRepository {
             throw ChainError(.invalidArgument, "not a folder", path: path)
         }
         do {
-            lockFD = try RepositoryFiles.openRegular(file(Self.lockName), flags: O_RDWR | O_CREAT)
+            lockFD = try RepositoryFiles.openRegular(file(Self.lockName), flags: O_RDWR | (createLock ? O_CREAT : 0))
         } catch let error as QCowError where error.code == .io && !exclusive {
             // A read-only repository (mounted backup media): read without the lock.
             lockFD = -1

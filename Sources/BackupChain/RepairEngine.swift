@@ -47,7 +47,9 @@ public enum RepairEngine {
     }
 
     public static func repair(_ request: Request, logger: Logger = Logger(label: "qbackup.repair")) throws -> Result {
-        let repo = try BackupRepository(path: request.repository, exclusive: true, tolerant: true)
+        // Only looking (no --yes): a shared lock, and no lock file made where there is none.
+        let repo = try BackupRepository(path: request.repository, exclusive: request.write, tolerant: true,
+                                        createLock: request.write)
         if repo.manifest?.pendingMerge != nil {
             throw ChainError(.refused, "a merge was interrupted; 'qbackup merge' finishes it (repair rebuilds only a lost manifest)",
                              path: repo.path)
