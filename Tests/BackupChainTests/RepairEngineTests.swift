@@ -34,15 +34,15 @@ import Glibc
         NSDictionary(dictionary: try BackupManifestTests.json(repo + "/manifest.json"))
     }
 
-    enum Loss: String, CaseIterable, Sendable { case removed, listsNoLayers }
+    enum Loss: String, CaseIterable, Sendable { case removed, listsNoLayers, unreadable }
 
-    /// (a) and (d): the manifest removed, or one that lists no layers. backup refuses naming
+    /// (a) and (d): the manifest removed, one that lists no layers, or one cut short. backup refuses naming
     /// repair and changes nothing; repair without --yes writes nothing; with --yes the manifest
     /// comes back exactly (every field), every point restores byte-exact, verify passes, and the
     /// next backup is an incremental that continues the chain.
     @Test(arguments: Loss.allCases)
     func aLostManifestIsRefusedThenRebuiltExactly(loss: Loss) throws {
-        let s = try Self.threePoints(seed: loss == .removed ? 81 : 82)
+        let s = try Self.threePoints(seed: 81 + UInt64(Loss.allCases.firstIndex(of: loss) ?? 0) * 10)
         let original = try Self.manifestJSON(s.repo)
         switch loss {
         case .removed:
@@ -51,6 +51,8 @@ import Glibc
             var m = try BackupManifestTests.json(s.repo + "/manifest.json")
             m["layers"] = [Any]()
             try JSONSerialization.data(withJSONObject: m).write(to: URL(fileURLWithPath: s.repo + "/manifest.json"))
+        case .unreadable:
+            try Tools.run("truncate", ["-s", "100", s.repo + "/manifest.json"])
         }
         try s.dirty(writes: 3, maxOffset: 60 << 20)
         let before = try Self.digests(s.repo)
@@ -65,6 +67,7 @@ import Glibc
 
         let shown = try s.qbackup(["repair", s.repo])
         #expect(shown.stdout.contains("layer sidecars") && shown.stdout.contains("3 layer(s)"), "\(shown.stdout)")
+        #expect(shown.stdout.contains("the manifest cannot be read") == (loss == .unreadable), "\(shown.stdout)")
         #expect(shown.stdout.contains("--yes"), "\(shown.stdout)")
         #expect(try Self.digests(s.repo) == before, "repair without --yes wrote something")
 
