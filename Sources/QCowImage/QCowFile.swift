@@ -11,6 +11,10 @@ public final class QCowFile: GuestImage {
     public internal(set) var header: QCowHeader
     public internal(set) var l1: [UInt64]
     public internal(set) var snapshots: [Snapshot]
+    /// Why the snapshot table could not be read whole (it runs past the end of the file),
+    /// for an image opened read-only or for `check`: `snapshots` then holds none. A writable
+    /// open refuses such an image.
+    public internal(set) var snapshotTableDamage: QCowError?
     public internal(set) var backing: GuestImage?
     public let writable: Bool
     public var logger: Logger
@@ -91,7 +95,13 @@ public final class QCowFile: GuestImage {
                 dataDevice = device
                 dataFileSize = size
             }
-            snapshots = try readSnapshotTable()
+            // Read-only and check opens read around a damaged snapshot table (QEMU opens these images too);
+            // `check` reports it, the read-only commands warn, the writing commands refuse.
+            do {
+                snapshots = try readSnapshotTable(tolerant: !writable || forCheck)
+            } catch let error as QCowError where error.region == "snapshot table" && (!writable || forCheck) {
+                snapshotTableDamage = error
+            }
         } catch let error as QCowError {
             throw error.inFile(device.name)
         }
@@ -152,10 +162,23 @@ public final class QCowFile: GuestImage {
         return fits(data ? dataFileSize : fileSize)
     }
 
-    func readSnapshotTable() throws -> [Snapshot] {
+    /// The snapshot table. `tolerant` keeps a snapshot whose L1 table is invalid (`Snapshot.l1Problem`:
+    /// the checker reports it, nothing reads it); otherwise such a snapshot is refused.
+    /// What is wrong with `snap`'s L1 table reference (QEMU's qcow2_validate_table), or nil.
+    func l1Problem(of snap: Snapshot) -> String? {
+        let at = "0x" + String(snap.l1TableOffset, radix: 16)
+        if UInt64(snap.l1Size) * 8 > QCowHeader.Limits.maxL1Bytes { return "\(snap.l1Size) entries is too many" }
+        if !isClusterAligned(snap.l1TableOffset) { return "offset \(at) is not cluster aligned" }
+        if snap.l1TableOffset > fileSize || UInt64(snap.l1Size) * 8 > fileSize - snap.l1TableOffset {
+            return "\(snap.l1Size) entries at \(at) run past the end of the file"
+        }
+        return nil
+    }
+
+    func readSnapshotTable(tolerant: Bool) throws -> [Snapshot] {
         guard header.nbSnapshots > 0 else { return [] }
         // Each entry is at least 40 bytes; read what the file has, up to QEMU's table limit.
-        let maxBytes = min(Snapshot.maxTableBytes, fileSize - header.snapshotsOffset)
+        let maxBytes = min(Snapshot.maxTableBytes, fileSize - min(fileSize, header.snapshotsOffset))
         let minimum = UInt64(header.nbSnapshots) * 40
         guard minimum <= maxBytes else {
             throw QCowError(.truncated, "snapshot table of \(header.nbSnapshots) entries runs past the end of the file",
@@ -168,11 +191,9 @@ public final class QCowFile: GuestImage {
             var r = ByteReader(bytes, baseOffset: header.snapshotsOffset, region: "snapshot table")
             do {
                 let table = try Snapshot.decodeTable(&r, count: Int(header.nbSnapshots))
-                for (i, snap) in table.enumerated() {
-                    guard UInt64(snap.l1Size) * 8 <= QCowHeader.Limits.maxL1Bytes, isClusterAligned(snap.l1TableOffset),
-                          snap.l1TableOffset <= fileSize, UInt64(snap.l1Size) * 8 <= fileSize - snap.l1TableOffset
-                    else {
-                        throw QCowError(.corrupt, "snapshot \(i) ('\(snap.name)') has an invalid L1 table (\(snap.l1Size) entries at 0x\(String(snap.l1TableOffset, radix: 16)))",
+                for (i, snap) in table.enumerated() where !tolerant {
+                    if let problem = l1Problem(of: snap) {
+                        throw QCowError(.corrupt, "snapshot \(i) ('\(snap.name)') has an invalid L1 table: \(problem)",
                                         offset: header.snapshotsOffset, region: "snapshot table")
                     }
                 }

@@ -13,6 +13,11 @@ import TestSupport
         /// Whether check (without repair) must give qemu-img's exit status and counts.
         /// Where qemu-img cannot finish the check (exit 1) we still check and repair.
         var sameVerdict = true
+        /// Whether qemu-img's repair leaves a clean image. Where it cannot (a snapshot's L1 table
+        /// is lost), ours must leave the same verdict, the same guest data and write nothing worse.
+        var repairable = true
+        /// Whether read-only commands must read the image (with a warning) because qemu-img info does.
+        var readable = false
         var testDescription: String { name }
     }
 
@@ -28,6 +33,15 @@ import TestSupport
         func withData() throws {
             try fresh()
             try Tools.qemuIO(path, format: "qcow2", ["write -P 0x11 0 128k", "write -P 0x22 1M 64k"])
+        }
+        /// Data, an internal snapshot of it, then different data (the snapshot keeps its own L1 and L2).
+        func withSnapshot() throws {
+            try withData()
+            try Tools.qemuImg("snapshot", "-c", "s1", path)
+            try Tools.qemuIO(path, format: "qcow2", ["write -P 0x33 0 64k"])
+        }
+        func u64(_ path: String, at offset: UInt64) throws -> UInt64 {
+            try peek(path, at: offset, count: 8).reduce(0) { $0 << 8 | UInt64($1) }
         }
         switch name {
         case "060 cluster data reference into refcount block":
@@ -70,6 +84,19 @@ import TestSupport
         case "refcount table entry 0xffff…":
             try withData()
             try poke(path, at: refcountTable, be(UInt64(0xffff_ffff_ffff_0000)))
+        case "L2 table past the end of the file":
+            try withData()
+            try poke(path, at: l1, be(UInt64(0x8000_0000_1000_0000)))
+        case "snapshot table past the end of the file":
+            try withSnapshot()
+            try poke(path, at: 64, be(UInt64(0x1000_0000)))
+        case "snapshot L1 table past the end of the file":
+            try withSnapshot()
+            try poke(path, at: try u64(path, at: 64), be(UInt64(0x1000_0000)))
+        case "snapshot L1 table not cluster aligned":
+            try withSnapshot()
+            let entry = try u64(path, at: 64)
+            try poke(path, at: entry, be(try u64(path, at: entry) + 0x200))
         default:
             Issue.record("unknown scenario \(name)")
         }
@@ -85,6 +112,11 @@ import TestSupport
         Scenario(name: "refcount table entry past the end of the file"),
         Scenario(name: "refcount table entry 0x7fff…", sameVerdict: false),
         Scenario(name: "refcount table entry 0xffff…", sameVerdict: false),
+        // Exit 2 as qemu-img, not 1 (the check completes); the snapshot cases read what can be read.
+        Scenario(name: "L2 table past the end of the file", repairable: false),
+        Scenario(name: "snapshot table past the end of the file", readable: true),
+        Scenario(name: "snapshot L1 table past the end of the file", repairable: false, readable: true),
+        Scenario(name: "snapshot L1 table not cluster aligned", repairable: false, readable: true),
     ]
 
     static func counts(_ text: String) -> (corruptions: Int, leaks: Int) {
@@ -114,11 +146,32 @@ import TestSupport
             #expect(Self.counts(ourCheck.stdout).leaks == Self.counts(qemuCheck.stdout).leaks)
         }
         #expect(try Data.contents(of: ours) == Data.contents(of: made), "check without --repair wrote to the image")
+        if scenario.readable {
+            // qemu-img info and map open the image; so do ours, with one warning naming the damage.
+            #expect(try Tools.run("qemu-img", ["info", theirs]).status == 0)
+            let info = try QBackupBinary.run(["info", ours])
+            #expect(info.status == 0, "\(info.stderr)")
+            #expect(info.stderr.split(separator: "\n").filter { $0.hasPrefix("qbackup: warning: ") && $0.contains("snapshot") }.count == 1,
+                    "\(info.stderr)")
+            let theirMap = try Tools.run("qemu-img", ["map", "--output=json", theirs]).stdout
+            let ourMap = try QBackupBinary.run(["map", "--output", "json", ours])
+            #expect(ourMap.status == 0, "\(ourMap.stderr)")
+            #expect(JSONHelpers.canonical(try JSONHelpers.mergedMap(ourMap.stdout)) == JSONHelpers.canonical(try JSONHelpers.mergedMap(theirMap)))
+            #expect(try Data.contents(of: ours) == Data.contents(of: made), "a read-only command wrote to the image")
+        }
 
         let qemuRepair = try Tools.run("qemu-img", ["check", "-r", "all", theirs])
         let ourRepair = try QBackupBinary.run(["check", "--repair", "all", ours])
         #expect(ourRepair.status == qemuRepair.status, "qemu-img: \(qemuRepair.stdout)\(qemuRepair.stderr)\nours: \(ourRepair.stdout)\(ourRepair.stderr)")
         let afterwards = try Tools.run("qemu-img", ["check", ours])
+        guard scenario.repairable else {
+            // What qemu-img's repair cannot fix, ours leaves the same: same verdict on both, same guest data.
+            let theirsAfter = try Tools.run("qemu-img", ["check", "--output=json", theirs])
+            #expect(afterwards.status == theirsAfter.status, "qemu-img check of ours: \(afterwards.stdout), of theirs: \(theirsAfter.stdout)")
+            let compare = try Tools.run("qemu-img", ["compare", ours, theirs])
+            #expect(compare.status == 0, "guest data differs from qemu-img's repair: \(compare.stdout)\(compare.stderr)")
+            return
+        }
         #expect(afterwards.status == 0, "qemu-img check of our repair: \(afterwards.stdout)\(afterwards.stderr)")
         #expect(try !Self.corruptBit(ours), "the corrupt bit is cleared once the image is consistent")
         #expect(try Self.corruptBit(theirs) == Self.corruptBit(ours))
@@ -130,5 +183,36 @@ import TestSupport
         for image in [ours, theirs] { try Tools.qemuIO(image, format: "qcow2", ["write -P 0x2a 64k 512"]) }
         #expect(try Tools.run("qemu-img", ["compare", ours, theirs]).status == 0)
         #expect(try Tools.run("qemu-img", ["check", ours]).status == 0)
+    }
+
+    /// Header values the spec forbids and qemu-img refuses: ours refuses them too (exit 1, one
+    /// error line naming the field), for check as for info.
+    @Test(arguments: ["compression-type bit with compression_type 0", "snapshots_offset misaligned, nb_snapshots 0"])
+    func refusesWhatQemuImgRefuses(_ name: String) throws {
+        let dir = TempDir()
+        let path = dir.file("bad.qcow2")
+        try Tools.qemuImg("create", "-q", "-f", "qcow2", "-o", "compat=1.1", path, "1M")
+        try Tools.qemuIO(path, format: "qcow2", ["write -P 0x11 0 64k"])
+        let field: String
+        switch name {
+        case "compression-type bit with compression_type 0":
+            // Incompatible bit 3 (compression type) set; byte 104 (compression_type) stays 0 (zlib).
+            #expect(try peek(path, at: 104, count: 1) == [0])
+            try poke(path, at: 79, [try peek(path, at: 79, count: 1)[0] | 0x08])
+            field = "compression"
+        default:
+            #expect(try peek(path, at: 60, count: 4) == [0, 0, 0, 0])
+            try poke(path, at: 64, be(UInt64(0x1234)))
+            field = "snapshots_offset"
+        }
+        let before = try Data.contents(of: path)
+        for command in ["info", "check"] {
+            let theirs = try Tools.run("qemu-img", [command, path])
+            let ours = try QBackupBinary.run([command, path])
+            #expect(theirs.status == 1, "qemu-img \(command): \(theirs.stdout)\(theirs.stderr)")
+            #expect(ours.status == theirs.status && ours.failedCleanly, "\(command): \(ours.stdout)\(ours.stderr)")
+            #expect(ours.stderr.contains(field), "\(command): \(ours.stderr)")
+        }
+        #expect(try Data.contents(of: path) == before)
     }
 }

@@ -195,6 +195,18 @@ extension QCowFile {
         if let size = try? device.size() { fileSize = size }
     }
 
+    /// Forgets a snapshot table that runs past the end of the file (nothing of it can be read;
+    /// QEMU's repair drops the overhanging entries too): nb_snapshots and snapshots_offset
+    /// become 0, and what the table's snapshots held becomes leaks that the repair frees.
+    func dropDamagedSnapshotTable() throws {
+        try rewriteHeader {
+            $0.nbSnapshots = 0
+            $0.snapshotsOffset = 0
+        }
+        snapshots = []
+        snapshotTableDamage = nil
+    }
+
     /// Clears the corrupt and dirty bits once a repair left the image consistent.
     func clearCorruptAndDirtyBits() throws {
         let bits: IncompatibleFeatures = [.corrupt, .dirty]

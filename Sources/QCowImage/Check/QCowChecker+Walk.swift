@@ -10,11 +10,22 @@ extension QCowChecker {
     mutating func walkSnapshots() throws {
         let h = image.header
         guard h.nbSnapshots > 0 else { return }
+        if let damage = image.snapshotTableDamage {
+            // As QEMU: the incomplete table is one corruption, its reference past the end of the file another.
+            note(.corruption, "snapshot table", h.snapshotsOffset, damage.message)
+            reference(h.snapshotsOffset, UInt64(h.nbSnapshots) * 40, "snapshot table", at: 64)
+            return
+        }
         var w = ByteWriter()
         for s in image.snapshots { s.encode(into: &w) }
         reference(h.snapshotsOffset, UInt64(w.bytes.count), "snapshot table", at: 64)
         for (i, snap) in image.snapshots.enumerated() {
             let name = "snapshot \(i) ('\(snap.name)') L1 table"
+            if let problem = image.l1Problem(of: snap) {
+                // Not referenced, not read (QEMU's check skips it too: its clusters show as leaks).
+                note(.corruption, "snapshot table", h.snapshotsOffset, "snapshot \(i) ('\(snap.name)'): L1 table \(problem)")
+                continue
+            }
             reference(snap.l1TableOffset, UInt64(snap.l1Size) * 8, name, at: h.snapshotsOffset)
             let table: [UInt64]
             do {
@@ -44,14 +55,15 @@ extension QCowChecker {
                 continue
             }
             reference(l2, clusterSize, "L2 table", at: at)
-            guard l2 + clusterSize <= fileSize else { continue }
             if active {
-                let refcount = try stored.refcount(ofCluster: l2 >> UInt64(clusterBits))
+                // An L2 table past the end of the file has no refcount (0): COPIED is wrong too, as QEMU says.
+                let refcount = l2 + clusterSize <= fileSize ? try stored.refcount(ofCluster: l2 >> UInt64(clusterBits)) : 0
                 if entry.copied != (refcount == 1) {
                     note(.corruption, name, at,
                          "OFLAG_COPIED of L1 entry \(i) is \(entry.copied ? "set" : "clear") but the L2 table's refcount is \(refcount)")
                 }
             }
+            guard l2 + clusterSize <= fileSize else { continue }
             let l2Table: [UInt64]
             do {
                 l2Table = decodeTable(try image.device.readBytes(Int(clusterSize), at: l2, region: "L2 table"))

@@ -49,6 +49,7 @@ public struct QCowChecker {
             return checker.report
         }
         let first = checker.report
+        if repair == .all && image.snapshotTableDamage != nil { try image.dropDamagedSnapshotTable() }
         _ = try checker.repair(mode: repair)
         // Check again, as qemu-img does, and report what remains plus what was fixed.
         image.dropCaches()

@@ -188,9 +188,8 @@ extension QCowHeader {
         guard snapshotsOffset % clusterSize == 0 else {
             throw fail("snapshots_offset 0x\(String(snapshotsOffset, radix: 16)) is not cluster aligned", 64, .corrupt)
         }
-        if nbSnapshots > 0 {
-            guard snapshotsOffset < fileSize else { throw fail("snapshot table lies past the end of the file", 64, .truncated) }
-        }
+        // A snapshot table past the end of the file is the snapshot table's damage, not the header's:
+        // the active image still reads (QCowFile.snapshotTableDamage).
         if incompatibleFeatures.contains(.externalDataFile) && externalDataFile == nil {
             throw fail("external data file bit set but no external data file name extension", 72)
         }
