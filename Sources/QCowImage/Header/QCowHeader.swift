@@ -162,13 +162,15 @@ extension QCowHeader {
         extensionData(HeaderExtension.externalDataFile).map { String(decoding: $0, as: UTF8.self) }
     }
 
-    /// The feature name table, decoded (an entry with a short record is ignored).
+    /// The feature name table, decoded as QEMU reads it: a short last entry as far as it goes
+    /// (the rest reads as zeros), and the table ends at the first entry without a name.
     public var featureNames: [FeatureName] {
         guard let data = extensionData(HeaderExtension.featureNameTable) else { return [] }
         var out: [FeatureName] = []
         var i = 0
-        while i + 48 <= data.count {
-            let nameBytes = data[(i + 2)..<(i + 48)].prefix { $0 != 0 }
+        while i + 2 < data.count {
+            let nameBytes = data[(i + 2)..<min(i + 48, data.count)].prefix { $0 != 0 }
+            if nameBytes.isEmpty { break }
             out.append(FeatureName(kind: data[i], bit: data[i + 1], name: String(decoding: nameBytes, as: UTF8.self)))
             i += 48
         }
