@@ -189,7 +189,11 @@ extension QCowHeader {
             throw fail("snapshots_offset 0x\(String(snapshotsOffset, radix: 16)) is not cluster aligned", 64, .corrupt)
         }
         // A snapshot table past the end of the file is the snapshot table's damage, not the header's:
-        // the active image still reads (QCowFile.snapshotTableDamage).
+        // the active image still reads (QCowFile.snapshotTableDamage). One that cannot lie in any
+        // file (offset + size beyond INT64_MAX) is refused, as QEMU's qcow2_validate_table does.
+        if nbSnapshots > 0 && snapshotsOffset > UInt64(Int64.max) - UInt64(nbSnapshots) * 40 {
+            throw fail("snapshot table offset 0x\(String(snapshotsOffset, radix: 16)) is invalid", 64)
+        }
         if incompatibleFeatures.contains(.externalDataFile) && externalDataFile == nil {
             throw fail("external data file bit set but no external data file name extension", 72)
         }
