@@ -9,20 +9,20 @@ public enum RestoreEngine {
     public struct Request: Sendable {
         public var repository: String
         public var output: String
-        /// The layer to restore; nil for the latest.
-        public var index: Int?
+        /// The point to restore (`--at`): by default the latest.
+        public var point: PointSelector
         public var format: OutputFormat
         /// Also check each layer's checksum before reading (every byte of the chain is read twice).
         public var verify: Bool
         /// Replace an existing OUT (`--force`); without it an existing OUT is refused.
         public var force: Bool
-        public init(repository: String, output: String, index: Int? = nil, format: OutputFormat = .qcow2,
+        public init(repository: String, output: String, point: PointSelector = .latest, format: OutputFormat = .qcow2,
                     verify: Bool = false, force: Bool = false) {
             self.verify = verify
             self.force = force
             self.repository = repository
             self.output = output
-            self.index = index
+            self.point = point
             self.format = format
         }
     }
@@ -91,14 +91,8 @@ public enum RestoreEngine {
             throw ChainError(.refused, "a merge was interrupted; run 'qbackup merge' or 'qbackup verify' to finish it first",
                              path: request.repository)
         }
-        // `request.index` is a point's stable index (as `list` shows it), not a position.
-        let indices = manifest.layers.map(\.index)
-        guard let position = request.index.map({ manifest.position(ofIndex: $0) }) ?? manifest.layers.indices.last else {
-            let held = indices.count == 1 ? "point \(indices[0])" : "points \(indices.prefix(20).map(String.init).joined(separator: ", "))\(indices.count > 20 ? ", …" : "")"
-            throw ChainError(.invalidArgument, "no point \(request.index ?? -1): the repository holds \(held)",
-                             path: request.repository)
-        }
-        let index = position
+        // An index is a point's stable index (as `list` shows it), not a position.
+        let index = try request.point.position(in: manifest, repository: request.repository)
         // OUT is written under a temporary name and renamed only when complete; an existing
         // OUT (a symbolic link included) is refused before anything is read, unless forced.
         let output = try OutputFile(request.output, overwrite: request.force)

@@ -2,7 +2,7 @@ import ArgumentParser
 import BackupChain
 import QCowImage
 
-/// `qbackup restore DIR --to OUT [--at INDEX] [--format qcow2|raw]`
+/// `qbackup restore DIR --to OUT [--at POINT] [--format qcow2|raw]`
 struct RestoreCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "restore",
@@ -15,8 +15,11 @@ struct RestoreCommand: ParsableCommand {
 
     @Flag(name: .long, help: "Replace an existing OUT (a regular file) once the new one is complete.") var force = false
 
-    @Option(name: .long, help: "The layer index to restore (default: the latest; see 'qbackup list').")
-    var at: Int?
+    @Option(name: .long,
+            help: ArgumentHelp("The point to restore: its index or layer file (see 'qbackup list'), 'latest' (the default), or an ISO 8601 time such as 2026-12-01T02:00:00Z (the latest point at or before it; a date alone means that day's end, UTC).",
+                               valueName: "point"),
+            transform: { try PointSelector(parsing: $0) })
+    var at: PointSelector = .latest
 
     @Option(name: .long, help: "Format of the restored image: qcow2 (default) or raw.")
     var format: RestoreEngine.OutputFormat = .qcow2
@@ -31,7 +34,7 @@ struct RestoreCommand: ParsableCommand {
         try ExitStatus.run {
             let progress = progressOptions.reporter("restore")
             let result = try RestoreEngine.restore(
-                RestoreEngine.Request(repository: repository, output: to, index: at, format: format, verify: verify,
+                RestoreEngine.Request(repository: repository, output: to, point: at, format: format, verify: verify,
                                       force: force),
                 progress: progress?.update)
             progress?.finish()
