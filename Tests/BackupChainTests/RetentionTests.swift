@@ -7,33 +7,6 @@ import TestSupport
 /// the chain too) into the next kept point, and every kept point restores byte-exact under
 /// its own index. The layers' `created` times are set by the test (manifest and sidecars).
 @Suite struct RetentionTests {
-    /// Sets each layer's `created` (by stable index) in the manifest and in the layer's sidecar.
-    static func setCreated(_ repo: String, _ times: [Int: String]) throws {
-        func rewrite(_ path: String, _ change: (inout [String: Any]) -> Void) throws {
-            var json = try #require(try JSONSerialization.jsonObject(with: Data.contents(of: path)) as? [String: Any])
-            change(&json)
-            try JSONSerialization.data(withJSONObject: json, options: [.prettyPrinted, .withoutEscapingSlashes])
-                .write(to: URL(fileURLWithPath: path))
-        }
-        var files: [Int: String] = [:]
-        try rewrite(repo + "/manifest.json") { manifest in
-            var layers = manifest["layers"] as? [[String: Any]] ?? []
-            for i in layers.indices {
-                guard let index = layers[i]["index"] as? Int, let time = times[index] else { continue }
-                layers[i]["created"] = time
-                files[index] = layers[i]["file"] as? String
-            }
-            manifest["layers"] = layers
-        }
-        for (index, file) in files {
-            try rewrite("\(repo)/\(file).json") { sidecar in
-                var layer = sidecar["layer"] as? [String: Any] ?? [:]
-                layer["created"] = times[index]
-                sidecar["layer"] = layer
-            }
-        }
-    }
-
     static func iso(_ date: Date) -> String {
         let f = ISO8601DateFormatter()
         f.formatOptions = [.withInternetDateTime]
@@ -102,7 +75,7 @@ import TestSupport
             points.append((night, time))
         }
         #expect(try s.layers().map { $0["index"] as? Int } == Array(0..<90))
-        try Self.setCreated(s.repo, times)
+        try RepositoryTimes.setCreated(s.repo, times)
         let policy = ["--keep", "3", "--keep-daily", "10", "--keep-weekly", "5", "--keep-monthly", "3"]
 
         // --local-time in a zone where 01:30 UTC is the evening before: other days are counted.
@@ -153,7 +126,7 @@ import TestSupport
             try template.dirty(writes: 6, maxOffset: 7 << 20)
             try template.backup()
         }
-        try Self.setCreated(template.repo, [0: "2026-03-01T01:00:00Z", 1: "2026-03-02T01:00:00Z", 2: "2026-03-02T05:00:00Z",
+        try RepositoryTimes.setCreated(template.repo, [0: "2026-03-01T01:00:00Z", 1: "2026-03-02T01:00:00Z", 2: "2026-03-02T05:00:00Z",
                                             3: "2026-03-02T09:00:00Z", 4: "2026-03-03T01:00:00Z"])
         let work = TempDir("qbackup-retention-crash")
         var n = 1
