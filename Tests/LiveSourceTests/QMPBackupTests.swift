@@ -84,6 +84,26 @@ import TestSupport
         #expect(check.status == 0, "\(check.stdout)")
     }
 
+    /// --progress on a live backup: the same plain lines on stderr as an offline backup
+    /// (no terminal here), ending at 100%; stdout keeps the one-line summary.
+    @Test func progressAsForOfflineBackups() throws {
+        let s = try LiveScenario("live-progress")
+        try s.write(0x51, at: 0, length: 4 << 20)
+        try s.startVM()
+        let vm = try #require(s.vm)
+        let result = try QBackupBinary.run(["backup", "--qmp", vm.qmpSocket, "--repo", s.repo, "--progress"])
+        #expect(result.status == 0, "\(result.stderr)")
+        let lines = result.stderr.split(separator: "\n").map(String.init).filter { !$0.hasPrefix("qbackup: note:") }
+        #expect(lines.count >= 2, "\(result.stderr)")
+        #expect(!result.stderr.contains("\r") && !result.stderr.contains("\u{1B}"))
+        for line in lines {
+            #expect(line.range(of: #"^backup: \d+\.\d% .+/.+, .+/s, "#, options: .regularExpression) != nil, "\(line)")
+        }
+        #expect(lines.last?.contains("100.0%") == true && lines.last?.contains("done in ") == true, "\(lines)")
+        #expect(result.stdout.hasPrefix("full backup: layer 0"), "\(result.stdout)")
+        try s.checkNothingLeft()
+    }
+
     /// --dry-run reports QEMU's dirty count and changes nothing.
     @Test func dryRunChangesNothing() throws {
         let s = try LiveScenario("live-dry")
