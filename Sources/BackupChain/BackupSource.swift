@@ -26,6 +26,8 @@ public protocol BackupSource: AnyObject {
     func close()
     /// How the data is read, as the layer records it.
     var mode: BackupManifest.Mode { get }
+    /// The ranges the copy will read next, in this order (a source over a network may read ahead).
+    func willRead(_ ranges: [Range<UInt64>]) throws
 }
 
 extension BackupSource {
@@ -35,6 +37,8 @@ extension BackupSource {
 extension BackupSource {
     /// Sources whose reads fail when the disk goes away (NBD) need no check.
     public func checkUnchanged() throws {}
+    /// A local image reads fast enough when asked.
+    public func willRead(_ ranges: [Range<UInt64>]) throws {}
 }
 
 /// Whether a tracking bitmap can drive an incremental backup.

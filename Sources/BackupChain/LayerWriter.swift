@@ -62,6 +62,7 @@ enum LayerWriter {
         var copier = ChunkCopier(layer: layer, clusterSize: clusterSize, hideZeros: hideZeros,
                                  compressor: compression == .none ? nil : ParallelCompressor(layer.header.compression))
         defer { copier.pipeline.drain() }
+        try source.willRead(plan.ranges)
         var done: UInt64 = 0
         for range in plan.ranges {
             var offset = range.lowerBound

@@ -44,6 +44,20 @@ final class NBDConnection {
     private let lib: LibNBD
     private var handle: LibNBD.Handle?
 
+    /// Read-ahead along the ranges the caller said it will read, in order (`willRead`):
+    /// up to `maxInFlight` requests of `readRequest` bytes are kept in flight across the
+    /// caller's reads, so the server never waits for the caller between two of them.
+    private struct Segment {
+        var range: Range<UInt64>
+        var buffer: UnsafeMutableRawBufferPointer
+        var cookie: UInt64?
+    }
+    private var ahead: [Range<UInt64>] = []
+    private var aheadIndex = 0
+    private var aheadOffset: UInt64 = 0
+    private var segments: [Segment] = []
+    private var spareBuffers: [UnsafeMutableRawBufferPointer] = []
+
     /// Connects to `uri` (nbd://, nbds://, nbd+unix://… as libnbd parses them), asking for `contexts`.
     init(uri: String, contexts: [String], timeout: TimeInterval = 60) throws {
         let lib = try LibNBD.shared()
@@ -104,6 +118,7 @@ final class NBDConnection {
         _ = lib.shutdown(handle, 0)
         lib.close(handle)
         self.handle = nil
+        freeReadAhead()
     }
 
     /// Drops the connection at once (after a failure, with requests possibly in flight:
@@ -112,6 +127,16 @@ final class NBDConnection {
         guard let handle else { return }
         lib.close(handle)
         self.handle = nil
+        freeReadAhead()
+    }
+
+    /// Once the handle is closed no request can complete into a read-ahead buffer any more.
+    private func freeReadAhead() {
+        for segment in segments { segment.buffer.deallocate() }
+        for buffer in spareBuffers { buffer.deallocate() }
+        segments = []
+        spareBuffers = []
+        ahead = []
     }
 
     private func liveHandle() throws -> LibNBD.Handle {
@@ -157,20 +182,109 @@ final class NBDConnection {
 
     // MARK: - Reads
 
-    /// Reads `buffer.count` bytes at `offset` (within the export), as requests of at
-    /// most `readRequest` bytes within the block-size limits, up to `maxInFlight` at once.
+    /// The size of one read request: `readRequest` within the block-size limits.
+    private var requestSize: UInt64 { max(min(Self.readRequest, maxBlock) / minBlock * minBlock, minBlock) }
+
+    /// Tells the connection which ranges the caller will read next, in this order (a backup's
+    /// copy plan): it starts reading them ahead. Replaces an earlier announcement.
+    func willRead(_ ranges: [Range<UInt64>]) throws {
+        try dropReadAhead(before: .max)
+        // Only whole ranges inside the export and on the minimum block size are read ahead;
+        // anything else is read when asked for.
+        ahead = ranges.filter {
+            !$0.isEmpty && $0.upperBound <= size && $0.lowerBound % minBlock == 0 && $0.upperBound % minBlock == 0
+        }
+        aheadIndex = 0
+        aheadOffset = ahead.first?.lowerBound ?? 0
+        try refillReadAhead()
+    }
+
+    /// Sends read-ahead requests until `maxInFlight` segments are pending or the ranges end.
+    private func refillReadAhead() throws {
+        let handle = try liveHandle()
+        let step = requestSize
+        while segments.count < Self.maxInFlight, aheadIndex < ahead.count {
+            let range = ahead[aheadIndex]
+            let n = min(step, range.upperBound - aheadOffset)
+            let buffer = spareBuffers.popLast()
+                ?? UnsafeMutableRawBufferPointer.allocate(byteCount: Int(step), alignment: 4096)
+            let cookie = lib.aioPread(handle, buffer.baseAddress, Int(n), aheadOffset,
+                                      nbd_completion_callback(callback: nil, user_data: nil, free: nil), 0)
+            if cookie == -1 {
+                let message = lib.lastError()
+                buffer.deallocate()
+                abandon()
+                throw LiveError(.io, "\(uri): read of \(n) bytes at \(aheadOffset) failed: \(message)")
+            }
+            segments.append(Segment(range: aheadOffset..<(aheadOffset + n), buffer: buffer, cookie: UInt64(cookie)))
+            aheadOffset += n
+            if aheadOffset == range.upperBound {
+                aheadIndex += 1
+                if aheadIndex < ahead.count { aheadOffset = ahead[aheadIndex].lowerBound }
+            }
+        }
+    }
+
+    /// Waits for the first segment's request (its buffer then holds the data).
+    private func completeFirstSegment() throws {
+        guard var cookies = segments.first?.cookie.map({ [$0] }) else { return }
+        try wait(for: &cookies, what: "read")
+        segments[0].cookie = nil
+    }
+
+    /// Drops read-ahead segments that end at or before `offset` (the caller skipped them).
+    private func dropReadAhead(before offset: UInt64) throws {
+        while let first = segments.first, first.range.upperBound <= offset {
+            try completeFirstSegment()  // the server may still write into the buffer until then
+            spareBuffers.append(segments.removeFirst().buffer)
+        }
+    }
+
+    /// Reads `buffer.count` bytes at `offset` (within the export): from the read-ahead where it
+    /// holds them, else as requests of at most `readRequest` bytes within the block-size limits,
+    /// up to `maxInFlight` at once.
     func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
         let count = UInt64(buffer.count)
         guard count > 0 else { return }
         guard offset <= size, count <= size - offset else {
             throw LiveError(.invalidArgument, "\(uri): read of \(count) bytes at \(offset) is past the export's end (\(size))")
         }
+        guard !segments.isEmpty else {
+            try readDirect(into: buffer, at: offset)
+            return
+        }
+        let end = offset + count
+        var position = offset
+        while position < end {
+            try dropReadAhead(before: position + 1)
+            let into = Int(position - offset)
+            guard let first = segments.first, first.range.lowerBound <= position else {
+                // Not read ahead: straight from the server, up to the next segment.
+                let stop = min(end, segments.first?.range.lowerBound ?? end)
+                try readDirect(into: UnsafeMutableRawBufferPointer(rebasing: buffer[into..<Int(stop - offset)]), at: position)
+                position = stop
+                continue
+            }
+            try completeFirstSegment()
+            let n = min(end, first.range.upperBound) - position
+            let from = Int(position - first.range.lowerBound)
+            UnsafeMutableRawBufferPointer(rebasing: buffer[into..<(into + Int(n))])
+                .copyMemory(from: UnsafeRawBufferPointer(rebasing: first.buffer[from..<(from + Int(n))]))
+            position += n
+            if position == first.range.upperBound { spareBuffers.append(segments.removeFirst().buffer) }
+            try refillReadAhead()
+        }
+    }
+
+    /// A read straight from the server (not from the read-ahead).
+    private func readDirect(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
+        let count = UInt64(buffer.count)
         guard offset % minBlock == 0, count % minBlock == 0 else {
             try readUnaligned(into: buffer, at: offset)
             return
         }
         let handle = try liveHandle()
-        let step = max(min(Self.readRequest, maxBlock) / minBlock * minBlock, minBlock)
+        let step = requestSize
         var cookies: [UInt64] = []
         var done: UInt64 = 0
         while done < count {
@@ -199,7 +313,7 @@ final class NBDConnection {
         let hi = min(size, (offset + UInt64(buffer.count) + minBlock - 1) / minBlock * minBlock)
         let bounce = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(hi - lo), alignment: 4096)
         defer { bounce.deallocate() }
-        try read(into: bounce, at: lo)
+        try readDirect(into: bounce, at: lo)
         let skip = Int(offset - lo)
         buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: bounce[skip..<(skip + buffer.count)]))
     }

@@ -81,6 +81,11 @@ public final class NBDSource: BackupSource {
         try connection.read(into: buffer, at: offset)
     }
 
+    /// The copy plan: read it ahead, so the server is never idle between two of the copy's reads.
+    public func willRead(_ ranges: [Range<UInt64>]) throws {
+        try connection.willRead(ranges)
+    }
+
     public func bitmapState(_ name: String) throws -> TrackingBitmapState {
         guard let tracking, tracking.name == name else { return .missing }
         return .ready(granularity: connection.minBlock)

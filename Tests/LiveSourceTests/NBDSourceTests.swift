@@ -113,6 +113,71 @@ import TestSupport
         #expect(buffer.allSatisfy { $0 == 0x63 })
     }
 
+    /// Reads after `willRead` (the copy plan) come from the read-ahead, whatever their sizes,
+    /// also when the caller skips part of the plan, reads outside it or goes back; every byte
+    /// equals qemu-img convert's.
+    @Test func readAheadFollowsThePlan() throws {
+        let dir = TempDir("nbdsrc-ahead")
+        // A different pattern every 64 KiB of the data, so a byte from the wrong offset shows.
+        let regions: [(start: Int, length: Int)] = [(0, 3 << 20), (5 << 20, 4 << 20), (10 << 20, 1 << 20),
+                                                   (12 << 20, 64 << 10), (20 << 20, 4 << 20)]
+        var writes: [String] = []
+        for region in regions {
+            for offset in stride(from: region.start, to: region.start + region.length, by: 65536) {
+                let pattern: Int = (offset >> 16) % 251 + 1
+                writes.append("write -P \(pattern) \(offset) 64k")
+            }
+        }
+        let disk = try Self.makeDisk(dir, size: "24M", before: writes + ["write -P 0xfe 1540k 4k"], after: [])
+        let raw = dir.file("disk.raw")
+        try Tools.qemuImg("convert", "-f", "qcow2", "-O", "raw", disk, raw)
+        let expected = try Data.contents(of: raw)
+        let server = try QemuNBD(image: disk, bitmap: nil, directory: dir)
+        defer { server.stop() }
+        let source = try NBDSource(uri: Self.uri(server), tracking: nil)
+        defer { source.close() }
+        let mib = 1 << 20
+        let plan: [Range<UInt64>] = regions.filter { $0.start != 10 << 20 }
+            .map { UInt64($0.start)..<UInt64($0.start + $0.length) }
+        try source.willRead(plan)
+        func check(_ offset: Int, _ count: Int, sourceLocation: SourceLocation = #_sourceLocation) throws {
+            var buffer = [UInt8](repeating: 0xee, count: count)
+            try buffer.withUnsafeMutableBytes { try source.read(into: $0, at: UInt64(offset)) }
+            // Compared outside #expect: rendering megabytes of operands takes minutes.
+            if Data(buffer) != expected[offset..<(offset + count)] {
+                Issue.record("read of \(count) at \(offset) differs from qemu-img convert's bytes", sourceLocation: sourceLocation)
+            }
+        }
+        try check(0, 300 << 10)                   // part of a request
+        try check(300 << 10, (3 * mib) - (300 << 10))  // the rest of the range, across requests
+        try check(7 * mib, mib)                   // 5M..7M of the plan skipped
+        try check(10 * mib, mib)                  // outside the plan
+        try check(12 * mib, 65536)
+        try check(20 * mib, 4 * mib)              // one read over four requests
+        try check(mib, 4096)                      // back before the window
+        try check(0, 24 * mib)                    // the plan is used up: everything straight
+        // A new plan replaces the old one; an odd-sized range at the end of the disk.
+        try source.willRead([UInt64(23 * mib)..<UInt64(24 * mib)])
+        try check(23 * mib, mib)
+
+        // The connection dropping while reads are ahead: an error, also for later calls.
+        try source.willRead([0..<UInt64(24 * mib)])
+        try check(0, mib)
+        server.stop()
+        var buffer = [UInt8](repeating: 0, count: 4 * mib)
+        #expect(throws: LiveError.self) {
+            for offset in stride(from: mib, to: 24 * mib, by: 4 * mib) {
+                try buffer.withUnsafeMutableBytes {
+                    try source.read(into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<min(4 * mib, 24 * mib - offset)]),
+                                    at: UInt64(offset))
+                }
+            }
+        }
+        #expect(throws: LiveError.self) {
+            try buffer.withUnsafeMutableBytes { try source.read(into: $0, at: 0) }
+        }
+    }
+
     @Test func refusesABitmapTheExportLacks() throws {
         let dir = TempDir("nbdsrc-nobitmap")
         let disk = try Self.makeDisk(dir, size: "4M", before: [], after: [])
