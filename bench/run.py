@@ -377,7 +377,7 @@ def bitmap_image(ctx):
 
 class Pair:
     def __init__(self, name, title, qb, peer, target=None, data=None, limit=None,
-                 needs=(), setup=None, reset=None, verify=None, note="", ok_rc=(0,)):
+                 needs=(), setup=None, reset=None, verify=None, note="", ok_rc=(0,), teardown=None):
         self.name, self.title = name, title
         self.qb_argv, self.peer_argv = qb, peer  # fn(ctx, env) -> argv
         self.target = target
@@ -389,6 +389,7 @@ class Pair:
         self.verify = verify  # fn(ctx, env, side, rundir) -> None or message (after warm-up)
         self.note = note
         self.ok_rc = ok_rc  # exit statuses that still count as a timed run (0 is the expected one)
+        self.teardown = teardown  # fn(ctx, env) -> None (once, after the pair, even after a failure)
 
 
 def out_reset(ctx, env, side, rundir):
@@ -670,6 +671,161 @@ def bitmap_dump_pair():
         note="peer time includes starting and stopping qemu-nbd")
 
 
+class QMP:
+    """A minimal QMP client for the live pair's untimed set-up: one command at a time,
+    events kept until asked for."""
+
+    def __init__(self, path, timeout=30):
+        import socket
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(path)
+        self.f = self.sock.makefile("rwb")
+        self.events = []
+        self._read()  # greeting
+        self.execute("qmp_capabilities")
+
+    def _read(self):
+        line = self.f.readline()
+        if not line:
+            raise RuntimeError("QMP: QEMU closed the monitor")
+        return json.loads(line)
+
+    def execute(self, cmd, **args):
+        msg = {"execute": cmd, **({"arguments": args} if args else {})}
+        self.f.write(json.dumps(msg).encode() + b"\n")
+        self.f.flush()
+        while True:
+            r = self._read()
+            if "event" in r:
+                self.events.append(r)
+            elif "error" in r:
+                raise RuntimeError(f"QMP {cmd}: {r['error'].get('desc')}")
+            elif "return" in r:
+                return r["return"]
+
+    def wait_event(self, name, key, value):
+        while True:
+            for i, e in enumerate(self.events):
+                if e["event"] == name and e.get("data", {}).get(key) == value:
+                    del self.events[i]
+                    return
+            self.events.append(self._read())
+
+    def close(self):
+        self.sock.close()
+
+
+def live_pair():
+    """qbackup backup --qmp of a running VM (qemu-system-x86_64 -S, TCG, no guest OS) against
+    nbdcopy of the same kind of fleecing export (live-backup.md §3.1: a qcow2 overlay backed
+    by the disk, blockdev-backup sync=none, a read-only NBD export on a unix socket), set up
+    untimed by the bench over QMP. Both outputs are flushed: qbackup fsyncs its layer,
+    the peer runs `nbdcopy URI FILE && sync -f FILE`."""
+    def setup(ctx):
+        ctx.need("backup")
+        if not shutil.which("qemu-system-x86_64") or not shutil.which("nbdcopy"):
+            raise NotAvailable("n/a: qemu-system-x86_64 or nbdcopy missing (run: bash scripts/install-deps.sh)")
+        d = fresh_dir(os.path.join(ctx.setup_dir, "live"))
+        env = dict(dir=d, disk=os.path.join(d, "disk.qcow2"), base=ctx.p("chain", "base.qcow2"),
+                   qb_qmp=os.path.join(d, "qbackup.qmp"), bench_qmp=os.path.join(d, "bench.qmp"),
+                   pidfile=os.path.join(d, "qemu.pid"), fleece=os.path.join(d, "bench-fleece.qcow2"),
+                   nbd_sock=os.path.join(d, "bench-nbd.sock"), exported=False)
+        # the guest's disk: an empty overlay on base (4 GiB, ~2 GiB written by qemu-io), so
+        # the bitmap a full backup adds lands in a throw-away file
+        sh(["qemu-img", "create", "-q", "-f", "qcow2", "-b", env["base"], "-F", "qcow2", env["disk"]])
+        sh(["qemu-system-x86_64", "-M", "q35", "-S", "-m", "64", "-accel", "tcg", "-nodefaults", "-display", "none",
+            "-daemonize", "-pidfile", env["pidfile"],
+            "-qmp", f"unix:{env['qb_qmp']},server=on,wait=off", "-qmp", f"unix:{env['bench_qmp']},server=on,wait=off",
+            "-blockdev", f"driver=file,node-name=file0,filename={env['disk']}",
+            "-blockdev", "driver=qcow2,node-name=disk0,file=file0",
+            "-device", "virtio-blk-pci,drive=disk0,id=vda"])
+        try:
+            env["qmp"] = QMP(env["bench_qmp"])
+        except (OSError, RuntimeError):
+            kill_qemu(env)
+            raise
+        return env
+
+    def kill_qemu(env):
+        """Waits up to 5 s for QEMU to exit after `quit`, then kills it by its pid."""
+        try:
+            with open(env["pidfile"]) as f:
+                pid = int(f.read().strip())
+            for _ in range(100):
+                os.kill(pid, 0)
+                time.sleep(0.05)
+            os.kill(pid, 9)
+        except (OSError, ValueError):
+            pass  # QEMU has exited
+
+    def unexport(env):
+        if not env["exported"]:
+            return
+        q = env["qmp"]
+        q.execute("block-export-del", id="bench", mode="hard")
+        q.wait_event("BLOCK_EXPORT_DELETED", "id", "bench")
+        q.execute("block-job-cancel", device="bench-job", force=True)
+        q.wait_event("BLOCK_JOB_CANCELLED", "device", "bench-job")
+        q.execute("blockdev-del", **{"node-name": "bench-fleece"})
+        q.execute("nbd-server-stop")
+        os.unlink(env["fleece"])
+        env["exported"] = False
+
+    def reset(ctx, env, side, rundir):
+        fresh_dir(rundir)
+        unexport(env)
+        q = env["qmp"]
+        # every run starts from a disk without bitmaps (a full backup adds one)
+        for node in q.execute("query-named-block-nodes", flat=True):
+            if node.get("node-name") == "disk0":
+                for b in node.get("dirty-bitmaps", []):
+                    if b.get("name"):
+                        q.execute("block-dirty-bitmap-remove", node="disk0", name=b["name"])
+        if side == "peer":
+            size = json.loads(subprocess.run(["qemu-img", "info", "--output=json", env["base"]], check=True,
+                                             capture_output=True).stdout)["virtual-size"]
+            sh(["qemu-img", "create", "-q", "-f", "qcow2", env["fleece"], str(size)])
+            q.execute("blockdev-add", driver="qcow2", discard="unmap", backing="disk0",
+                      file={"driver": "file", "filename": env["fleece"]}, **{"node-name": "bench-fleece"})
+            q.execute("nbd-server-start", addr={"type": "unix", "data": {"path": env["nbd_sock"]}})
+            q.execute("transaction", actions=[{"type": "blockdev-backup", "data": {
+                "job-id": "bench-job", "device": "disk0", "target": "bench-fleece", "sync": "none",
+                "filter-node-name": "bench-cbw"}}])
+            q.execute("block-export-add", type="nbd", id="bench", name="bench", writable=False,
+                      **{"node-name": "bench-fleece"})
+            env["exported"] = True
+
+    def verify(ctx, env, side, rundir):
+        if side == "qb":
+            out, fmt = manifest_layers(os.path.join(rundir, "repo"))[-1], "qcow2"
+        else:
+            out, fmt = os.path.join(rundir, "out.raw"), "raw"
+        r = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", fmt, env["base"], out],
+                           capture_output=True, text=True)
+        return None if r.returncode == 0 else f"qemu-img compare: {(r.stdout + r.stderr).strip()[:150]}"
+
+    def teardown(ctx, env):
+        try:
+            unexport(env)
+            env["qmp"].execute("quit")
+        except (OSError, RuntimeError) as e:
+            log(f"live: QEMU clean-up: {e}")
+        env["qmp"].close()
+        kill_qemu(env)
+
+    return Pair(
+        "backup-live-full", "live full backup of a running VM (QMP fleecing) vs nbdcopy",
+        qb=lambda ctx, env, rd: [ctx.qb, "backup", "--qmp", env["qb_qmp"], "--repo", os.path.join(rd, "repo"),
+                                 "--full", "--compress", "none"],
+        peer=lambda ctx, env, rd: ["sh", "-c", 'nbdcopy "$0" "$1" && sync -f "$1"',
+                                   f"nbd+unix:///bench?socket={env['nbd_sock']}", os.path.join(rd, "out.raw")],
+        target=1.25, data=lambda ctx: ctx.info["data_bytes_base"], limit="write",
+        needs=(("backup",),), setup=setup, reset=reset, verify=verify, teardown=teardown,
+        note="target 1.25 = qbackup at least 0.8x nbdcopy's throughput; peer's fleecing set up untimed, "
+             "qbackup's (overlay, job, export, clean-up) timed")
+
+
 def all_pairs():
     return [
         flatten_pair("qcow2"), flatten_pair("raw"),
@@ -682,6 +838,7 @@ def all_pairs():
         compare_pair(),
         map_pair("chain", ("chain", "top.qcow2"), None), map_pair("1t", ("big.qcow2",), 0.5),
         bitmap_add_pair(), bitmap_merge_pair(), bitmap_dump_pair(),
+        live_pair(),
     ]
 
 
@@ -730,6 +887,14 @@ def run_pair(ctx, pair):
         res["na"] = str(e)
         log(f"{pair.name}: {e}")
         return res
+    try:
+        return timed_pair(ctx, pair, env, res, qb_missing)
+    finally:
+        if pair.teardown:
+            pair.teardown(ctx, env)
+
+
+def timed_pair(ctx, pair, env, res, qb_missing):
     data = pair.data(ctx) if pair.data else (env.get("data") if isinstance(env, dict) else None)
     res["data_bytes"] = data
     if isinstance(env, dict) and env.get("note"):
@@ -780,6 +945,12 @@ def run_pair(ctx, pair):
 
 # ---------------------------------------------------------------- report
 
+def target_text(target):
+    """0.8 -> "0.8", 1.0 -> "1.0", 1.25 -> "1.25"."""
+    text = f"{target:.2f}"
+    return text[:-1] if text.endswith("0") else text
+
+
 def summarize(res, speeds):
     """Table rows (list of dicts of strings) for one pair result."""
     rows = []
@@ -818,7 +989,7 @@ def summarize(res, speeds):
                 ok = ratio <= res["target"] and not row["qb"].wrong
                 r["result"] = "PASS" if ok else "MISS"
         if res["target"] is not None:
-            r["target"] = f"<={res['target']:.1f}"
+            r["target"] = f"<={target_text(res['target'])}"
         if "qb_rss" in r:
             r["rss_result"] = "PASS" if float(r["qb_rss"]) <= RSS_LIMIT_MIB else "MISS"
         limit = speeds.get(PAIR_LIMITS.get(res["name"]))
