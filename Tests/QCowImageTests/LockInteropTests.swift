@@ -23,9 +23,11 @@ import TestSupport
             kill(server.processIdentifier, SIGKILL)
             server.waitUntilExit()
         }
-        // qemu-nbd takes its locks once it has opened the image and listens.
+        // qemu-nbd takes its locks once it has opened the image and listens; on a loaded 2-core CI machine that
+        // took longer than 5 s once, so wait up to 60 s (the loop ends at the first refusal, normally within 0.2 s).
         var error: QCowError?
-        for _ in 0..<100 {
+        let deadline = Date().addingTimeInterval(60)
+        while Date() < deadline {
             do {
                 let image = try ImageOpener.open(path, writable: true)
                 image.close()
