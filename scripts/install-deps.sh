@@ -2,9 +2,12 @@
 # Installs what qbackup needs to build and test on Debian: the C libraries it
 # links (zlib, zstd, lz4), libnbd's header (live backups dlopen libnbd.so.0 from
 # libnbd0, which libnbd-dev pulls in) and QEMU's tools and emulator, the
-# reference peers of the tests (the live tests run qemu-system-x86_64).
+# reference peers of the tests (the live tests run qemu-system-x86_64);
+# libvirtd and virsh for the offline nightly script's tests (their fixture starts
+# libvirtd itself, no systemd needed) and systemd-analyze for the units' check.
 set -euo pipefail
-packages=(pkg-config git zlib1g-dev libzstd-dev liblz4-dev qemu-utils libnbd-bin libnbd-dev qemu-system-x86)
+packages=(pkg-config git zlib1g-dev libzstd-dev liblz4-dev qemu-utils libnbd-bin libnbd-dev qemu-system-x86
+          libvirt-daemon-system libvirt-clients systemd)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,0 +1,135 @@
+import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A real libvirtd for tests (qemu:///system; no systemd needed, see live-backup.md part 2):
+/// one already answering is used as it is; otherwise virtlogd and libvirtd are started here
+/// in the foreground as children and stopped by their PIDs in `stop()`.
+public final class LibvirtDaemon: @unchecked Sendable {
+    public let uri = "qemu:///system"
+    private var children: [pid_t] = []
+
+    public init() throws {
+        _ = try Tools.which("virsh", hint: "libvirt-clients")
+        if answers() { return }
+        let libvirtd = try Tools.which("libvirtd", hint: "libvirt-daemon-system")
+        let virtlogd = try Tools.which("virtlogd", hint: "libvirt-daemon-system")
+        if (try? Tools.run("pgrep", ["-x", "virtlogd"]).status) != 0 { try spawn(virtlogd) }
+        try spawn(libvirtd)
+        // The first start probes QEMU's capabilities (about 8 s here, cached afterwards).
+        let deadline = Date().addingTimeInterval(60)
+        while !answers() {
+            guard Date() < deadline, children.allSatisfy(isRunning) else {
+                stop()
+                throw Tools.MissingTool(name: "a libvirtd that answers (it did not start)", package: "libvirt-daemon-system")
+            }
+            usleep(200_000)
+        }
+    }
+
+    deinit { stop() }
+
+    private func answers() -> Bool {
+        (try? Tools.run("virsh", ["-c", uri, "version"]).status) == 0
+    }
+
+    /// Starts `path` in the foreground as a child with an empty signal mask (the test runner's
+    /// threads block SIGTERM, which a child would inherit and then never stop on).
+    private func spawn(_ path: String) throws {
+        var attributes = posix_spawnattr_t()
+        posix_spawnattr_init(&attributes)
+        defer { posix_spawnattr_destroy(&attributes) }
+        var none = sigset_t()
+        sigemptyset(&none)
+        var all = sigset_t()
+        sigfillset(&all)
+        posix_spawnattr_setsigmask(&attributes, &none)
+        posix_spawnattr_setsigdefault(&attributes, &all)
+        posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        for fd in [Int32(0), 1, 2] { posix_spawn_file_actions_addopen(&actions, fd, "/dev/null", fd == 0 ? O_RDONLY : O_WRONLY, 0) }
+        var pid = pid_t()
+        let argv: [UnsafeMutablePointer<CChar>?] = [strdup(path), nil]
+        defer { for arg in argv { free(arg) } }
+        let rc = posix_spawn(&pid, path, &actions, &attributes, argv, environ)
+        guard rc == 0 else { throw Tools.MissingTool(name: "\(path) (posix_spawn: \(rc))", package: "libvirt-daemon-system") }
+        children.append(pid)
+    }
+
+    private func isRunning(_ pid: pid_t) -> Bool {
+        var status: Int32 = 0
+        return waitpid(pid, &status, WNOHANG) == 0
+    }
+
+    /// Stops the daemons this fixture started (newest first), by PID.
+    public func stop() {
+        for pid in children.reversed() {
+            kill(pid, SIGTERM)
+            let deadline = Date().addingTimeInterval(15)
+            while isRunning(pid) && Date() < deadline { usleep(50_000) }
+            if isRunning(pid) {
+                kill(pid, SIGKILL)
+                var status: Int32 = 0
+                waitpid(pid, &status, 0)
+            }
+        }
+        children = []
+    }
+
+    /// `virsh -c URI ARGS`.
+    @discardableResult
+    public func virsh(_ arguments: [String]) throws -> Tools.Result {
+        try Tools.run("virsh", ["-q", "-c", uri] + arguments)
+    }
+
+    /// The domain's state as `virsh domstate` says it ("running", "paused", "shut off", …).
+    public func state(_ domain: String) throws -> String {
+        try virsh(["domstate", domain]).stdout.split(separator: "\n").first.map(String.init) ?? ""
+    }
+
+    /// Defines a TCG domain with no OS (64 MiB, one virtio disk `disk`), starts it paused and
+    /// resumes it (libvirt refuses to shut down a paused domain): SeaBIOS finds nothing to
+    /// boot, so the guest never acts on an ACPI shutdown request.
+    public func startDomainWithoutOS(_ name: String, disk: String) throws {
+        let xml = """
+            <domain type='qemu'>
+              <name>\(name)</name>
+              <memory unit='MiB'>64</memory>
+              <vcpu>1</vcpu>
+              <os><type arch='x86_64' machine='q35'>hvm</type><boot dev='hd'/></os>
+              <features><acpi/></features>
+              <on_poweroff>destroy</on_poweroff>
+              <on_reboot>destroy</on_reboot>
+              <on_crash>destroy</on_crash>
+              <devices>
+                <emulator>/usr/bin/qemu-system-x86_64</emulator>
+                <disk type='file' device='disk'>
+                  <driver name='qemu' type='qcow2'/>
+                  <source file='\(disk)'/>
+                  <target dev='vda' bus='virtio'/>
+                </disk>
+                <controller type='usb' model='none'/>
+                <memballoon model='none'/>
+              </devices>
+            </domain>
+            """
+        let file = (disk as NSString).deletingLastPathComponent + "/\(name).xml"
+        try xml.write(toFile: file, atomically: true, encoding: .utf8)
+        for arguments in [["define", file], ["start", name, "--paused"], ["resume", name]] {
+            let result = try virsh(arguments)
+            guard result.status == 0 else {
+                throw Tools.MissingTool(name: "a libvirt domain (virsh \(arguments.joined(separator: " ")): \(result.stderr))",
+                                        package: "libvirt-daemon-system qemu-system-x86")
+            }
+        }
+    }
+
+    /// Destroys (if running) and undefines the domain.
+    public func remove(_ domain: String) {
+        _ = try? virsh(["destroy", domain])
+        _ = try? virsh(["undefine", domain])
+    }
+}
