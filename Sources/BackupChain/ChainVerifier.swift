@@ -11,8 +11,8 @@ import QCowImage
 public enum ChainVerifier {
     public struct Report: Sendable {
         public var layersChecked = 0
-        /// Problems found, one line each, naming the layer file.
-        public var problems: [String] = []
+        /// Problems found, each naming the point and its layer file.
+        public var problems: [Problem] = []
         /// Things to know that are not wrong with the repository (foreign files in its folder).
         public var warnings: [String] = []
         /// With an image: guest offsets (bitmap-granularity blocks) that differ from the
@@ -22,6 +22,46 @@ public enum ChainVerifier {
         public var imageChecked = false
         public var ok: Bool { problems.isEmpty && missedCount == 0 }
         public init() {}
+    }
+
+    /// One problem `verify` found: what kind, which point (its stable index) and layer file,
+    /// where in that file when known, and what is wrong.
+    public struct Problem: Sendable, CustomStringConvertible {
+        public enum Kind: String, Sendable {
+            case interruptedMerge = "interrupted-merge"
+            /// Marked damaged in the manifest (found when a version 1 manifest was upgraded).
+            case damaged
+            /// The file's size or checksum is not what the manifest recorded.
+            case checksum
+            /// The backing file or its format is not the previous layer / qcow2.
+            case backing
+            case dataFile = "data-file"
+            case virtualSize = "virtual-size"
+            /// `check` found corruptions or leaks.
+            case check
+            /// The layer cannot be opened or read.
+            case unreadable
+        }
+
+        public var kind: Kind
+        public var layer: Int?
+        public var file: String?
+        public var offset: UInt64?
+        public var message: String
+
+        public init(_ kind: Kind, layer: Int? = nil, file: String? = nil, offset: UInt64? = nil, _ message: String) {
+            self.kind = kind
+            self.layer = layer
+            self.file = file
+            self.offset = offset
+            self.message = message
+        }
+
+        /// "layer 3 (incr-….qcow2): message", as the human output lists it.
+        public var description: String {
+            guard let layer else { return message }
+            return "layer \(layer) (\(file ?? "")): \(message)"
+        }
     }
 
     public static let maxMissedListed = 20
@@ -38,7 +78,7 @@ public enum ChainVerifier {
         }
         var report = Report()
         if manifest.pendingMerge != nil {
-            report.problems.append("a merge was interrupted; run 'qbackup merge' to finish it")
+            report.problems.append(Problem(.interruptedMerge, "a merge was interrupted; run 'qbackup merge' to finish it"))
             return report
         }
         report.warnings += repo.foreignFiles().map {
@@ -62,35 +102,45 @@ public enum ChainVerifier {
 
     static func verifyLayer(_ path: String, _ manifest: BackupManifest, _ i: Int,
                             _ layer: BackupManifest.Layer, _ files: FileOpener, _ report: inout Report) {
-        func problem(_ text: String) { report.problems.append("layer \(i) (\(layer.file)): \(text)") }
+        func problem(_ kind: Problem.Kind, _ text: String, offset: UInt64? = nil) {
+            report.problems.append(Problem(kind, layer: layer.index, file: layer.file, offset: offset, text))
+        }
         report.layersChecked += 1
         do {
             let file = try ImageOpener.openQCow(path, files: files)
             defer { file.close() }
-            if let damaged = layer.damaged { problem("damaged (found when the manifest was upgraded): \(damaged)") }
-            if let mismatch = try LayerDigest.problem(file.device, layer: layer) { problem(mismatch) }
+            if let damaged = layer.damaged { problem(.damaged, "damaged (found when the manifest was upgraded): \(damaged)") }
+            if let mismatch = try LayerDigest.mismatch(file.device, layer: layer) {
+                problem(.checksum, mismatch.message, offset: mismatch.offset)
+            }
             let expectedBacking = layer.kind == .incremental && i > 0 ? manifest.layers[i - 1].file : nil
             if file.header.backingFile != expectedBacking {
-                problem("backing file is \(file.header.backingFile ?? "none"), the manifest says \(expectedBacking ?? "none")")
+                problem(.backing, "backing file is \(file.header.backingFile ?? "none"), the manifest says \(expectedBacking ?? "none")")
             }
             if expectedBacking != nil && file.header.backingFormat != "qcow2" {
-                problem("backing format is \(file.header.backingFormat ?? "unset"), expected qcow2")
+                problem(.backing, "backing format is \(file.header.backingFormat ?? "unset"), expected qcow2")
             }
             if file.header.incompatibleFeatures.contains(.externalDataFile) {
-                problem("names an external data file; a layer keeps its data in itself")
+                problem(.dataFile, "names an external data file; a layer keeps its data in itself")
             }
             if file.virtualSize != layer.virtualSize {
-                problem("virtual size is \(file.virtualSize), the manifest says \(layer.virtualSize)")
+                problem(.virtualSize, "virtual size is \(file.virtualSize), the manifest says \(layer.virtualSize)")
             }
             let check = try QCowChecker.check(file)
             if check.corruptions > 0 || check.leaks > 0 || check.checkErrors > 0 {
-                let first = check.findings.first.map { ": \($0.region) at 0x\(String($0.offset ?? 0, radix: 16)): \($0.message)" } ?? ""
-                problem("check found \(check.corruptions) corruption(s), \(check.leaks) leak(s)\(first)")
+                let finding = check.findings.first
+                let first = finding.map { ": \($0.region) at 0x\(String($0.offset ?? 0, radix: 16)): \($0.message)" } ?? ""
+                problem(.check, "check found \(check.corruptions) corruption(s), \(check.leaks) leak(s)\(first)",
+                        offset: finding?.offset)
             }
+        } catch let error as QCowError {
+            problem(.unreadable, error.description, offset: error.offset)
+        } catch let error as BitmapError {
+            problem(.unreadable, error.description, offset: error.offset)
         } catch let error as CodedError {
-            problem(error.description)
+            problem(.unreadable, error.description)
         } catch {
-            problem("\(error)")
+            problem(.unreadable, "\(error)")
         }
     }
 

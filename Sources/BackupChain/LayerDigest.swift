@@ -138,16 +138,23 @@ public struct LayerDigest: Equatable, Sendable {
     /// Whether the file of `device` still matches `layer`'s record: size and every chunk.
     /// Returns the first problem in words, or nil. A version 1 record is checked whole.
     static func problem(_ device: BlockDevice, layer: BackupManifest.Layer) throws -> String? {
+        try mismatch(device, layer: layer)?.message
+    }
+
+    /// As `problem`, with the file offset of the first 4 MiB chunk that differs (when chunks were recorded).
+    static func mismatch(_ device: BlockDevice, layer: BackupManifest.Layer) throws -> (message: String, offset: UInt64?)? {
         let digest = try compute(device, wholeFile: layer.chunks == nil)
-        if digest.size != layer.fileSize { return "file is \(digest.size) bytes, the manifest says \(layer.fileSize)" }
+        if digest.size != layer.fileSize { return ("file is \(digest.size) bytes, the manifest says \(layer.fileSize)", nil) }
         guard let recorded = layer.chunks else {
             return digest.fileSHA256 == layer.sha256 ? nil
-                : "checksum mismatch: sha256 is \(digest.fileSHA256 ?? ""), the manifest says \(layer.sha256)"
+                : ("checksum mismatch: sha256 is \(digest.fileSHA256 ?? ""), the manifest says \(layer.sha256)", nil)
         }
-        let bad = zip(digest.chunks, recorded).enumerated().filter { $0.element.0 != $0.element.1 }.map(\.offset)
+        let bad = zip(digest.chunks, recorded).enumerated().filter { $0.element.0 != $0.element.1 }
+            .map { UInt64($0.offset) * UInt64(BackupManifest.chunkSize) }
         guard bad.isEmpty, digest.sha256 == layer.sha256 else {
-            let offsets = bad.prefix(8).map { "0x\(String(UInt64($0) * UInt64(BackupManifest.chunkSize), radix: 16))" }
-            return "checksum mismatch in \(bad.count) chunk(s) of 4 MiB at file offset(s) \(offsets.joined(separator: ", "))"
+            let offsets = bad.prefix(8).map { "0x\(String($0, radix: 16))" }
+            return ("checksum mismatch in \(bad.count) chunk(s) of 4 MiB at file offset(s) \(offsets.joined(separator: ", "))",
+                    bad.first)
         }
         return nil
     }

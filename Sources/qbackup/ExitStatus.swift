@@ -21,24 +21,29 @@ enum ExitStatus {
 
     /// Runs a command body; a library error becomes one `qbackup: error:` line on
     /// stderr and the exit status the table gives its code — or `errorStatus` for every
-    /// error, for the commands that keep qemu-img's statuses (check 1, compare 2).
-    static func run(errorStatus: Int32? = nil, _ body: () throws -> Int32) throws {
+    /// error, for the commands that keep qemu-img's statuses (check 1, compare 2). `json`:
+    /// the command's `--output json` is an object (`JSONReport`): it is printed at the end,
+    /// with the warnings, and an error is printed as an object on stdout too.
+    static func run(json: Bool = false, errorStatus: Int32? = nil, _ body: () throws -> Int32) throws {
         let status: Int32
         defer { StandardOutput.flush() }
         do {
             status = try body()
-        } catch let error as CodedError {
-            report(error.description)
-            throw ExitCode(errorStatus ?? Self.status(for: error.errorCode))
         } catch let error as ExitCode {
             throw error
-        } catch let error as CocoaError {
-            report(describe(error))
-            throw ExitCode(errorStatus ?? failure)
         } catch {
-            report("\(error)")
-            throw ExitCode(errorStatus ?? failure)
+            let message: String
+            let code: Int32
+            switch error {
+            case let coded as CodedError: (message, code) = (coded.description, Self.status(for: coded.errorCode))
+            case let cocoa as CocoaError: (message, code) = (describe(cocoa), failure)
+            default: (message, code) = ("\(error)", failure)
+            }
+            report(message)
+            if json { JSONReport.finish(error: error) }
+            throw ExitCode(errorStatus ?? code)
         }
+        if json { JSONReport.finish(error: nil) }
         if status != 0 { throw ExitCode(status) }
     }
 
@@ -72,6 +77,7 @@ enum ExitStatus {
 /// One `qbackup: warning:` line on stderr: every warning a command prints goes through here.
 func warning(_ message: String) {
     let oneLine = message.replacingOccurrences(of: "\n", with: " ")
+    JSONReport.warnings.append(oneLine)
     FileHandle.standardError.write(Data("qbackup: warning: \(oneLine)\n".utf8))
 }
 

@@ -48,7 +48,8 @@ import Testing
             damaged[layer.file]![damaged[layer.file]!.count / 2] ^= 0x40
             let report = Self.verify(manifest, damaged)
             #expect(!report.ok)
-            #expect(report.problems.contains { $0.contains(layer.file) && $0.contains("checksum") }, "\(report.problems)")
+            #expect(report.problems.contains { $0.kind == .checksum && $0.file == layer.file && $0.layer == layer.index },
+                    "\(report.problems)")
         }
     }
 }

@@ -106,7 +106,7 @@ struct BackupCommand: ParsableCommand {
     }
 
     func run() throws {
-        try ExitStatus.run {
+        try ExitStatus.run(json: options.json) {
             let request = request()
             let progress = progressOptions.reporter("backup")
             let result: BackupEngine.Result
@@ -149,7 +149,7 @@ struct BackupCommand: ParsableCommand {
                     pairs.append(("file-size", .uint(layer.fileSize)))
                     pairs.append(("created", .string(layer.created)))
                 }
-                emit(JSON.object(pairs).pretty() + "\n")
+                JSONReport.set(JSON.object(pairs))
             } else if result.dryRun {
                 if let reason = result.reason { options.inform("would take a full backup: \(reason)\n") }
                 options.inform("would take \(result.kind == .full ? "a full" : "an incremental") backup as layer \(result.index): \(humanSize(result.bytesCopied)) in \(result.extents) extent(s)\n")

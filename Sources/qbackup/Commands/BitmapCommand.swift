@@ -22,7 +22,7 @@ struct BitmapCommand: ParsableCommand {
         @OptionGroup var share: ShareOptions
 
         func run() throws {
-            try ExitStatus.run {
+            try ExitStatus.run(json: options.json) {
                 var warnings: [String] = []
                 share.warn([image])
                 let rows = try BitmapCatalog.withCatalog(image, writable: false, lock: share.lock) { catalog in
@@ -32,7 +32,7 @@ struct BitmapCommand: ParsableCommand {
                 }
                 for line in warnings { warning(line) }
                 if options.json {
-                    emit(JSON.object([("bitmaps", .array(rows.map(List.json)))]).pretty() + "\n")
+                    JSONReport.set(.object([("bitmaps", .array(rows.map(List.json)))]))
                 } else {
                     let width = max(24, (rows.map(\.name.count).max() ?? 0) + 2)
                     emit("NAME".padding(width) + "GRANULARITY".padding(13) + "ENABLED".padding(9) + "IN_USE".padding(8) + "DIRTY\n")
@@ -67,7 +67,7 @@ struct BitmapCommand: ParsableCommand {
         @OptionGroup var options: GlobalOptions
 
         func run() throws {
-            try ExitStatus.run {
+            try ExitStatus.run(json: options.json) {
                 try BitmapCatalog.withCatalog(image, writable: true) {
                     try $0.add(name, granularity: granularity, enabled: !disabled)
                 }
@@ -81,7 +81,7 @@ struct BitmapCommand: ParsableCommand {
         @Argument(help: "The qcow2 image.") var image: String
         @Argument(help: "The bitmap's name.") var name: String
         @OptionGroup var options: GlobalOptions
-        func run() throws { try edit(image) { try $0.remove(name) } }
+        func run() throws { try edit(image, options) { try $0.remove(name) } }
     }
 
     struct Clear: ParsableCommand {
@@ -89,7 +89,7 @@ struct BitmapCommand: ParsableCommand {
         @Argument(help: "The qcow2 image.") var image: String
         @Argument(help: "The bitmap's name.") var name: String
         @OptionGroup var options: GlobalOptions
-        func run() throws { try edit(image) { try $0.clear(name) } }
+        func run() throws { try edit(image, options) { try $0.clear(name) } }
     }
 
     struct Enable: ParsableCommand {
@@ -97,7 +97,7 @@ struct BitmapCommand: ParsableCommand {
         @Argument(help: "The qcow2 image.") var image: String
         @Argument(help: "The bitmap's name.") var name: String
         @OptionGroup var options: GlobalOptions
-        func run() throws { try edit(image) { try $0.enable(name) } }
+        func run() throws { try edit(image, options) { try $0.enable(name) } }
     }
 
     struct Disable: ParsableCommand {
@@ -105,7 +105,7 @@ struct BitmapCommand: ParsableCommand {
         @Argument(help: "The qcow2 image.") var image: String
         @Argument(help: "The bitmap's name.") var name: String
         @OptionGroup var options: GlobalOptions
-        func run() throws { try edit(image) { try $0.disable(name) } }
+        func run() throws { try edit(image, options) { try $0.disable(name) } }
     }
 
     struct Merge: ParsableCommand {
@@ -130,7 +130,7 @@ struct BitmapCommand: ParsableCommand {
         }
 
         func run() throws {
-            try ExitStatus.run {
+            try ExitStatus.run(json: options.json) {
                 var local: [String] = []
                 var foreign: [DirtyBitmap] = []
                 for (i, name) in source.enumerated() {
@@ -193,8 +193,8 @@ struct BitmapCommand: ParsableCommand {
 }
 
 /// Opens IMAGE writable and runs one bitmap operation.
-private func edit(_ image: String, _ body: @escaping (BitmapCatalog) throws -> Void) throws {
-    try ExitStatus.run {
+private func edit(_ image: String, _ options: GlobalOptions, _ body: @escaping (BitmapCatalog) throws -> Void) throws {
+    try ExitStatus.run(json: options.json) {
         try BitmapCatalog.withCatalog(image, writable: true, body)
         return 0
     }

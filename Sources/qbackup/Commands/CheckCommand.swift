@@ -29,7 +29,7 @@ struct CheckCommand: ParsableCommand {
     }
 
     func run() throws {
-        try ExitStatus.run(errorStatus: ExitStatus.failure) {
+        try ExitStatus.run(json: options.json, errorStatus: ExitStatus.failure) {
             let mode = repair ?? .none
             share.warn([image])
             let file = try QCowChecker.open(image, repair: mode, lock: share.lock)
@@ -44,7 +44,7 @@ struct CheckCommand: ParsableCommand {
             var report = try QCowChecker.check(file, repair: mode, contributors: CheckContributors.all)
             report.droppedBitmaps = dropped
             if options.json {
-                emit(Self.json(report).pretty() + "\n")
+                JSONReport.set(Self.json(report))
             } else {
                 emit(Self.human(report))
             }

@@ -18,13 +18,13 @@ struct CommitCommand: ParsableCommand {
     @OptionGroup var progressOptions: ProgressOptions
 
     func run() throws {
-        try ExitStatus.run {
+        try ExitStatus.run(json: options.json) {
             let progress = progressOptions.reporter("commit")
             let result = try CommitTracking.commit(topPath: top, logger: options.logger, progress: progress?.update)
             progress?.finish()
             if options.json {
-                emit(JSON.object([("top", .string(top)), ("data-bytes", .uint(result.dataBytes)),
-                                  ("zero-bytes", .uint(result.zeroBytes))]).pretty() + "\n")
+                JSONReport.set(JSON.object([("top", .string(top)), ("data-bytes", .uint(result.dataBytes)),
+                                  ("zero-bytes", .uint(result.zeroBytes))]))
             } else {
                 options.inform("Image committed.\n")
             }

@@ -28,7 +28,7 @@ struct CompareCommand: ParsableCommand {
     @OptionGroup var progressOptions: ProgressOptions
 
     func run() throws {
-        try ExitStatus.run(errorStatus: 2) {
+        try ExitStatus.run(json: options.json, errorStatus: 2) {
             let a = try ImageOpener.open(first, format: firstFormat, lock: share.lock)
             defer { a.close() }
             let b = try ImageOpener.open(second, format: secondFormat, lock: share.lock)
@@ -38,19 +38,19 @@ struct CompareCommand: ParsableCommand {
             let outcome = try ImageComparison.compare(a, b, strict: strict, progress: progress?.update)
             progress?.finish()
             DamageWarnings.emit(for: [a, b])
+            func report(_ pairs: [(String, JSON)], _ human: String) {
+                if options.json { JSONReport.set(.object(pairs)) } else { emit(human) }
+            }
             switch outcome {
             case .identical:
-                emit(options.json ? JSON.object([("identical", .bool(true))]).pretty() + "\n" : "Images are identical.\n")
+                report([("identical", .bool(true))], "Images are identical.\n")
                 return 0
             case .mismatch(let offset):
-                emit(options.json
-                     ? JSON.object([("identical", .bool(false)), ("offset", .uint(offset))]).pretty() + "\n"
-                     : "Content mismatch at offset \(offset)!\n")
+                report([("identical", .bool(false)), ("offset", .uint(offset))], "Content mismatch at offset \(offset)!\n")
                 return 1
             case .sizeMismatch(let x, let y):
-                emit(options.json
-                     ? JSON.object([("identical", .bool(false)), ("sizes", .array([.uint(x), .uint(y)]))]).pretty() + "\n"
-                     : "Strict mode: Image size mismatch!\n")
+                report([("identical", .bool(false)), ("sizes", .array([.uint(x), .uint(y)]))],
+                       "Strict mode: Image size mismatch!\n")
                 return 1
             }
         }

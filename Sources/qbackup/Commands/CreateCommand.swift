@@ -44,7 +44,7 @@ struct CreateCommand: ParsableCommand {
     }
 
     func run() throws {
-        try ExitStatus.run {
+        try ExitStatus.run(json: options.json) {
             var bytes: UInt64
             if let size {
                 bytes = size
@@ -75,8 +75,8 @@ struct CreateCommand: ParsableCommand {
                 try QCowCreator.createFile(at: image, options: create, overwrite: force)
             }
             if options.json {
-                emit(JSON.object([("file", .string(image)), ("format", .string(format.rawValue)),
-                                  ("virtual-size", .uint(bytes))]).pretty() + "\n")
+                JSONReport.set(JSON.object([("file", .string(image)), ("format", .string(format.rawValue)),
+                                  ("virtual-size", .uint(bytes))]))
             } else {
                 options.inform("Formatting '\(image)', fmt=\(format.rawValue) size=\(bytes)\n")
             }

@@ -34,7 +34,7 @@ struct FlattenCommand: ParsableCommand {
     @OptionGroup var progressOptions: ProgressOptions
 
     func run() throws {
-        try ExitStatus.run {
+        try ExitStatus.run(json: options.json) {
             let source = try ImageOpener.open(top, lock: share.lock)
             share.warn([top])
             defer { source.close() }
@@ -48,8 +48,8 @@ struct FlattenCommand: ParsableCommand {
             let written = result.dataBytes
             progress?.finish()
             if options.json {
-                emit(JSON.object([("file", .string(out)), ("format", .string(format.rawValue)),
-                                  ("virtual-size", .uint(source.virtualSize)), ("data-bytes", .uint(written))]).pretty() + "\n")
+                JSONReport.set(JSON.object([("file", .string(out)), ("format", .string(format.rawValue)),
+                                  ("virtual-size", .uint(source.virtualSize)), ("data-bytes", .uint(written))]))
             }
             DamageWarnings.emit(for: [source])
             return 0

@@ -23,7 +23,8 @@ struct InfoCommand: ParsableCommand {
     @OptionGroup var share: ShareOptions
 
     func run() throws {
-        try ExitStatus.run {
+        // One image's JSON is an object (with warnings, and an error object); the chain's an array as qemu-img's.
+        try ExitStatus.run(json: options.json && !backingChain) {
             let opened = try ImageOpener.open(image, format: imageFormat, lock: share.lock)
             share.warn([image])
             defer { opened.close() }
@@ -35,7 +36,7 @@ struct InfoCommand: ParsableCommand {
             }
             if options.json {
                 let values = zip(infos, bitmaps).map { InfoCommand.json($0, bitmaps: $1) }
-                emit((backingChain ? JSON.array(values) : values[0]).pretty() + "\n")
+                if backingChain { emit(JSON.array(values).pretty() + "\n") } else { JSONReport.set(values[0]) }
             } else {
                 emit(zip(infos, bitmaps).map { InfoCommand.human($0, bitmaps: $1) }.joined(separator: "\n"))
             }

@@ -21,7 +21,7 @@ struct ListCommand: ParsableCommand {
     }
 
     func run() throws {
-        try ExitStatus.run {
+        try ExitStatus.run(json: options.json) {
             let repo = try BackupRepository(path: repository, exclusive: false, allowMissing: true, wait: wait)
             let layers = repo.manifest?.layers ?? []
             if options.json {
@@ -46,8 +46,11 @@ struct ListCommand: ParsableCommand {
                             ("bitmap", m.bitmap.map(JSON.string) ?? .null),
                             ("replica-of", m.replicaOf.map(JSON.string) ?? .null), ("source", .object(source)),
                             ("virtual-size", .uint(m.virtualSize))]
+                } else {
+                    // No backup yet: the same keys, so a script reads one shape.
+                    top += ["id", "version", "bitmap", "replica-of", "source", "virtual-size"].map { ($0, JSON.null) }
                 }
-                emit(JSON.object(top).pretty() + "\n")
+                JSONReport.set(JSON.object(top))
             } else if let m = repo.manifest {
                 emit("repository \(repository): disk \(m.source.summary), bitmap \(m.bitmap ?? "none"), \(layers.count) layer(s)\n")
                 emit("INDEX".padding(7) + "KIND".padding(13) + "CREATED (UTC)".padding(22) + "COPIED".padding(12)

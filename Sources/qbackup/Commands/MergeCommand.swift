@@ -49,13 +49,13 @@ struct MergeCommand: ParsableCommand {
     }
 
     func run() throws {
-        try ExitStatus.run {
+        try ExitStatus.run(json: options.json) {
             let progress = dryRun ? nil : progressOptions.reporter("merge")
             let result = try MergeEngine.merge(repository: repository, policy: policy, dryRun: dryRun,
                                                logger: options.logger, progress: progress?.update)
             progress?.finish()
             if options.json {
-                emit(Self.json(result, dryRun: dryRun).pretty() + "\n")
+                JSONReport.set(Self.json(result, dryRun: dryRun))
             } else if dryRun {
                 emit(Self.listing(result))
             } else if result.folded == 0 {

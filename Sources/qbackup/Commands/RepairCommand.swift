@@ -35,7 +35,7 @@ struct RepairCommand: ParsableCommand {
     @OptionGroup var options: GlobalOptions
 
     func run() throws {
-        try ExitStatus.run {
+        try ExitStatus.run(json: options.json) {
             let result = try RepairEngine.repair(RepairEngine.Request(repository: repository, write: yes, source: source),
                                                  logger: options.logger)
             let layers = result.manifest?.layers ?? []
@@ -53,7 +53,7 @@ struct RepairCommand: ParsableCommand {
                     ("left-out", .array(result.leftOut.map { .object([("file", .string($0.file)), ("reason", .string($0.reason))]) })),
                 ]
                 if result.manifest == nil { pairs.append(("found", .bool(false))) }
-                emit(JSON.object(pairs).pretty() + "\n")
+                JSONReport.set(JSON.object(pairs))
             } else {
                 if let problem = result.manifestProblem { emit("the manifest cannot be read: \(problem)\n") }
                 for (file, reason) in result.leftOut { emit("left out \(file): \(reason)\n") }

@@ -31,7 +31,7 @@ struct RestoreCommand: ParsableCommand {
     @OptionGroup var progressOptions: ProgressOptions
 
     func run() throws {
-        try ExitStatus.run {
+        try ExitStatus.run(json: options.json) {
             let progress = progressOptions.reporter("restore")
             let result = try RestoreEngine.restore(
                 RestoreEngine.Request(repository: repository, output: to, point: at, format: format, verify: verify,
@@ -39,10 +39,9 @@ struct RestoreCommand: ParsableCommand {
                 progress: progress?.update)
             progress?.finish()
             if options.json {
-                emit(JSON.object([("index", .int(Int64(result.index))), ("layer", .string(result.layer.file)),
+                JSONReport.set(JSON.object([("index", .int(Int64(result.index))), ("layer", .string(result.layer.file)),
                                   ("output", .string(to)), ("format", .string(format.rawValue)),
-                                  ("virtual-size", .uint(result.virtualSize)), ("data-bytes", .uint(result.dataBytes))])
-                    .pretty() + "\n")
+                                  ("virtual-size", .uint(result.virtualSize)), ("data-bytes", .uint(result.dataBytes))]))
             } else {
                 options.inform("restored layer \(result.index) (\(result.layer.created)) to \(to)\n")
             }

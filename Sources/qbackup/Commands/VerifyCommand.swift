@@ -30,7 +30,7 @@ struct VerifyCommand: ParsableCommand {
     }
 
     func run() throws {
-        try ExitStatus.run {
+        try ExitStatus.run(json: options.json) {
             let progress = progressOptions.reporter("verify")
             if let image { share.warn([image]) }
             let report = try ChainVerifier.verify(repository: repository, image: image, lockImage: share.lock, wait: wait,
@@ -41,14 +41,13 @@ struct VerifyCommand: ParsableCommand {
             if options.json {
                 var pairs: [(String, JSON)] = [
                     ("ok", .bool(report.ok)), ("layers-checked", .int(Int64(report.layersChecked))),
-                    ("problems", .array(report.problems.map { .string($0) })),
-                    ("warnings", .array(report.warnings.map { .string($0) })),
+                    ("problems", .array(report.problems.map(Self.json))),
                 ]
                 if report.imageChecked {
                     pairs.append(("missed-blocks", .uint(report.missedCount)))
                     pairs.append(("missed-offsets", .array(report.missedOffsets.map { .uint($0) })))
                 }
-                emit(JSON.object(pairs).pretty() + "\n")
+                JSONReport.set(JSON.object(pairs))
             } else {
                 for p in report.problems { emit("problem: \(p)\n") }
                 if report.missedCount > 0 {
@@ -61,5 +60,12 @@ struct VerifyCommand: ParsableCommand {
             }
             return report.ok ? 0 : 1
         }
+    }
+
+    /// {"kind": "checksum", "layer": 3, "file": "incr-….qcow2", "offset": 4194304, "message": "…"}
+    static func json(_ problem: ChainVerifier.Problem) -> JSON {
+        .object([("kind", .string(problem.kind.rawValue)), ("layer", problem.layer.map { .int(Int64($0)) } ?? .null),
+                 ("file", problem.file.map(JSON.string) ?? .null), ("offset", problem.offset.map(JSON.uint) ?? .null),
+                 ("message", .string(problem.message))])
     }
 }
