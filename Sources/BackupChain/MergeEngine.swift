@@ -343,8 +343,21 @@ public enum MergeEngine {
             manifest.layers[start].fileSize = pending.fileSize
         }
         manifest.pendingMerge = nil
+        // `list` shows what the merged layer now holds, not the one night it was named after.
+        if let held = heldBytes(repo, manifest.layers[start].file, clusterSize: manifest.clusterSize) {
+            manifest.layers[start].bytesCopied = held
+        }
         // The full layer file an in-place merge committed into now has the folded layer's name;
         // its old sidecar goes with the dropped layers.
         try repo.saveDropping(manifest, files: dropped, sidecarsOf: pending.into.map { [$0] } ?? [])
+    }
+
+    /// The guest data a layer file holds (its allocated clusters, as `qemu-img check` counts
+    /// them); nil when it cannot be read (the recorded figure then stays).
+    static func heldBytes(_ repo: BackupRepository, _ name: String, clusterSize: Int) -> UInt64? {
+        let files = RepositoryFiles(directory: repo.path, takesLocks: false)
+        guard let file = try? ImageOpener.openQCow(repo.file(name), files: files) else { return nil }
+        defer { file.close() }
+        return (try? QCowChecker.check(file)).map { $0.allocatedClusters * UInt64(clusterSize) }
     }
 }

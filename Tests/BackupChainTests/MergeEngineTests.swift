@@ -200,4 +200,29 @@ import Glibc
         let verify = try QBackupBinary.run(["verify", s.repo])
         #expect(verify.status == 1 && verify.stdout.contains("checksum mismatch"), "\(verify.stdout)")
     }
+
+    /// Issue 17 item 6: after a merge `list` shows the folded base as what its file now holds
+    /// (kind full, data = its allocated clusters as qemu-img check counts them, size = the file's),
+    /// not the one night's bytes copied it was named after; both merge paths.
+    @Test(arguments: [false, true]) func listShowsWhatTheMergedLayerHolds(_ hardLinked: Bool) throws {
+        let s = try BackupScenario(size: "16M", seed: 63)
+        for night in 0..<4 {
+            try Tools.qemuIO(s.disk, format: "qcow2", ["write -P \(night + 1) \(night + 1)M 1M"])
+            try s.backup()
+        }
+        if hardLinked { try Tools.run("cp", ["-al", s.repo, s.dir.file("snap")]) }   // forces the new-file path
+        try s.qbackup(["merge", s.repo, "--keep", "2"])
+        let base = try #require(try s.layers().first)
+        #expect(base["index"] as? Int == 2 && base["kind"] as? String == "full", "\(base)")
+        let check = try JSONHelpers.parse(try Tools.qemuImg("check", "--output=json", s.layerPath(base)).stdout) as? [String: Any]
+        let allocated = try #require(check?["allocated-clusters"] as? Int)
+        #expect(allocated == 48)   // 3 MiB written over nights 0-2, 64 KiB clusters
+        #expect(base["bytes-copied"] as? Int == allocated * 65536, "\(base)")
+        let size = try FileManager.default.attributesOfItem(atPath: s.layerPath(base))[.size] as? Int
+        #expect(base["file-size"] as? Int == size)
+        let row = try s.qbackup(["list", s.repo]).stdout.split(separator: "\n").first { $0.hasPrefix("2 ") }.map(String.init)
+        #expect(row?.contains("full         ") == true && row?.contains(" 3 MiB ") == true, "\(row ?? "")")
+        try s.expectRestore(2, equals: s.references[2])
+        try s.qbackup(["verify", s.repo])
+    }
 }

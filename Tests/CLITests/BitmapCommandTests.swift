@@ -83,6 +83,15 @@ import TestSupport
         let json = try JSONHelpers.parse(try QBackupBinary.run(["bitmap", "list", path, "--output", "json"]).stdout)
         let rows = (json as? [String: Any])?["bitmaps"] as? [[String: Any]]
         #expect(rows?.first?["dirty-bytes"] as? Int == 3_670_016)
+        // GRANULARITY in human sizes too (a 64 KiB default, and a 1 MiB one); JSON keeps bytes.
+        #expect(try QBackupBinary.run(["bitmap", "add", path, "b", "--granularity", "1M"]).status == 0)
+        let both = try QBackupBinary.run(["bitmap", "list", path]).stdout.split(separator: "\n")
+        let granularity = both.dropFirst().map { $0.split(separator: " ", omittingEmptySubsequences: true) }
+            .map { "\($0[0]) \($0[1]) \($0[2])" }
+        #expect(granularity == ["a 64 KiB", "b 1 MiB"], "\(both)")
+        let again = try JSONHelpers.parse(try QBackupBinary.run(["bitmap", "list", path, "--output", "json"]).stdout)
+        #expect(((again as? [String: Any])?["bitmaps"] as? [[String: Any]])?.compactMap { $0["granularity"] as? Int }
+                == [65536, 1 << 20])
     }
 
     @Test func inUseBitmapIsRefusedButListedAndDumped() throws {

@@ -38,7 +38,7 @@ struct BitmapCommand: ParsableCommand {
                     emit("NAME".padding(width) + "GRANULARITY".padding(13) + "ENABLED".padding(9) + "IN_USE".padding(8) + "DIRTY\n")
                     for row in rows {
                         let dirty = row.dirtyBytes.map(humanSize) ?? "- (inconsistent)"
-                        emit(row.name.padding(width) + String(row.granularity).padding(13) + (row.enabled ? "yes" : "no").padding(9)
+                        emit(row.name.padding(width) + humanSize(row.granularity).padding(13) + (row.enabled ? "yes" : "no").padding(9)
                              + (row.inUse ? "yes" : "no").padding(8) + dirty + "\n")
                     }
                 }

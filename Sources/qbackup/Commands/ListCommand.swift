@@ -6,7 +6,7 @@ import QCowImage
 struct ListCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "list",
-        abstract: "List the layers of a backup repository: index, file, kind, time, bytes copied, file size.")
+        abstract: "List the layers of a backup repository: index, file, kind, time, data held, file size.")
 
     @Argument(help: "The repository folder.") var repository: String
 
@@ -53,7 +53,7 @@ struct ListCommand: ParsableCommand {
                 JSONReport.set(JSON.object(top))
             } else if let m = repo.manifest {
                 emit("repository \(repository): disk \(m.source.summary), bitmap \(m.bitmap ?? "none"), \(layers.count) layer(s)\n")
-                emit("INDEX".padding(7) + "KIND".padding(13) + "CREATED (UTC)".padding(22) + "COPIED".padding(12)
+                emit("INDEX".padding(7) + "KIND".padding(13) + "CREATED (UTC)".padding(22) + "DATA".padding(12)
                      + "SIZE".padding(12) + "FILE\n")
                 for l in layers {
                     emit(String(l.index).padding(7) + l.kind.rawValue.padding(13) + l.created.padding(22)
