@@ -269,4 +269,69 @@ import TestSupport
         }
         #expect(try Data.contents(of: path) == before)
     }
+
+    /// iotest 036 (feature bits), written anew: unknown incompatible bits 61-63 with no feature
+    /// name table, or tables naming some of them (full 48-byte entries; other kinds of entries
+    /// must not name an incompatible bit). Refused as qemu-img refuses, naming what it names.
+    static let features036: [(String, bits: [Int], table: [(UInt8, UInt8, String)]?)] = [
+        ("bit 63, no table", [63], nil),
+        ("bits 61-63, no table", [61, 62, 63], nil),
+        ("bits 61-63, table names 63", [61, 62, 63], [(0, 63, "Test feature")]),
+        ("bits 61-63, table names 61 and 62", [61, 62, 63], [(0, 61, "test1"), (0, 62, "test2")]),
+        ("bits 61-63, table names all", [61, 62, 63], [(0, 61, "test1"), (0, 62, "test2"), (0, 63, "test3")]),
+        ("bits 61-63, unrelated entries", [61, 62, 63], [(1, 61, "test1"), (0, 62, "test2"), (2, 63, "test3"), (0, 60, "test4")]),
+    ]
+
+    @Test(arguments: features036.map(\.0))
+    func unknownFeaturesAsIotest036(_ name: String) throws {
+        let feature = try #require(Self.features036.first { $0.0 == name })
+        let dir = TempDir()
+        let path = dir.file("036.qcow2")
+        try Tools.qemuImg("create", "-q", "-f", "qcow2", "-o", "compat=1.1", path, "64M")
+        // QEMU's only header extension here is its feature name table, right after the 112-byte header.
+        #expect(try peek(path, at: 112, count: 4) == be(UInt32(0x6803_f857)))
+        var area: [UInt8] = []
+        if let table = feature.table {
+            var data: [UInt8] = []
+            for (kind, bit, label) in table {
+                let bytes = Array(label.utf8)
+                data += [kind, bit] + bytes + [UInt8](repeating: 0, count: 46 - bytes.count)
+            }
+            area = be(UInt32(0x6803_f857)) + be(UInt32(UInt32(data.count))) + data
+        }
+        try poke(path, at: 112, area + [UInt8](repeating: 0, count: 8))
+        try poke(path, at: 72, be(feature.bits.reduce(UInt64(0)) { $0 | UInt64(1) << UInt64($1) }))
+        let theirs = try Tools.run("qemu-img", ["info", path])
+        #expect(theirs.status == 1 && theirs.stderr.contains("Unsupported qcow2 feature(s): "), "\(theirs.stderr)")
+        let named = (theirs.stderr.components(separatedBy: "Unsupported qcow2 feature(s): ").last ?? "")
+            .trimmingCharacters(in: .whitespacesAndNewlines).components(separatedBy: ", ")
+            .filter { !$0.hasPrefix("Unknown incompatible feature") }
+        for command in ["info", "check"] {
+            let ours = try QBackupBinary.run([command, path])
+            #expect(ours.status == 1 && ours.failedCleanly, "\(name): \(command): \(ours.stderr)")
+            for label in named { #expect(ours.stderr.contains(label), "\(name): qemu-img names \(label): \(ours.stderr)") }
+            for (_, _, label) in feature.table ?? [] where !named.contains(label) {
+                #expect(!ours.stderr.contains(label), "\(name): qemu-img does not name \(label): \(ours.stderr)")
+            }
+            #expect(ours.stderr.components(separatedBy: ", ").count == feature.bits.count, "\(name): one name per bit: \(ours.stderr)")
+        }
+    }
+
+    /// iotest 036's last case: an unknown autoclear bit is cleared by a repair, as qemu-img -r all
+    /// clears it (a program that writes an image clears the autoclear bits it does not know).
+    @Test func repairClearsUnknownAutoclearBitsAsIotest036() throws {
+        let dir = TempDir()
+        let ours = dir.file("ours.qcow2"), theirs = dir.file("theirs.qcow2")
+        try Tools.qemuImg("create", "-q", "-f", "qcow2", "-o", "compat=1.1", ours, "64M")
+        try poke(ours, at: 88, be(UInt64(1) << 63))
+        try FileManager.default.copyItem(atPath: ours, toPath: theirs)
+        #expect(try QBackupBinary.run(["check", ours]).status == 0)
+        #expect(try peek(ours, at: 88, count: 8) == be(UInt64(1) << 63), "check without --repair writes nothing")
+        let theirRepair = try Tools.run("qemu-img", ["check", "-r", "all", theirs])
+        let ourRepair = try QBackupBinary.run(["check", "--repair", "all", ours])
+        #expect(ourRepair.status == theirRepair.status, "\(ourRepair.stdout)\(ourRepair.stderr)")
+        #expect(try peek(theirs, at: 88, count: 8) == be(UInt64(0)), "qemu-img clears it")
+        #expect(try peek(ours, at: 88, count: 8) == peek(theirs, at: 88, count: 8))
+        #expect(try Tools.run("qemu-img", ["check", ours]).status == 0)
+    }
 }

@@ -43,6 +43,11 @@ public struct QCowChecker {
             try image.device.sync()
             image.dropCaches()
         }
+        // A repair writes the image, and a program that writes clears the autoclear bits it does not
+        // know (the spec; QEMU clears them when it opens the image for writing, so its -r all does too).
+        if repair != .none && !image.header.autoclearFeatures.subtracting(.known).isEmpty {
+            try image.rewriteHeader { _ in }
+        }
         let marked = !image.header.incompatibleFeatures.isDisjoint(with: [.corrupt, .dirty])
         guard repair != .none, checker.report.leaks + checker.report.corruptions > 0 || checker.needsRebuild || marked
         else {
