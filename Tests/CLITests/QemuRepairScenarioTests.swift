@@ -201,7 +201,8 @@ import TestSupport
 
     /// Header values the spec forbids and qemu-img refuses: ours refuses them too (exit 1, one
     /// error line naming the field), for check as for info.
-    @Test(arguments: ["compression-type bit with compression_type 0", "snapshots_offset misaligned, nb_snapshots 0"])
+    @Test(arguments: ["compression-type bit with compression_type 0", "snapshots_offset misaligned, nb_snapshots 0",
+                      "287 compression_type zstd without the compression-type bit"])
     func refusesWhatQemuImgRefuses(_ name: String) throws {
         let dir = TempDir()
         let path = dir.file("bad.qcow2")
@@ -213,6 +214,9 @@ import TestSupport
             // Incompatible bit 3 (compression type) set; byte 104 (compression_type) stays 0 (zlib).
             #expect(try peek(path, at: 104, count: 1) == [0])
             try poke(path, at: 79, [try peek(path, at: 79, count: 1)[0] | 0x08])
+            field = "compression"
+        case "287 compression_type zstd without the compression-type bit":
+            try poke(path, at: 104, [1])
             field = "compression"
         default:
             #expect(try peek(path, at: 60, count: 4) == [0, 0, 0, 0])
@@ -333,5 +337,34 @@ import TestSupport
         #expect(try peek(theirs, at: 88, count: 8) == be(UInt64(0)), "qemu-img clears it")
         #expect(try peek(ours, at: 88, count: 8) == peek(theirs, at: 88, count: 8))
         #expect(try Tools.run("qemu-img", ["check", ours]).status == 0)
+    }
+
+    /// iotest 287 (zstd compression), written anew: adjacent zstd-compressed clusters written by
+    /// qemu-io, and a qemu-img convert -c of incompressible and compressible data, read back by
+    /// qbackup exactly as the source (compare) and checked clean.
+    @Test func zstdImagesReadAsIotest287() throws {
+        let dir = TempDir()
+        let adjacent = dir.file("adjacent.qcow2")
+        try Tools.qemuImg("create", "-q", "-f", "qcow2", "-o", "compression_type=zstd", adjacent, "64M")
+        try Tools.qemuIO(adjacent, format: "qcow2", ["write -c -P 0xAB 0 64K", "write -c -P 0xAC 64K 64K", "write -c -P 0xAD 128K 64K"])
+        let raw = dir.file("rand.raw")
+        var generator = SeededRandom(seed: 287)
+        var bytes = [UInt8](repeating: 0xFA, count: 2 << 20)
+        for i in (1 << 20)..<(2 << 20) { bytes[i] = UInt8(truncatingIfNeeded: generator.next()) }
+        try Data(bytes).write(to: URL(fileURLWithPath: raw))
+        let zlib = dir.file("zlib.qcow2"), zstd = dir.file("zstd.qcow2")
+        try Tools.qemuImg("convert", "-f", "raw", "-O", "qcow2", "-c", "-o", "compression_type=zlib", raw, zlib)
+        try Tools.qemuImg("convert", "-O", "qcow2", "-c", "-o", "compression_type=zstd", zlib, zstd)
+        for (image, reference) in [(adjacent, nil), (zstd, raw), (zstd, zlib)] as [(String, String?)] {
+            let check = try QBackupBinary.run(["check", image])
+            #expect(check.status == 0, "\(image): \(check.stdout)\(check.stderr)")
+            if let reference {
+                let compare = try QBackupBinary.run(["compare", image, reference])
+                #expect(compare.status == 0, "\(image) vs \(reference): \(compare.stdout)\(compare.stderr)")
+            }
+        }
+        let flat = dir.file("adjacent.raw")
+        #expect(try QBackupBinary.run(["flatten", "--format", "raw", adjacent, flat]).status == 0)
+        try Tools.qemuIO(flat, format: "raw", ["read -P 0xAB 0 64k", "read -P 0xAC 64K 64k", "read -P 0xAD 128K 64k"])
     }
 }
