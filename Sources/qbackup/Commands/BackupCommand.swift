@@ -34,7 +34,7 @@ struct BackupCommand: ParsableCommand {
               0 2 * * *  qbackup backup --qmp /run/vm1.qmp --repo /backup/vm1
             """)
 
-    @Argument(help: "The qcow2 disk image to back up (not with --nbd).") var image: String?
+    @Argument(help: "The qcow2 disk image to back up (not with --nbd).", completion: .file()) var image: String?
 
     @Option(name: .long, help: "Back up an NBD export instead of an image file (a URI as libnbd parses it).")
     var nbd: String?
@@ -54,7 +54,7 @@ struct BackupCommand: ParsableCommand {
     @Option(name: .long, help: "With --qmp: use the NBD server QEMU already runs, unix:PATH or HOST:PORT.")
     var nbdServer: String?
 
-    @Option(name: .long, help: "The repository folder (created if missing).") var repo: String
+    @Option(name: .long, help: "The repository folder (created if missing).", completion: .directory) var repo: String
 
     @Option(name: .long, help: "The tracking bitmap (default: qbackup-<repository id>).") var bitmap: String?
 

@@ -17,7 +17,7 @@ struct BitmapCommand: ParsableCommand {
     struct List: ParsableCommand {
         static let configuration = CommandConfiguration(commandName: "list",
             abstract: "Show each bitmap: name, granularity, enabled (auto), in_use, dirty bytes.")
-        @Argument(help: "The qcow2 image.") var image: String
+        @Argument(help: "The qcow2 image.", completion: .file()) var image: String
         @OptionGroup var options: GlobalOptions
         @OptionGroup var share: ShareOptions
 
@@ -57,7 +57,7 @@ struct BitmapCommand: ParsableCommand {
 
     struct Add: ParsableCommand {
         static let configuration = CommandConfiguration(commandName: "add", abstract: "Add a new empty bitmap, enabled unless --disabled.")
-        @Argument(help: "The qcow2 image.") var image: String
+        @Argument(help: "The qcow2 image.", completion: .file()) var image: String
         @Argument(help: "The bitmap's name.") var name: String
         @Option(name: [.short, .long], parsing: .unconditional,
                 help: "Bytes per bit (K/M suffixes; default: the cluster size clamped to 4K-64K).",
@@ -78,7 +78,7 @@ struct BitmapCommand: ParsableCommand {
 
     struct Remove: ParsableCommand {
         static let configuration = CommandConfiguration(commandName: "remove", abstract: "Remove a bitmap and free its clusters.")
-        @Argument(help: "The qcow2 image.") var image: String
+        @Argument(help: "The qcow2 image.", completion: .file()) var image: String
         @Argument(help: "The bitmap's name.") var name: String
         @OptionGroup var options: GlobalOptions
         func run() throws { try edit(image, options) { try $0.remove(name) } }
@@ -86,7 +86,7 @@ struct BitmapCommand: ParsableCommand {
 
     struct Clear: ParsableCommand {
         static let configuration = CommandConfiguration(commandName: "clear", abstract: "Mark every byte of a bitmap clean.")
-        @Argument(help: "The qcow2 image.") var image: String
+        @Argument(help: "The qcow2 image.", completion: .file()) var image: String
         @Argument(help: "The bitmap's name.") var name: String
         @OptionGroup var options: GlobalOptions
         func run() throws { try edit(image, options) { try $0.clear(name) } }
@@ -94,7 +94,7 @@ struct BitmapCommand: ParsableCommand {
 
     struct Enable: ParsableCommand {
         static let configuration = CommandConfiguration(commandName: "enable", abstract: "Make a bitmap track writes (set auto).")
-        @Argument(help: "The qcow2 image.") var image: String
+        @Argument(help: "The qcow2 image.", completion: .file()) var image: String
         @Argument(help: "The bitmap's name.") var name: String
         @OptionGroup var options: GlobalOptions
         func run() throws { try edit(image, options) { try $0.enable(name) } }
@@ -102,7 +102,7 @@ struct BitmapCommand: ParsableCommand {
 
     struct Disable: ParsableCommand {
         static let configuration = CommandConfiguration(commandName: "disable", abstract: "Stop a bitmap tracking writes (clear auto).")
-        @Argument(help: "The qcow2 image.") var image: String
+        @Argument(help: "The qcow2 image.", completion: .file()) var image: String
         @Argument(help: "The bitmap's name.") var name: String
         @OptionGroup var options: GlobalOptions
         func run() throws { try edit(image, options) { try $0.disable(name) } }
@@ -116,10 +116,10 @@ struct BitmapCommand: ParsableCommand {
                 many times as --source: one per source). Source images must have IMAGE's virtual size; \
                 any granularity is converted.
                 """)
-        @Argument(help: "The qcow2 image.") var image: String
+        @Argument(help: "The qcow2 image.", completion: .file()) var image: String
         @Argument(help: "The bitmap to merge into.") var target: String
         @Option(name: .long, help: "A source bitmap (repeatable).") var source: [String] = []
-        @Option(name: .long, help: "The image holding the sources (repeatable).") var sourceImage: [String] = []
+        @Option(name: .long, help: "The image holding the sources (repeatable).", completion: .file()) var sourceImage: [String] = []
         @OptionGroup var options: GlobalOptions
 
         func validate() throws {
@@ -156,7 +156,7 @@ struct BitmapCommand: ParsableCommand {
                 With --output json: [{"start":0,"length":131072,"dirty":true}, ...], in order, adjacent \
                 extents of the same state merged — the extents nbdinfo --map=qemu:dirty-bitmap:NAME shows.
                 """)
-        @Argument(help: "The qcow2 image.") var image: String
+        @Argument(help: "The qcow2 image.", completion: .file()) var image: String
         @Argument(help: "The bitmap's name.") var name: String
         @OptionGroup var options: GlobalOptions
         @OptionGroup var share: ShareOptions

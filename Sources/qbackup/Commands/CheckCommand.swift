@@ -14,7 +14,7 @@ struct CheckCommand: ParsableCommand {
             refcount structure if it must) and clears the corrupt and dirty bits.
             """)
 
-    @Argument(help: "The qcow2 image file.") var image: String
+    @Argument(help: "The qcow2 image file.", completion: .file()) var image: String
 
     @Option(name: [.short, .long], help: "Repair: leaks or all.")
     var repair: QCowChecker.RepairMode?

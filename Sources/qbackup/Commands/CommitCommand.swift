@@ -12,7 +12,7 @@ struct CommitCommand: ParsableCommand {
             incremental backups of the backing file see the change. TOP is left as it is.
             """)
 
-    @Argument(help: "The top image (qcow2) whose backing file receives its data.") var top: String
+    @Argument(help: "The top image (qcow2) whose backing file receives its data.", completion: .file()) var top: String
 
     @OptionGroup var options: GlobalOptions
     @OptionGroup var progressOptions: ProgressOptions

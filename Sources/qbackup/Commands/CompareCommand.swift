@@ -12,8 +12,8 @@ struct CompareCommand: ParsableCommand {
             its extra part reads as zeros.
             """)
 
-    @Argument(help: "The first image.") var first: String
-    @Argument(help: "The second image.") var second: String
+    @Argument(help: "The first image.", completion: .file()) var first: String
+    @Argument(help: "The second image.", completion: .file()) var second: String
 
     @Option(name: [.customShort("f")], help: "Format of the first image (qcow2 or raw; default: probe).")
     var firstFormat: ImageOpener.Format?

@@ -8,7 +8,7 @@ struct CreateCommand: ParsableCommand {
         abstract: "Create a new qcow2 v3 image (or a raw one), like qemu-img create.",
         discussion: "SIZE takes K/M/G/T suffixes. With --backing, SIZE defaults to the backing file's size.")
 
-    @Argument(help: "The new image file (must not exist, unless --force).") var image: String
+    @Argument(help: "The new image file (must not exist, unless --force).", completion: .file()) var image: String
     @Argument(help: "Virtual size, e.g. 10G.", transform: parseSize) var size: UInt64?
 
     @Option(name: [.customShort("f"), .customLong("format")], help: "qcow2 (default) or raw.")

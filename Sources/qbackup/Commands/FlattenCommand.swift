@@ -8,8 +8,8 @@ struct FlattenCommand: ParsableCommand {
         abstract: "Write the guest-visible contents of a whole chain as one standalone image.",
         discussion: "Unallocated and zero ranges stay holes (raw) or unallocated/zero (qcow2) in the output.")
 
-    @Argument(help: "The top image of the chain.") var top: String
-    @Argument(help: "The output file (must not exist, unless --force).") var out: String
+    @Argument(help: "The top image of the chain.", completion: .file()) var top: String
+    @Argument(help: "The output file (must not exist, unless --force).", completion: .file()) var out: String
 
     @Flag(name: .long, help: "Replace an existing OUT (a regular file) once the new one is complete.") var force = false
 

@@ -10,7 +10,7 @@ struct InfoCommand: ParsableCommand {
         abstract: "Show an image's format, sizes, backing file, snapshots and bitmaps (like qemu-img info).",
         discussion: "With --output json the keys are qemu-img's, so scripts written for qemu-img keep working.")
 
-    @Argument(help: "The image file (qcow2 or raw).")
+    @Argument(help: "The image file (qcow2 or raw).", completion: .file())
     var image: String
 
     @Option(name: [.customShort("f"), .customLong("image-format")], help: "Open the image as qcow2 or raw (default: probe).")

@@ -8,7 +8,7 @@ struct ListCommand: ParsableCommand {
         commandName: "list",
         abstract: "List the layers of a backup repository: index, file, kind, time, data held, file size.")
 
-    @Argument(help: "The repository folder.") var repository: String
+    @Argument(help: "The repository folder.", completion: .directory) var repository: String
 
     @Option(name: .long, help: ArgumentHelp("How long to wait for a backup or merge that holds the repository to finish (seconds).",
                                             valueName: "seconds"))

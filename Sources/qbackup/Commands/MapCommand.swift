@@ -11,7 +11,7 @@ struct MapCommand: ParsableCommand {
             present (allocated at some layer), zero, data, and the host offset when known.
             """)
 
-    @Argument(help: "The image file (qcow2 or raw).")
+    @Argument(help: "The image file (qcow2 or raw).", completion: .file())
     var image: String
 
     @Option(name: [.customShort("f"), .customLong("image-format")], help: "Open the image as qcow2 or raw (default: probe).")

@@ -25,11 +25,11 @@ struct RepairCommand: ParsableCommand {
             locked by another qbackup.
             """)
 
-    @Argument(help: "The repository folder.") var repository: String
+    @Argument(help: "The repository folder.", completion: .directory) var repository: String
 
     @Flag(name: .long, help: "Write the rebuilt manifest.") var yes = false
 
-    @Option(name: .long, help: "The disk the repository backs up (needed only when the layers have no sidecars).")
+    @Option(name: .long, help: "The disk the repository backs up (needed only when the layers have no sidecars).", completion: .file())
     var source: String?
 
     @OptionGroup var options: GlobalOptions

@@ -9,9 +9,9 @@ struct RestoreCommand: ParsableCommand {
         abstract: "Write the disk as it was at one backup layer as a standalone image.",
         discussion: "The repository is never modified. OUT is written under a temporary name beside it and renamed into place only when complete; an existing OUT is refused unless --force.")
 
-    @Argument(help: "The repository folder.") var repository: String
+    @Argument(help: "The repository folder.", completion: .directory) var repository: String
 
-    @Option(name: .long, help: "The output image file (must not exist, unless --force).") var to: String
+    @Option(name: .long, help: "The output image file (must not exist, unless --force).", completion: .file()) var to: String
 
     @Flag(name: .long, help: "Replace an existing OUT (a regular file) once the new one is complete.") var force = false
 

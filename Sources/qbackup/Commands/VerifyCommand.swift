@@ -12,9 +12,9 @@ struct VerifyCommand: ParsableCommand {
             well, 1 when a problem was found (each is listed).
             """)
 
-    @Argument(help: "The repository folder.") var repository: String
+    @Argument(help: "The repository folder.", completion: .directory) var repository: String
 
-    @Option(name: .long, help: "The source image whose tracking bitmap to verify against the chain.")
+    @Option(name: .long, help: "The source image whose tracking bitmap to verify against the chain.", completion: .file())
     var image: String?
 
     @Option(name: .long, help: ArgumentHelp("How long to wait for a backup or merge that holds the repository to finish (seconds).",
