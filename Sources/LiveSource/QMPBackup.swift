@@ -61,7 +61,7 @@ public enum QMPBackup {
         let qmp = try QMPClient(path: request.socket, timeout: request.timeout)
         defer { qmp.close() }
         var disk = try QMPDisk.find(qmp, node: request.node)
-        var engine = BackupEngine.Request(image: disk.file, repository: request.repository, bitmap: request.bitmap,
+        let engine = BackupEngine.Request(image: disk.file, repository: request.repository, bitmap: request.bitmap,
                                           mode: request.mode, compression: request.compression,
                                           dryRun: request.dryRun, clusterSize: request.clusterSize)
         if request.dryRun {
