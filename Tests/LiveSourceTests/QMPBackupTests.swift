@@ -104,6 +104,44 @@ import TestSupport
         try s.checkNothingLeft()
     }
 
+    /// --fleece-dir puts the overlay there (not beside the disk); --nbd-server unix:PATH uses the
+    /// NBD server QEMU already runs and leaves it running; without it, that server is refused.
+    @Test func fleeceDirAndAnExistingNBDServer() throws {
+        let s = try LiveScenario("live-fleece-dir")
+        try s.write(0x61, at: 0, length: 2 << 20)
+        try s.startVM()
+        let vm = try #require(s.vm)
+        let socket = s.dir.file("their-nbd.sock")
+        try vm.monitor.execute("nbd-server-start", ["addr": ["type": "unix", "data": ["path": socket]]])
+        try s.backup([], expectStatus: 1)  // QEMU's server is not qbackup's: refused without --nbd-server
+        let fleece = s.dir.file("fleece")
+        try FileManager.default.createDirectory(atPath: fleece, withIntermediateDirectories: true)
+        let run = try RunningQBackup(["backup", "--qmp", vm.qmpSocket, "--repo", s.repo, "--output", "json",
+                                      "--fleece-dir", fleece, "--nbd-server", "unix:\(socket)"],
+                                     environment: ["QBACKUP_DEBUG_LIVE_PAUSE": "1"], directory: s.dir)
+        let before = s.model
+        let deadline = Date().addingTimeInterval(30)
+        var overlays: [String] = []
+        while overlays.isEmpty && Date() < deadline && run.isRunning {
+            overlays = ((try? FileManager.default.contentsOfDirectory(atPath: fleece)) ?? []).filter { $0.hasPrefix(".qbackup-fleece-") }
+            if overlays.isEmpty { usleep(5_000) }
+        }
+        #expect(overlays.count == 1, "no overlay in --fleece-dir")
+        let beside = (try FileManager.default.contentsOfDirectory(atPath: s.dir.path)).filter { $0.hasPrefix(".qbackup-") }
+        #expect(beside.isEmpty, "\(beside)")
+        let result = run.wait()
+        #expect(result.status == 0, "\(result.stderr)")
+        let json = try JSONHelpers.parse(result.stdout) as? [String: Any] ?? [:]
+        if let index = json["index"] as? Int { s.points[index] = before }
+        #expect(((try? FileManager.default.contentsOfDirectory(atPath: fleece)) ?? ["?"]).isEmpty)
+        // QEMU's own server is still running: starting another is refused.
+        #expect(throws: (any Error).self) {
+            try vm.monitor.execute("nbd-server-start", ["addr": ["type": "unix", "data": ["path": s.dir.file("other.sock")]]])
+        }
+        try s.checkNothingLeft()
+        try s.checkEveryPoint()
+    }
+
     /// --dry-run reports QEMU's dirty count and changes nothing.
     @Test func dryRunChangesNothing() throws {
         let s = try LiveScenario("live-dry")
