@@ -142,6 +142,31 @@ import TestSupport
         try s.checkEveryPoint()
     }
 
+    /// A VM with two disks: without --node qbackup refuses and names the nodes; --node picks one.
+    @Test func nodeChoosesAmongSeveralDisks() throws {
+        let dir = TempDir("live-two-disks")
+        let first = dir.file("a.qcow2")
+        let second = dir.file("b.qcow2")
+        try Tools.qemuImg("create", "-q", "-f", "qcow2", first, "4M")
+        try Tools.qemuImg("create", "-q", "-f", "qcow2", second, "4M")
+        try Tools.qemuIO(first, format: "qcow2", ["write -P 0x71 0 1M"])
+        try Tools.qemuIO(second, format: "qcow2", ["write -P 0x72 1M 1M"])
+        let vm = try QemuVM(disk: first, directory: dir, otherDisks: [second])
+        defer { vm.quit() }
+        let refused = try QBackupBinary.run(["backup", "--qmp", vm.qmpSocket, "--repo", dir.file("repo")])
+        #expect(refused.status == 1)
+        #expect(refused.stderr.hasPrefix("qbackup: error:") && refused.stderr.contains("--node")
+                && refused.stderr.contains("disk1"), "\(refused.stderr)")
+        #expect(!FileManager.default.fileExists(atPath: dir.file("repo/manifest.json")))
+        let chosen = try QBackupBinary.run(["backup", "--qmp", vm.qmpSocket, "--node", "disk1", "--repo", dir.file("repo")])
+        #expect(chosen.status == 0, "\(chosen.stderr)")
+        let out = dir.file("restored.raw")
+        let restored = try QBackupBinary.run(["restore", dir.file("repo"), "--to", out, "--format", "raw"])
+        #expect(restored.status == 0, "\(restored.stderr)")
+        let compare = try Tools.run(try Tools.which("qemu-img"), ["compare", "-U", "-f", "raw", "-F", "qcow2", out, second])
+        #expect(compare.status == 0, "\(compare.stdout)\(compare.stderr)")
+    }
+
     /// --dry-run reports QEMU's dirty count and changes nothing.
     @Test func dryRunChangesNothing() throws {
         let s = try LiveScenario("live-dry")

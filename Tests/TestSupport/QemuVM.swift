@@ -21,8 +21,10 @@ public final class QemuVM {
     /// The QOM path of the disk's virtio backend (from query-block), for qemu-io.
     public let qdev: String
 
-    /// Starts QEMU on `disk` (format `format`, node `node`) with its monitors in `directory`.
-    public init(disk: String, directory: TempDir, format: String = "qcow2", node: String = "disk0") throws {
+    /// Starts QEMU on `disk` (format `format`, node `node`) with its monitors in `directory`;
+    /// `otherDisks` (qcow2) become more virtio-blk devices, nodes `disk1`, `disk2`, ….
+    public init(disk: String, directory: TempDir, format: String = "qcow2", node: String = "disk0",
+                otherDisks: [String] = []) throws {
         let tag = UUID().uuidString.prefix(6)
         self.disk = disk
         self.node = node
@@ -40,7 +42,12 @@ public final class QemuVM {
                                 "-qmp", "unix:\(monitorSocket),server=on,wait=off",
                                 "-blockdev", "driver=file,node-name=\(protocolNode),filename=\(disk)",
                                 "-blockdev", "driver=\(format),node-name=\(node),file=\(protocolNode)",
-                                "-device", "virtio-blk-pci,drive=\(node),id=vda"])
+                                "-device", "virtio-blk-pci,drive=\(node),id=vda"]
+                                + otherDisks.enumerated().flatMap { i, path in
+                                    ["-blockdev", "driver=file,node-name=disk\(i + 1)-file,filename=\(path)",
+                                     "-blockdev", "driver=qcow2,node-name=disk\(i + 1),file=disk\(i + 1)-file",
+                                     "-device", "virtio-blk-pci,drive=disk\(i + 1),id=vd\(i + 1)"]
+                                })
         let text = (try? String(contentsOfFile: pidFile, encoding: .utf8)) ?? ""
         guard let pid = pid_t(text.trimmingCharacters(in: .whitespacesAndNewlines)), pid > 0 else {
             throw Tools.ToolFailure(command: "qemu-system-x86_64 -daemonize (no pid file)",
