@@ -95,7 +95,12 @@ public enum RestoreEngine {
         let index = try request.point.position(in: manifest, repository: request.repository)
         // OUT is written under a temporary name and renamed only when complete; an existing
         // OUT (a symbolic link included) is refused before anything is read, unless forced.
-        let output = try OutputFile(request.output, overwrite: request.force)
+        // `-` (stdout) and a block device are written in place, raw only.
+        let output = try OutputFile.target(request.output, overwrite: request.force)
+        if output.inPlace && request.format != .raw {
+            output.discard()
+            throw ChainError(.invalidArgument, "stdout and block devices take a raw restore: use --format raw", path: request.output)
+        }
         try checkChain(repo, manifest, index: index, digests: request.verify)
         let image = try openPoint(repo.path, manifest, index: index)
         defer { image.close() }

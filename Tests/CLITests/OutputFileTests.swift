@@ -163,4 +163,76 @@ import Glibc
         #expect(lstat(out, &st) == 0 && st.st_mode & S_IFMT == S_IFLNK, "the symbolic link was removed")
         #expect(Self.others(in: dir.path, keep: ["disk.qcow2", "repo", "out.img"]).isEmpty)
     }
+
+    /// Issue 17 item 13: `restore --to -` writes the raw disk to stdout (a pipe), messages on
+    /// stderr; it takes no --output json and no qcow2.
+    @Test func restoreToStdoutIsTheRawDisk() throws {
+        let dir = TempDir()
+        let (disk, repo) = try Self.fixture(dir)
+        let reference = dir.file("ref.raw")
+        #expect(try QBackupBinary.run(["restore", repo, "--to", reference, "--format", "raw"]).status == 0)
+        let piped = try QBackupBinary.run(["restore", repo, "--to", "-"])
+        #expect(piped.status == 0, "\(piped.stderr)")
+        #expect(piped.stdoutData == (try Data.contents(of: reference)), "stdout is not the raw disk (\(piped.stdoutData.count) bytes)")
+        #expect(piped.stderr.hasPrefix("restored layer 0 ") && !piped.stderr.contains("error"), "\(piped.stderr)")
+        let streamed = dir.file("streamed.raw")
+        try piped.stdoutData.write(to: URL(fileURLWithPath: streamed))
+        try Tools.qemuImg("compare", "-q", "-F", "qcow2", "-f", "raw", streamed, disk)
+        // Through a shell pipe into sha256sum, as an admin would.
+        let binary = try QBackupBinary.path()
+        let sums = try Tools.run("/bin/bash", ["-c", "set -o pipefail; '\(binary)' restore '\(repo)' --to - -q | sha256sum; sha256sum < '\(reference)'"])
+        let lines = sums.stdout.split(separator: "\n").map { $0.prefix(64) }
+        #expect(sums.status == 0 && lines.count == 2 && lines[0] == lines[1], "\(sums.stdout) \(sums.stderr)")
+        for extra in [["--output", "json"], ["--format", "qcow2"]] {
+            let refused = try QBackupBinary.run(["restore", repo, "--to", "-"] + extra)
+            #expect(refused.status == 2 && refused.stdout.isEmpty, "\(extra): \(refused.status) \(refused.stderr)")
+        }
+    }
+
+    /// Issue 17 item 13: a block device (a loop device here) is written in place, every byte
+    /// (the old contents do not show through the disk's holes), only with --force; the bytes
+    /// past the disk's end are left alone; a device smaller than the disk is refused untouched.
+    @Test func restoreToABlockDeviceWritesItInPlace() throws {
+        let losetup = try Tools.which("losetup", hint: "util-linux")
+        let dir = TempDir()
+        let (_, repo) = try Self.fixture(dir)
+        let reference = dir.file("ref.raw")
+        #expect(try QBackupBinary.run(["restore", repo, "--to", reference, "--format", "raw"]).status == 0)
+        let expected = try Data.contents(of: reference)
+        func loop(_ name: String, size: Int) throws -> String {
+            let backing = dir.file(name)
+            try Data(repeating: 0xee, count: size).write(to: URL(fileURLWithPath: backing))
+            let attached = try Tools.run(losetup, ["-f", "--show", backing])
+            #expect(attached.status == 0, "losetup: \(attached.stderr)")
+            return attached.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+        }
+        let device = try loop("big.img", size: 32 << 20)
+        defer { _ = try? Tools.run(losetup, ["-d", device]) }
+        let small = try loop("small.img", size: 16 << 20)
+        defer { _ = try? Tools.run(losetup, ["-d", small]) }
+        func contents(_ path: String, _ count: Int) throws -> Data {
+            let handle = try FileHandle(forReadingFrom: URL(fileURLWithPath: path))
+            defer { try? handle.close() }
+            return try handle.read(upToCount: count) ?? Data()
+        }
+
+        let unforced = try QBackupBinary.run(["restore", repo, "--to", device])
+        #expect(unforced.failedCleanly && unforced.stderr.contains("--force"), "\(unforced.stderr)")
+        #expect(try contents(device, 32 << 20) == Data(repeating: 0xee, count: 32 << 20), "refused, yet written")
+
+        let forced = try QBackupBinary.run(["restore", repo, "--to", device, "--force"])
+        #expect(forced.status == 0, "\(forced.stderr)")
+        let written = try contents(device, 32 << 20)
+        #expect(written.prefix(expected.count) == expected, "the device does not hold the disk")
+        #expect(written.suffix(from: expected.count) == Data(repeating: 0xee, count: (32 << 20) - expected.count),
+                "bytes past the disk's end changed")
+        // No temporary file beside the device, nor in the folder of its backing file.
+        #expect(Self.others(in: dir.path, keep: ["disk.qcow2", "repo", "ref.raw", "big.img", "small.img"]).isEmpty)
+
+        let tooSmall = try QBackupBinary.run(["restore", repo, "--to", small, "--force"])
+        #expect(tooSmall.failedCleanly && tooSmall.stderr.contains("block device holds"), "\(tooSmall.stderr)")
+        #expect(try contents(small, 16 << 20) == Data(repeating: 0xee, count: 16 << 20))
+        let qcow2 = try QBackupBinary.run(["restore", repo, "--to", device, "--force", "--format", "qcow2"])
+        #expect(qcow2.status == 2, "\(qcow2.stderr)")
+    }
 }

@@ -18,8 +18,10 @@ import Darwin
 ///    appeared meanwhile unless `overwrite`) → fsync of the folder (when durable).
 /// `discard` (or dropping the value uncommitted) removes only the temporary file.
 ///
-/// An in-place target (a block device, `-`) would be one more kind of `OutputFile`
-/// whose `device` is OUT itself and whose `commit` only flushes.
+/// An in-place target (`inPlace`: a block device, or `-` for stdout, made by `target`) is
+/// the other kind: its `device` is OUT itself, `commit` only flushes and `discard` only
+/// closes; a writer fills every byte (zeros included: the old contents stay otherwise),
+/// and a stream (stdout) front to back.
 public final class OutputFile {
     /// The path the user named.
     public let path: String
@@ -31,7 +33,48 @@ public final class OutputFile {
     public let durable: Bool
     /// Whether an existing OUT may be replaced (`--force`).
     public let overwrite: Bool
+    /// `device` is OUT itself (a block device or stdout), not a temporary file.
+    public let inPlace: Bool
+    /// OUT is stdout: written front to back, no seeks, no size.
+    public let isStream: Bool
     private var finished = false
+
+    /// The output for a path the user named: `-` is stdout, a block device is written in
+    /// place (only with `overwrite`: its contents are replaced), anything else as `init`.
+    public static func target(_ path: String, overwrite: Bool = false, durable: Bool = false) throws -> OutputFile {
+        if path == "-" {
+            guard let fd = Optional(dup(STDOUT_FILENO)), fd >= 0 else {
+                throw QCowError(.io, "cannot use stdout: \(Errno(rawValue: errno).description)", path: path)
+            }
+            return OutputFile(inPlace: path, FileDevice(adopting: FileDescriptor(rawValue: fd), name: "stdout", writable: true),
+                              stream: true)
+        }
+        var st = stat()
+        guard stat(path, &st) == 0, st.st_mode & S_IFMT == S_IFBLK else {
+            return try OutputFile(path, overwrite: overwrite, durable: durable)
+        }
+        guard overwrite else {
+            throw QCowError(.refused, "is a block device: its contents would be overwritten in place; use --force to do that",
+                            path: path)
+        }
+        // O_EXCL on a block device: refused while it is mounted or otherwise held exclusively.
+        let fd = open(path, O_WRONLY | O_EXCL | O_CLOEXEC)
+        guard fd >= 0 else {
+            throw QCowError(.io, "cannot open the block device: \(Errno(rawValue: errno).description)", path: path)
+        }
+        return OutputFile(inPlace: path, FileDevice(adopting: FileDescriptor(rawValue: fd), name: path, writable: true),
+                          stream: false)
+    }
+
+    private init(inPlace path: String, _ device: FileDevice, stream: Bool) {
+        self.path = path
+        temporaryPath = path
+        self.device = device
+        durable = !stream
+        overwrite = true
+        inPlace = true
+        isStream = stream
+    }
 
     /// The marker in every temporary name, so a leftover of a killed run is recognisable.
     public static let marker = ".qbackup-"
@@ -43,6 +86,8 @@ public final class OutputFile {
         self.path = path
         self.overwrite = overwrite
         self.durable = durable
+        inPlace = false
+        isStream = false
         try Self.checkTarget(path, overwrite: overwrite)
         let (folder, name) = Self.split(path)
         var created: (String, FileDevice)?
@@ -75,6 +120,10 @@ public final class OutputFile {
     public func commit() throws {
         precondition(!finished, "an output is committed or discarded once")
         if durable { try device.sync() }
+        if inPlace {
+            finished = true
+            return
+        }
         if overwrite {
             try Self.checkTarget(path, overwrite: true)
             guard rename(temporaryPath, path) == 0 else {
@@ -108,7 +157,7 @@ public final class OutputFile {
         guard !finished else { return }
         finished = true
         device.close()
-        unlink(temporaryPath)
+        if !inPlace { unlink(temporaryPath) }
     }
 
     // MARK: - Helpers

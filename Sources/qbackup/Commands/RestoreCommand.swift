@@ -1,4 +1,5 @@
 import ArgumentParser
+import Foundation
 import BackupChain
 import QCowImage
 
@@ -7,11 +8,18 @@ struct RestoreCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "restore",
         abstract: "Write the disk as it was at one backup layer as a standalone image.",
-        discussion: "The repository is never modified. OUT is written under a temporary name beside it and renamed into place only when complete; an existing OUT is refused unless --force.")
+        discussion: """
+            The repository is never modified. OUT is written under a temporary name beside it and \
+            renamed into place only when complete; an existing OUT is refused unless --force. OUT \
+            '-' writes the raw disk to stdout (messages and progress go to stderr); a block device \
+            is written in place, raw, every byte (with --force: its contents are replaced).
+            """)
 
     @Argument(help: "The repository folder.", completion: .directory) var repository: String
 
-    @Option(name: .long, help: "The output image file (must not exist, unless --force).", completion: .file()) var to: String
+    @Option(name: .long, help: "The output image file (must not exist, unless --force), '-' for stdout, or a block device.",
+            completion: .file())
+    var to: String
 
     @Flag(name: .long, help: "Replace an existing OUT (a regular file) once the new one is complete.") var force = false
 
@@ -21,8 +29,8 @@ struct RestoreCommand: ParsableCommand {
             transform: { try PointSelector(parsing: $0) })
     var at: PointSelector = .latest
 
-    @Option(name: .long, help: "Format of the restored image: qcow2 (default) or raw.")
-    var format: RestoreEngine.OutputFormat = .qcow2
+    @Option(name: .long, help: "Format of the restored image: qcow2 (default) or raw (the default for '-' and a block device).")
+    var format: RestoreEngine.OutputFormat?
 
     @Flag(name: .long, help: "Check each layer's checksum before reading it (reads the chain twice).")
     var verify = false
@@ -30,7 +38,20 @@ struct RestoreCommand: ParsableCommand {
     @OptionGroup var options: GlobalOptions
     @OptionGroup var progressOptions: ProgressOptions
 
+    /// `-` and block devices take raw; everything else qcow2 unless --format says.
+    var isInPlace: Bool {
+        var st = stat()
+        return to == "-" || (stat(to, &st) == 0 && st.st_mode & S_IFMT == S_IFBLK)
+    }
+
+    func validate() throws {
+        if to == "-" && options.json { throw ValidationError("--to - writes the disk to stdout: it takes no --output json") }
+        if to == "-" && isatty(STDOUT_FILENO) != 0 { throw ValidationError("--to -: stdout is a terminal; pipe or redirect it") }
+        if isInPlace && format == .qcow2 { throw ValidationError("stdout and block devices take a raw restore (--format raw)") }
+    }
+
     func run() throws {
+        let format = format ?? (isInPlace ? .raw : .qcow2)
         try ExitStatus.run(json: options.json) {
             let progress = progressOptions.reporter("restore")
             let result = try RestoreEngine.restore(
@@ -43,7 +64,12 @@ struct RestoreCommand: ParsableCommand {
                                   ("output", .string(to)), ("format", .string(format.rawValue)),
                                   ("virtual-size", .uint(result.virtualSize)), ("data-bytes", .uint(result.dataBytes))]))
             } else {
-                options.inform("restored layer \(result.index) (\(result.layer.created)) to \(to)\n")
+                let summary = "restored layer \(result.index) (\(result.layer.created)) to \(to == "-" ? "stdout" : to)\n"
+                if to == "-" {
+                    if !options.quiet { FileHandle.standardError.write(Data(summary.utf8)) }
+                } else {
+                    options.inform(summary)
+                }
             }
             return 0
         }
