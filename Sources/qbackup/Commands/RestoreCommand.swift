@@ -29,7 +29,7 @@ struct RestoreCommand: ParsableCommand {
             transform: { try PointSelector(parsing: $0) })
     var at: PointSelector = .latest
 
-    @Option(name: .long, help: "Format of the restored image: qcow2 (default) or raw (the default for '-' and a block device).")
+    @Option(name: .long, help: "Format of the restored image: qcow2 (default) or raw, which '-' and block devices take.")
     var format: RestoreEngine.OutputFormat?
 
     @Flag(name: .long, help: "Check each layer's checksum before reading it (reads the chain twice).")
