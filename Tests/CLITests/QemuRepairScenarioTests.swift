@@ -96,6 +96,21 @@ import TestSupport
         case "snapshot L1 table past the end of the file":
             try withSnapshot()
             try poke(path, at: try u64(path, at: 64), be(UInt64(0x1000_0000)))
+        case "060 refcount block overlapping the refcount table":
+            try withData()
+            try poke(path, at: refcountTable, be(UInt64(refcountTable)))
+        case "060 L2 reference into the refcount table":
+            try withData()
+            try poke(path, at: l1, be(UInt64(0x8000_0000_0000_0000) | refcountTable))
+        case "060 data reference into the L1 table":
+            try withData()
+            try poke(path, at: l2, be(UInt64(0x8000_0000_0000_0000) | l1))
+        case "L1 entry with reserved bits":
+            try withData()
+            try poke(path, at: l1, be(UInt64(0x8100_0000_0004_0000)))
+        case "L2 entry with reserved bits":
+            try withData()
+            try poke(path, at: l2, be(UInt64(0x8000_0000_0005_0010)))
         case "080 snapshot L1 table size too large":
             try withSnapshot()
             try poke(path, at: try u64(path, at: 64) + 8, be(UInt32(0x1000_0000)))
@@ -131,6 +146,11 @@ import TestSupport
         Scenario(name: "snapshot L1 table not cluster aligned", repairable: false, readable: true),
         Scenario(name: "080 snapshot L1 table size too large", repairable: false, readable: true, qemuRepairFails: true),
         Scenario(name: "039 dirty bit after a crash (lazy refcounts)"),
+        Scenario(name: "060 refcount block overlapping the refcount table"),
+        Scenario(name: "060 L2 reference into the refcount table"),
+        Scenario(name: "060 data reference into the L1 table"),
+        Scenario(name: "L1 entry with reserved bits", repairable: false),
+        Scenario(name: "L2 entry with reserved bits", repairable: false),
     ]
 
     static func counts(_ text: String) -> (corruptions: Int, leaks: Int) {
