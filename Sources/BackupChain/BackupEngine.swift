@@ -1,5 +1,6 @@
 import BitmapStore
-import Foundation
+import FoundationEssentials
+import Glibc
 import Logging
 import QCowImage
 

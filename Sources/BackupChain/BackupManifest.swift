@@ -1,4 +1,4 @@
-import Foundation
+import FoundationEssentials
 import QCowImage
 
 /// `manifest.json` of a repository (version 2, DESIGN.md "The manifest"): which disk it

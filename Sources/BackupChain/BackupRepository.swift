@@ -1,4 +1,4 @@
-import Foundation
+import FoundationEssentials
 import QCowImage
 import SystemPackage
 
@@ -36,7 +36,7 @@ public final class BackupRepository {
     public init(path: String, create: Bool = false, exclusive: Bool, allowMissing: Bool = false,
                 wait: Double = 0, tolerant: Bool = false, createLock: Bool = true) throws {
         self.path = path
-        var isDir: ObjCBool = false
+        var isDir = false
         if !FileManager.default.fileExists(atPath: path, isDirectory: &isDir) {
             if allowMissing && !create {
                 manifest = nil
@@ -45,7 +45,7 @@ public final class BackupRepository {
             guard create else { throw ChainError(.invalidArgument, "no such repository folder", path: path) }
             createdFolder = true
             try Self.createFolders(path)
-        } else if !isDir.boolValue {
+        } else if !isDir {
             throw ChainError(.invalidArgument, "not a folder", path: path)
         }
         do {
@@ -373,23 +373,16 @@ public final class BackupRepository {
     }
 
     static func compactStamp(_ date: Date) -> String {
-        let f = DateFormatter()
-        f.locale = Locale(identifier: "en_US_POSIX")
-        f.timeZone = TimeZone(identifier: "UTC")
-        f.dateFormat = "yyyyMMdd'T'HHmmss'Z'"
-        return f.string(from: date)
+        CivilTime(date).text("%Y%m%dT%H%M%SZ")
     }
 
     static func isoStamp(_ date: Date) -> String {
-        let f = ISO8601DateFormatter()
-        f.formatOptions = [.withInternetDateTime]
-        f.timeZone = TimeZone(identifier: "UTC")
-        return f.string(from: date)
+        CivilTime(date).text("%Y-%m-%dT%H:%M:%SZ")
     }
 
     /// A new random repository id (16 hex digits).
     public static func newID() -> String {
         var rng = SystemRandomNumberGenerator()
-        return String(format: "%016llx", rng.next() as UInt64)
+        return String(printf: "%016llx", rng.next() as UInt64)
     }
 }

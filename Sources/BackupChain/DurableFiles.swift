@@ -1,5 +1,5 @@
 import Crypto
-import Foundation
+import FoundationEssentials
 import QCowImage
 import SystemPackage
 
@@ -39,7 +39,7 @@ enum DurableFiles {
 
     /// fsync of the directory holding `path`.
     static func syncDirectory(of path: String) throws {
-        let dir = (path as NSString).deletingLastPathComponent
+        let dir = FilePath(path).removingLastComponent().string
         let fd = open(dir.isEmpty ? "." : dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
         guard fd >= 0 else { throw ChainError(.io, "cannot open directory: \(String(cString: strerror(errno)))", path: dir) }
         defer { close(fd) }

@@ -1,5 +1,6 @@
 import Crypto
-import Foundation
+import Dispatch
+import FoundationEssentials
 import QCowImage
 import SystemPackage
 

@@ -1,5 +1,6 @@
 import BitmapStore
-import Foundation
+import FoundationEssentials
+import Glibc
 import QCowImage
 
 /// A local image (qcow2 with its backing chain) as a backup source: guest data

@@ -1,4 +1,4 @@
-import Foundation
+import FoundationEssentials
 
 /// How a command names a point in time of a repository (`restore --at POINT`, DESIGN
 /// "Backup repositories"): its index (kept for life), its layer's file name, `latest`, or an

@@ -1,4 +1,5 @@
-import Foundation
+import FoundationEssentials
+import QCowImage
 
 /// Which points a retention policy keeps, counted as restic's `forget` counts them
 /// (internal/restic/snapshot_policy.go): points are taken newest first; each rule with
@@ -12,16 +13,16 @@ public struct RetentionPolicy: Sendable, Equatable {
     public var daily: Int?
     public var weekly: Int?
     public var monthly: Int?
-    /// The time zone whose calendar days, weeks and months count (UTC unless `--local-time`).
-    public var timeZone: TimeZone
+    /// Calendar days, weeks and months count in the local zone (`--local-time`), else in UTC.
+    public var localTime: Bool
 
     public init(last: Int? = nil, daily: Int? = nil, weekly: Int? = nil, monthly: Int? = nil,
-                timeZone: TimeZone = TimeZone(identifier: "UTC") ?? .current) {
+                localTime: Bool = false) {
         self.last = last
         self.daily = daily
         self.weekly = weekly
         self.monthly = monthly
-        self.timeZone = timeZone
+        self.localTime = localTime
     }
 
     public var isEmpty: Bool { [last, daily, weekly, monthly].allSatisfy { $0 == nil } }
@@ -29,13 +30,9 @@ public struct RetentionPolicy: Sendable, Equatable {
     /// Why each point is kept (rule names, as restic's reasons), by stable index; the points
     /// not named go. `layers` in chain order (oldest first).
     public func decide(_ layers: [BackupManifest.Layer]) throws -> Decision {
-        var calendar = Calendar(identifier: .iso8601)
-        calendar.timeZone = timeZone
-        let parser = ISO8601DateFormatter()
-        parser.formatOptions = [.withInternetDateTime]
         var dated: [(layer: BackupManifest.Layer, time: Date)] = []
         for layer in layers {
-            guard let time = parser.date(from: layer.created) else {
+            guard let time = try? Date(layer.created, strategy: .iso8601) else {
                 throw ChainError(.invalidFormat, "layer \(layer.index) has a creation time that is not ISO 8601 ('\(layer.created)'); calendar retention cannot place it")
             }
             dated.append((layer, time))
@@ -50,18 +47,9 @@ public struct RetentionPolicy: Sendable, Equatable {
             var bucket: (Date, Int) -> Int
             var lastBucket = Int.min
         }
-        func day(_ d: Date, _: Int) -> Int {
-            let c = calendar.dateComponents([.year, .month, .day], from: d)
-            return (c.year ?? 0) * 10000 + (c.month ?? 0) * 100 + (c.day ?? 0)
-        }
-        func week(_ d: Date, _: Int) -> Int {
-            let c = calendar.dateComponents([.yearForWeekOfYear, .weekOfYear], from: d)
-            return (c.yearForWeekOfYear ?? 0) * 100 + (c.weekOfYear ?? 0)
-        }
-        func month(_ d: Date, _: Int) -> Int {
-            let c = calendar.dateComponents([.year, .month], from: d)
-            return (c.year ?? 0) * 100 + (c.month ?? 0)
-        }
+        func day(_ d: Date, _: Int) -> Int { CivilTime(d, localTime: localTime).number("%Y%m%d") }
+        func week(_ d: Date, _: Int) -> Int { CivilTime(d, localTime: localTime).number("%G%V") }
+        func month(_ d: Date, _: Int) -> Int { CivilTime(d, localTime: localTime).number("%Y%m") }
         var rules: [Rule] = []
         if let last { rules.append(Rule(name: "last", count: last) { _, nr in nr }) }
         if let daily { rules.append(Rule(name: "daily", count: daily, bucket: day)) }

@@ -1,4 +1,4 @@
-import Foundation
+import FoundationEssentials
 import QCowImage
 
 /// QEMU's limits on persistent bitmaps (block/qcow2.h, block/qcow2-bitmap.c),
@@ -26,7 +26,7 @@ public enum BitmapLimits {
         if bytes == 0 { return "a bitmap name must not be empty" }
         if bytes > maxNameBytes { return "a bitmap name must be at most \(maxNameBytes) bytes, not \(bytes)" }
         if let c = name.unicodeScalars.first(where: { $0.properties.generalCategory == .control }) {
-            return "a bitmap name must not contain control characters (U+\(String(format: "%04X", c.value)))"
+            return "a bitmap name must not contain control characters (U+\(String(printf: "%04X", c.value)))"
         }
         return nil
     }

@@ -1,5 +1,5 @@
 import BackupChain
-import Foundation
+import FoundationEssentials
 
 /// What a live backup does with bitmap NAME in QEMU, from its state (DESIGN,
 /// "Live backup of a running VM"):

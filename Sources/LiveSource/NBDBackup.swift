@@ -1,5 +1,5 @@
 import BackupChain
-import Foundation
+import FoundationEssentials
 import Logging
 
 /// `qbackup backup --nbd URI`: a backup from an export someone else set up

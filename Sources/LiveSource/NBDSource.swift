@@ -1,5 +1,6 @@
 import BackupChain
-import Foundation
+import FoundationEssentials
+import Glibc
 import QCowImage
 
 /// An NBD export as a backup source: guest data by NBD reads, allocation from

@@ -1,6 +1,8 @@
 import BackupChain
-import Foundation
+import FoundationEssentials
+import Glibc
 import Logging
+import QCowImage
 
 /// `qbackup backup --qmp SOCKET`: a backup of a running QEMU's disk through a
 /// fleecing export, into the same repository and chain as offline backups of
@@ -84,7 +86,7 @@ public enum QMPBackup {
             result = try BackupEngine.backup(engine, logger: logger, progress: progress) { repo, engineRequest in
                 _ = try BackupEngine.preflight(engine, repo: repo, virtualSize: disk.virtualSize)
                 let id = repo.manifest?.id ?? newRepositoryID(repo.path)
-                let folder = request.fleeceDir ?? (disk.file as NSString).deletingLastPathComponent
+                let folder = request.fleeceDir ?? URL(fileURLWithPath: disk.file).deletingLastPathComponent().path
                 let names = FleeceSession.Names(id: id, folder: folder)
                 try FleeceSession.removeLeftovers(qmp: qmp, names: names, logger: logger)
                 // A NAME.frozen left by a crash holds changes no layer has: put them back first.
@@ -130,7 +132,7 @@ public enum QMPBackup {
         let absolute = URL(fileURLWithPath: path).standardizedFileURL.path
         var hash: UInt64 = 0xcbf2_9ce4_8422_2325
         for byte in absolute.utf8 { hash = (hash ^ UInt64(byte)) &* 0x100_0000_01b3 }
-        return String(format: "%016llx", hash)
+        return String(printf: "%016llx", hash)
     }
 
     /// Cleanup, then the bitmaps: dropped NAME.frozen after a committed layer, merged back otherwise.

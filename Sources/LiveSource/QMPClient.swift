@@ -1,4 +1,4 @@
-import Foundation
+import FoundationEssentials
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -96,7 +96,7 @@ public final class QMPClient {
         let id = "qbackup-\(nextID)"
         var message: [String: Any] = ["execute": command, "id": id]
         if let arguments { message["arguments"] = arguments }
-        var data = try JSONSerialization.data(withJSONObject: message)
+        var data = try QMPJSON.data(message)
         data.append(0x0A)
         try send(data)
         let deadline = Date().addingTimeInterval(timeout ?? self.timeout)
@@ -171,7 +171,7 @@ public final class QMPClient {
                 let line = Array(buffer[..<newline])
                 buffer.removeSubrange(...newline)
                 if line.allSatisfy({ $0 == 0x0D || $0 == 0x20 }) { continue }
-                guard let object = try? JSONSerialization.jsonObject(with: Data(line)) as? [String: Any] else {
+                guard let object = (try? QMPJSON.value(Data(line))) as? [String: Any] else {
                     throw LiveError(.invalidFormat, "\(path): QEMU sent a QMP message that is not a JSON object")
                 }
                 return object

@@ -1,4 +1,4 @@
-import Foundation
+import FoundationEssentials
 
 /// A disk of a running QEMU as QMP reports it: its qcow2 format node, the image
 /// file behind it and the dirty bitmaps on it. Everything QEMU sends is checked
@@ -65,7 +65,7 @@ struct QMPDisk {
         guard let file = (image["filename"] as? String) ?? (info["file"] as? String), file.hasPrefix("/") else {
             throw LiveError(.unsupported, "QEMU does not report node '\(name)' as an image file with an absolute path")
         }
-        guard let size = (image["virtual-size"] as? NSNumber)?.int64Value, size > 0 else {
+        guard let size = QMPJSON.uint64(image["virtual-size"]), size > 0 else {
             throw LiveError(.invalidFormat, "QEMU reports no virtual size for node '\(name)'")
         }
         var bitmaps: [String: Bitmap] = [:]
@@ -76,9 +76,9 @@ struct QMPDisk {
                                          persistent: entry["persistent"] as? Bool ?? false,
                                          busy: entry["busy"] as? Bool ?? false,
                                          inconsistent: entry["inconsistent"] as? Bool ?? false,
-                                         count: (entry["count"] as? NSNumber)?.uint64Value ?? 0,
-                                         granularity: (entry["granularity"] as? NSNumber)?.uint64Value ?? 0)
+                                         count: QMPJSON.uint64(entry["count"]) ?? 0,
+                                         granularity: QMPJSON.uint64(entry["granularity"]) ?? 0)
         }
-        return QMPDisk(node: name, file: file, virtualSize: UInt64(size), bitmaps: bitmaps)
+        return QMPDisk(node: name, file: file, virtualSize: size, bitmaps: bitmaps)
     }
 }

@@ -1,5 +1,5 @@
 import BitmapStore
-import Foundation
+import FoundationEssentials
 import QCowImage
 
 /// DESIGN "Damaged images": a read-only command whose work did not need the damaged

@@ -1,5 +1,6 @@
 import ArgumentParser
-import Foundation
+import FoundationEssentials
+import Glibc
 import QCowImage
 
 /// Exit statuses and the one table that maps library errors to them.
@@ -69,16 +70,27 @@ enum ExitStatus {
     }
 
     static func report(_ message: String) {
-        let oneLine = message.replacingOccurrences(of: "\n", with: " ")
-        FileHandle.standardError.write(Data("qbackup: error: \(oneLine)\n".utf8))
+        let oneLine = message.replacing("\n", with: " ")
+        standardError("qbackup: error: \(oneLine)\n")
+    }
+}
+
+/// Writes `text` to stderr (fd 2) whole, unbuffered.
+func standardError(_ text: String) {
+    var bytes = Array(text.utf8)[...]
+    while !bytes.isEmpty {
+        let n = bytes.withUnsafeBytes { write(STDERR_FILENO, $0.baseAddress, $0.count) }
+        if n < 0 && errno == EINTR { continue }
+        guard n > 0 else { return }
+        bytes = bytes.dropFirst(n)
     }
 }
 
 /// One `qbackup: warning:` line on stderr: every warning a command prints goes through here.
 func warning(_ message: String) {
-    let oneLine = message.replacingOccurrences(of: "\n", with: " ")
+    let oneLine = message.replacing("\n", with: " ")
     JSONReport.warnings.append(oneLine)
-    FileHandle.standardError.write(Data("qbackup: warning: \(oneLine)\n".utf8))
+    standardError("qbackup: warning: \(oneLine)\n")
 }
 
 /// Writes to stdout through a 64 KiB buffer (a map or dump of a million extents

@@ -1,4 +1,6 @@
-import Foundation
+import FoundationEssentials
+import Glibc
+import QCowImage
 
 /// A byte count as qemu-img prints it (util/cutils.c `size_to_str`): three significant digits, the
 /// unit a power of 1024 chosen so the number stays below 1000 — "999 B", "0.977 KiB", "1.5 GiB".
@@ -14,7 +16,7 @@ func humanSize(_ bytes: UInt64) -> String {
     while unit < units.count - 1 && Double(bytes) >= 1000 * pow(1024, Double(unit)) { unit += 1 }
     while true {
         // Below 1000 `%0.3g` prints plain digits; an exponent means the value rounded up to 1000.
-        let text = String(format: "%0.3g", Double(bytes) / pow(1024, Double(unit)))
+        let text = String(printf: "%0.3g", Double(bytes) / pow(1024, Double(unit)))
         if text.contains("e") && unit < units.count - 1 {
             unit += 1
             continue

@@ -1,6 +1,6 @@
 import BackupChain
 import BitmapStore
-import Foundation
+import FoundationEssentials
 import QCowImage
 
 /// DESIGN "Command line": with `--output json`, a command whose JSON is an object prints
@@ -60,7 +60,7 @@ enum JSONReport {
         } else {
             message = "\(error)"
         }
-        return [("message", .string(message.replacingOccurrences(of: "\n", with: " "))),
+        return [("message", .string(message.replacing("\n", with: " "))),
                 ("code", code.map(JSON.string) ?? .null), ("file", file.map(JSON.string) ?? .null),
                 ("offset", offset.map(JSON.uint) ?? .null), ("region", region.map(JSON.string) ?? .null)]
     }

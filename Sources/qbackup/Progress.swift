@@ -1,4 +1,7 @@
-import Foundation
+import FoundationEssentials
+import Glibc
+import QCowImage
+import Synchronization
 
 /// Progress on stderr for long work.
 ///
@@ -9,7 +12,7 @@ import Foundation
 final class ProgressReporter: @unchecked Sendable {
     let label: String
     private let terminal: Bool
-    private let lock = NSLock()
+    private let lock = Mutex(())
     private let start = Date()
     private var lastDraw = Date.distantPast
     private var samples = 0
@@ -33,8 +36,10 @@ final class ProgressReporter: @unchecked Sendable {
     }
 
     func update(_ done: UInt64, _ total: UInt64) {
-        lock.lock()
-        defer { lock.unlock() }
+        lock.withLock { _ in record(done, total) }
+    }
+
+    private func record(_ done: UInt64, _ total: UInt64) {
         last = (done, total)
         samples += 1
         let now = Date()
@@ -47,8 +52,10 @@ final class ProgressReporter: @unchecked Sendable {
 
     /// The final state: the bar at its last value and a newline, or the closing plain line.
     func finish() {
-        lock.lock()
-        defer { lock.unlock() }
+        lock.withLock { _ in close() }
+    }
+
+    private func close() {
         if terminal {
             if lineOpen { write("\n") }
         } else {
@@ -63,7 +70,7 @@ final class ProgressReporter: @unchecked Sendable {
         let fraction = total == 0 ? 1 : min(1, Double(done) / Double(total))
         let elapsed = now.timeIntervalSince(start)
         let rate = elapsed > 0 ? Double(done) / elapsed : 0
-        let percent = String(format: "%5.1f%%", fraction * 100)
+        let percent = String(printf: "%5.1f%%", fraction * 100)
         let sizes = "\(humanSize(done))/\(humanSize(total))"
         let speed = "\(humanSize(UInt64(rate)))/s"
         let eta: String
@@ -76,7 +83,7 @@ final class ProgressReporter: @unchecked Sendable {
         }
         if !terminal {
             let when = final ? "done in \(Self.clock(elapsed))" : eta
-            write("\(label): \(percent.trimmingCharacters(in: .whitespaces)) \(sizes), \(speed), \(when)\n")
+            write("\(label): \(percent.drop { $0 == " " }) \(sizes), \(speed), \(when)\n")
             return
         }
         write("\r" + Self.fit(label: label, fraction: fraction, fields: [percent, sizes, speed, eta],
@@ -109,7 +116,7 @@ final class ProgressReporter: @unchecked Sendable {
     /// h:mm:ss
     static func clock(_ seconds: Double) -> String {
         let s = seconds.isFinite ? max(0, Int(seconds.rounded())) : 0
-        return String(format: "%d:%02d:%02d", s / 3600, s / 60 % 60, s % 60)
+        return String(printf: "%d:%02d:%02d", s / 3600, s / 60 % 60, s % 60)
     }
 
     /// The terminal's columns (TIOCGWINSZ on stderr), else $COLUMNS, else 80.
@@ -121,6 +128,6 @@ final class ProgressReporter: @unchecked Sendable {
     }
 
     private func write(_ text: String) {
-        FileHandle.standardError.write(Data(text.utf8))
+        standardError(text)
     }
 }

@@ -1,5 +1,6 @@
 import ArgumentParser
-import Foundation
+import FoundationEssentials
+import Glibc
 
 /// The qbackup command line: parses, calls one library entry point per
 /// command, renders the result. No format logic lives here.
@@ -43,14 +44,14 @@ struct QBackup: ParsableCommand {
             var command = try parseAsRoot()
             try command.run()
         } catch let exit as ExitCode {
-            Foundation.exit(exit.rawValue)
+            Glibc.exit(exit.rawValue)
         } catch {
             let code = exitCode(for: error)
             if code == .validationFailure {
                 let message = self.message(for: error)
-                FileHandle.standardError.write(Data("qbackup: error: \(message)\n".utf8))
-                FileHandle.standardError.write(Data("Run 'qbackup --help' (or 'qbackup COMMAND --help') for usage.\n".utf8))
-                Foundation.exit(ExitStatus.usage)
+                standardError("qbackup: error: \(message)\n")
+                standardError("Run 'qbackup --help' (or 'qbackup COMMAND --help') for usage.\n")
+                Glibc.exit(ExitStatus.usage)
             }
             self.exit(withError: error)
         }

@@ -1,4 +1,5 @@
-import Foundation
+import FoundationEssentials
+import QCowImage
 
 /// A JSON value with ordered keys, printed the way qemu-img prints it.
 indirect enum JSON {
@@ -53,7 +54,7 @@ indirect enum JSON {
             case "\t": out += "\\t"
             default:
                 if scalar.value < 0x20 {
-                    out += String(format: "\\u%04x", scalar.value)
+                    out += String(printf: "\\u%04x", scalar.value)
                 } else {
                     out.unicodeScalars.append(scalar)
                 }

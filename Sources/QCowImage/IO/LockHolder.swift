@@ -1,4 +1,4 @@
-import Foundation
+import FoundationEssentials
 
 #if canImport(Glibc)
 import Glibc
@@ -42,7 +42,7 @@ public struct LockHolder: Sendable, CustomStringConvertible {
         let dev = UInt64(st.st_dev)
         let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & ~UInt64(0xfff))
         let minor = (dev & 0xff) | ((dev >> 12) & ~UInt64(0xff))
-        let file = String(format: "%02llx:%02llx:%llu", major, minor, UInt64(st.st_ino))
+        let file = String(printf: "%02llx:%02llx:%llu", major, minor, UInt64(st.st_ino))
         var openFileLocks = false
         for line in table.split(separator: "\n") {
             // "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"; waiters have "->" after the number.
@@ -86,7 +86,7 @@ public struct LockHolder: Sendable, CustomStringConvertible {
             .flatMap { String(data: Data($0), encoding: .utf8) }
             .flatMap { $0.split(separator: "/").last.map(String.init) }
         let comm = (try? String(contentsOfFile: "/proc/\(pid)/comm", encoding: .utf8))?
-            .trimmingCharacters(in: .whitespacesAndNewlines)
+            .split(separator: "\n").first.map(String.init)
         let name = [argv0, comm].compactMap { $0 }.first { !$0.isEmpty } ?? "a process"
         return LockHolder(pid: pid, command: name)
     }

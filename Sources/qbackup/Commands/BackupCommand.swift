@@ -1,5 +1,5 @@
 import ArgumentParser
-import Foundation
+import FoundationEssentials
 import BackupChain
 import LiveSource
 import QCowImage
@@ -158,7 +158,7 @@ struct BackupCommand: ParsableCommand {
                 options.inform("\(result.kind.rawValue) backup: layer \(result.index) \(layer.file), \(humanSize(result.bytesCopied)) copied in \(result.extents) extent(s), file \(humanSize(layer.fileSize))\n")
             }
             if !options.json {
-                for note in notes { FileHandle.standardError.write(Data("qbackup: note: \(note)\n".utf8)) }
+                for note in notes { standardError("qbackup: note: \(note)\n") }
             }
             return 0
         }

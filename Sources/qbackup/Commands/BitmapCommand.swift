@@ -1,6 +1,6 @@
 import ArgumentParser
 import BitmapStore
-import Foundation
+import FoundationEssentials
 import QCowImage
 
 /// `qbackup bitmap list|add|remove|clear|enable|disable|merge|dump` — persistent dirty bitmaps.

@@ -103,7 +103,7 @@ struct CheckCommand: ParsableCommand {
         // As qemu-img: allocated of all clusters, fragmented and compressed of the allocated ones;
         // no line at all for an image with nothing allocated.
         if r.totalClusters > 0 && r.allocatedClusters > 0 {
-            let pct = { (n: UInt64, of: UInt64) in String(format: "%.2f", Double(n) * 100 / Double(of)) }
+            let pct = { (n: UInt64, of: UInt64) in String(printf: "%.2f", Double(n) * 100 / Double(of)) }
             out += "\(r.allocatedClusters)/\(r.totalClusters) = \(pct(r.allocatedClusters, r.totalClusters))% allocated, "
                 + "\(pct(r.fragmentedClusters, r.allocatedClusters))% fragmented, "
                 + "\(pct(r.compressedClusters, r.allocatedClusters))% compressed clusters\n"

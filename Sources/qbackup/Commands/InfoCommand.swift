@@ -1,6 +1,7 @@
 import ArgumentParser
 import BitmapStore
-import Foundation
+import FoundationEssentials
+import Glibc
 import QCowImage
 
 /// `qbackup info IMAGE [--backing-chain]` — like `qemu-img info`.
@@ -104,7 +105,7 @@ struct InfoCommand: ParsableCommand {
             lines.append("ID        TAG               VM SIZE                DATE     VM CLOCK     ICOUNT")
             for s in info.snapshots {
                 let clock = s.vmClockNanoseconds
-                let vmClock = String(format: "%02llu:%02llu:%02llu.%03llu", clock / 3_600_000_000_000,
+                let vmClock = String(printf: "%02llu:%02llu:%02llu.%03llu", clock / 3_600_000_000_000,
                                      clock / 60_000_000_000 % 60, clock / 1_000_000_000 % 60, clock / 1_000_000 % 1000)
                 let icount = s.icount.map { $0 == UInt64.max ? "" : String($0) } ?? ""
                 lines.append(s.id.padding(10) + s.name.padding(18) + humanSize(s.vmStateSizeLarge).leftPadded(7)
@@ -149,12 +150,7 @@ extension String {
 
 /// "2026-11-25 09:34:06" in local time, as qemu-img prints snapshot dates.
 func localDate(_ seconds: UInt32) -> String {
-    var t = time_t(seconds)
-    var parts = tm()
-    localtime_r(&t, &parts)
-    var buffer = [CChar](repeating: 0, count: 32)
-    let n = strftime(&buffer, buffer.count, "%Y-%m-%d %H:%M:%S", &parts)
-    return String(decoding: buffer[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    CivilTime(seconds: time_t(seconds), localTime: true).text("%Y-%m-%d %H:%M:%S")
 }
 
 extension ImageOpener.Format: ExpressibleByArgument {}

@@ -1,6 +1,6 @@
 import ArgumentParser
 import BackupChain
-import Foundation
+import FoundationEssentials
 
 /// `qbackup merge DIR [--keep N] [--keep-daily D] [--keep-weekly W] [--keep-monthly M]` — retention.
 struct MergeCommand: ParsableCommand {
@@ -37,7 +37,7 @@ struct MergeCommand: ParsableCommand {
 
     var policy: RetentionPolicy {
         RetentionPolicy(last: keep, daily: keepDaily, weekly: keepWeekly, monthly: keepMonthly,
-                        timeZone: localTime ? .current : TimeZone(identifier: "UTC") ?? .current)
+                        localTime: localTime)
     }
 
     func validate() throws {
