@@ -1,5 +1,6 @@
 import ArgumentParser
-import Foundation
+import FoundationEssentials
+import Glibc
 import BackupChain
 import QCowImage
 
@@ -66,7 +67,7 @@ struct RestoreCommand: ParsableCommand {
             } else {
                 let summary = "restored layer \(result.index) (\(result.layer.created)) to \(to == "-" ? "stdout" : to)\n"
                 if to == "-" {
-                    if !options.quiet { FileHandle.standardError.write(Data(summary.utf8)) }
+                    if !options.quiet { standardError(summary) }
                 } else {
                     options.inform(summary)
                 }
