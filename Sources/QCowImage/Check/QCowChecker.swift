@@ -54,7 +54,14 @@ public struct QCowChecker {
             return checker.report
         }
         let first = checker.report
-        if repair == .all && image.snapshotTableDamage != nil { try image.dropDamagedSnapshotTable() }
+        if repair == .all && image.snapshotTableDamage != nil {
+            // The unreadable table goes first; the references are then counted again without it,
+            // so the clusters it covered become leaks this repair frees (not leaks left behind).
+            try image.dropDamagedSnapshotTable()
+            checker = try QCowChecker(image: image, contributors: contributors)
+            checker.repairEntries = true
+            try checker.run()
+        }
         _ = try checker.repair(mode: repair)
         // Check again, as qemu-img does, and report what remains plus what was fixed.
         image.dropCaches()
