@@ -80,6 +80,49 @@ public struct LayerDigest: Equatable, Sendable {
         return (digest, try identity(of: device))
     }
 
+    /// The digest of the file at `path` after a change in place (of a file of `oldSize` bytes,
+    /// every write noted in `writes`): the chunks it changed are hashed from the file, every
+    /// other one keeps its digest from `recorded` — the record of the file before the change,
+    /// which the caller checked against the file first (`problem`). Returns how many chunks
+    /// were hashed too.
+    static func update(path: String, recorded: [String], oldSize: UInt64, writes: WriteLog) throws
+        -> (digest: LayerDigest, identity: BackupManifest.Identity, hashed: Int)
+    {
+        let device = FileDevice(adopting: FileDescriptor(rawValue: try RepositoryFiles.openRegular(path, flags: O_RDONLY)),
+                                name: path, writable: false)
+        defer { device.close() }
+        let size = try device.size()
+        let count = chunkCount(of: size)
+        let changed = writes.changedChunks(oldSize: oldSize, newSize: size)
+        var chunks = Array(recorded.prefix(count))
+        while chunks.count < count { chunks.append("") }
+        let hash = changed.union(recorded.count..<max(recorded.count, count)).filter { $0 < count }.sorted()
+        var buffer = [UInt8](repeating: 0, count: BackupManifest.chunkSize)
+        for number in hash {
+            guard let digest = try chunkDigest(number, of: device, size: size, buffer: &buffer) else {
+                throw ChainError(.io, "the file changed size while it was hashed", path: path)
+            }
+            chunks[number] = digest
+        }
+        return (LayerDigest(chunks: chunks, sha256: combine(chunks), size: size), try identity(of: device), hash.count)
+    }
+
+    /// The SHA-256 (hex) of chunk `number` of a device of `size` bytes, or nil when fewer bytes read.
+    private static func chunkDigest(_ number: Int, of device: BlockDevice, size: UInt64, buffer: inout [UInt8]) throws -> String? {
+        let start = UInt64(number) * UInt64(BackupManifest.chunkSize)
+        let expected = Int(min(UInt64(BackupManifest.chunkSize), size - min(size, start)))
+        var got = 0
+        while got < expected {
+            let n = try buffer.withUnsafeMutableBytes {
+                try device.read(into: UnsafeMutableRawBufferPointer(rebasing: $0[got..<expected]), at: start + UInt64(got))
+            }
+            if n == 0 { break }
+            got += n
+        }
+        guard got == expected else { return nil }
+        return buffer.withUnsafeBytes { hex(SHA256.hash(data: UnsafeRawBufferPointer(rebasing: $0[0..<got]))) }
+    }
+
     /// Hashes the file at `path` on another thread while `work` runs (an fsync of the same,
     /// already final file: the hash reads the page cache while the disk writes).
     static func compute(path: String, during work: () throws -> Void) throws -> (LayerDigest, BackupManifest.Identity) {
@@ -119,19 +162,8 @@ public struct LayerDigest: Equatable, Sendable {
                 bad.append(number)
                 continue
             }
-            let start = UInt64(number) * UInt64(BackupManifest.chunkSize)
-            let expected = number == recorded.count - 1
-                ? Int(layer.fileSize - start) : BackupManifest.chunkSize
-            var got = 0
-            while got < expected {
-                let n = try buffer.withUnsafeMutableBytes {
-                    try device.read(into: UnsafeMutableRawBufferPointer(rebasing: $0[got..<expected]), at: start + UInt64(got))
-                }
-                if n == 0 { break }
-                got += n
-            }
-            let digest = buffer.withUnsafeBytes { hex(SHA256.hash(data: UnsafeRawBufferPointer(rebasing: $0[0..<got]))) }
-            if got != expected || digest != recorded[number] { bad.append(number) }
+            let digest = try chunkDigest(number, of: device, size: layer.fileSize, buffer: &buffer)
+            if digest != recorded[number] { bad.append(number) }
         }
         return bad
     }

@@ -42,6 +42,9 @@ public enum MergeEngine {
         public var reasons: [Int: [String]] = [:]
         /// Each point's creation time as recorded (ISO 8601), by stable index.
         public var created: [Int: String] = [:]
+        /// The 4 MiB chunks of the merged layer files hashed for their new checksums: an in-place
+        /// merge hashes only the chunks it wrote (the others keep the digests checked before).
+        public var chunksHashed = 0
     }
 
     public static func merge(repository: String, keep: Int, logger: Logger = Logger(label: "qbackup.merge"),
@@ -86,7 +89,9 @@ public enum MergeEngine {
             guard let target = current.layers[start...].firstIndex(where: { !going.contains($0.index) }) else {
                 throw ChainError(.invalidArgument, "retention would drop the newest point", path: repository)
             }
-            result.bytesWritten += try fold(repo, current, from: start, into: target, logger: logger, progress: progress)
+            let folded = try fold(repo, current, from: start, into: target, logger: logger, progress: progress)
+            result.bytesWritten += folded.bytes
+            result.chunksHashed += folded.chunksHashed
             result.folded += target - start
         }
         result.remaining = repo.manifest?.layers.count ?? 0
@@ -111,9 +116,9 @@ public enum MergeEngine {
     /// layer lies between, that full layer: when it is already k, the older files just leave the
     /// manifest; otherwise the layers after it up to k are committed into its file in place and
     /// the file takes k's name, or (sizes differ, or the file has other hard links) point k is
-    /// written as a new standalone file. Returns the guest bytes written.
+    /// written as a new standalone file. Returns the guest bytes written and the chunks hashed.
     private static func fold(_ repo: BackupRepository, _ manifest: BackupManifest, from: Int, into k: Int,
-                             logger: Logger, progress: ((UInt64, UInt64) -> Void)?) throws -> UInt64 {
+                             logger: Logger, progress: ((UInt64, UInt64) -> Void)?) throws -> Folded {
         var manifest = manifest
         let base = max(from, manifest.segmentStart(of: k))
         // Nothing is recorded before every file the merge changes, replaces or removes is
@@ -125,7 +130,7 @@ public enum MergeEngine {
             let dropped = manifest.layers[from..<k].map(\.file)
             manifest.layers.removeSubrange(from..<k)
             try repo.saveDropping(manifest, files: dropped)
-            return 0
+            return Folded(bytes: 0, chunksHashed: 0)
         }
         try checkDigests(repo, manifest, base...k, held: Array(held[(base - from)...]))
         let sameSize = manifest.layers[base...k].allSatisfy { $0.virtualSize == manifest.layers[base].virtualSize }
@@ -147,6 +152,11 @@ public enum MergeEngine {
             try checkDigests(repo, manifest, segment...(base - 1), held: readers)
         }
         return try rewrite(repo, manifest, from: from, k, logger: logger, progress: progress)
+    }
+
+    struct Folded {
+        var bytes: UInt64
+        var chunksHashed: Int
     }
 
     /// Takes a writer's image locks on each layer file (on descriptors of their own, held
@@ -186,11 +196,13 @@ public enum MergeEngine {
         }
     }
 
-    /// Steps 1-5 of an in-place merge of point `k`; returns the guest bytes written. Every file is
+    /// Steps 1-5 of an in-place merge of point `k`; returns the guest bytes written and the chunks
+    /// hashed (a fresh merge notes which chunks of the base file it writes and hashes only those:
+    /// the others hold the bytes `checkDigests` just checked). Every file is
     /// opened (the full layer for writing) before step 1 records anything. `recovering`: an
     /// earlier attempt, already recorded, may have died midway, leaving leaked clusters to free.
     private static func commitInPlace(_ repo: BackupRepository, _ manifest: BackupManifest, from: Int, _ k: Int,
-                                      logger: Logger, progress: ((UInt64, UInt64) -> Void)?, recovering: Bool) throws -> UInt64 {
+                                      logger: Logger, progress: ((UInt64, UInt64) -> Void)?, recovering: Bool) throws -> Folded {
         var manifest = manifest
         let base = max(from, manifest.segmentStart(of: k))
         let into = manifest.layers[base].file
@@ -199,6 +211,11 @@ public enum MergeEngine {
         let total = newer.reduce(UInt64(0)) { $0 + $1.virtualSize }
         var done: UInt64 = 0
         var written: UInt64 = 0
+        // What the commit writes into the base file. A recovery knows nothing of what the
+        // interrupted attempt wrote, and a version 1 record has no chunks: those hash it whole.
+        let recorded = recovering ? nil : manifest.layers[base].chunks
+        let log = WriteLog(granularity: UInt64(BackupManifest.chunkSize))
+        var logged = false
         // A recovery holds no locks yet; a fresh merge holds them on other descriptors.
         let files = RepositoryFiles(directory: repo.path, takesLocks: recovering)
         let opened = try ImageOpener.open(basePath, format: .qcow2, writable: true, files: files)
@@ -207,6 +224,10 @@ public enum MergeEngine {
             // A full base layer stands alone; an incremental one (a fold in the middle) keeps its backing file.
             guard let baseFile = opened as? QCowFile, (baseFile.backing == nil) == (manifest.layers[base].kind == .full) else {
                 throw ChainError(.corrupt, "the base layer's backing file does not match its kind in the manifest", path: basePath)
+            }
+            if recorded != nil, let device = baseFile.device as? FileDevice {
+                device.writeLog = log
+                logged = true
             }
             var tops: [QCowFile] = []
             defer { for top in tops { top.close() } }
@@ -236,7 +257,16 @@ public enum MergeEngine {
             }
         }
         // 3-5.
-        let (digest, identity) = try LayerDigest.compute(path: basePath)
+        let digest: LayerDigest
+        let identity: BackupManifest.Identity
+        let hashed: Int
+        if logged, let recorded {
+            (digest, identity, hashed) = try LayerDigest.update(path: basePath, recorded: recorded,
+                                                                oldSize: manifest.layers[base].fileSize, writes: log)
+        } else {
+            (digest, identity) = try LayerDigest.compute(path: basePath)
+            hashed = digest.chunks.count
+        }
         manifest.pendingMerge?.sha256 = digest.sha256
         manifest.pendingMerge?.fileSize = digest.size
         manifest.pendingMerge?.chunks = digest.chunks
@@ -244,13 +274,13 @@ public enum MergeEngine {
         try repo.save(manifest)
         try DurableFiles.rename(basePath, to: repo.file(manifest.layers[k].file))
         try finish(repo, logger: logger)
-        return written
+        return Folded(bytes: written, chunksHashed: hashed)
     }
 
     /// Writes point k as a new standalone file and swaps it in (layers of different sizes, or
     /// a full layer whose file has other hard links). No existing file is ever written.
     private static func rewrite(_ repo: BackupRepository, _ manifest: BackupManifest, from: Int, _ k: Int, logger: Logger,
-                                progress: ((UInt64, UInt64) -> Void)?) throws -> UInt64 {
+                                progress: ((UInt64, UInt64) -> Void)?) throws -> Folded {
         var manifest = manifest
         let target = manifest.layers[k]
         let tempName = target.file + ".merge" + BackupRepository.tempSuffix
@@ -281,7 +311,8 @@ public enum MergeEngine {
         try repo.save(manifest)
         try DurableFiles.rename(temp, to: repo.file(target.file))
         try finish(repo, logger: logger)
-        return layer.bytes
+        // Hashed while it was written.
+        return Folded(bytes: layer.bytes, chunksHashed: digest.chunks.count)
     }
 
     /// Completes (or undoes) a merge that a crash interrupted.

@@ -1,3 +1,4 @@
+import BackupChain
 import Foundation
 import Testing
 import TestSupport
@@ -224,5 +225,35 @@ import Glibc
         #expect(row?.contains("full         ") == true && row?.contains(" 3 MiB ") == true, "\(row ?? "")")
         try s.expectRestore(2, equals: s.references[2])
         try s.qbackup(["verify", s.repo])
+    }
+
+    /// Issue 13 item 4: an in-place merge re-hashes only the 4 MiB chunks of the full layer's
+    /// file that it wrote (the others keep the digests it checked first), and verify still
+    /// covers every byte: a flipped byte in a chunk the merge did not hash is found.
+    @Test func inPlaceMergeHashesOnlyTheChunksItWrote() throws {
+        let s = try BackupScenario(size: "24M", seed: 69)
+        try Tools.run("qemu-io", ["-f", "qcow2", "-c", "write -P 0x11 0 24M", s.disk])
+        try s.backup()
+        // One 64 KiB cluster the full layer already holds: the commit overwrites it in place.
+        try Tools.run("qemu-io", ["-f", "qcow2", "-c", "write -P 0x22 12M 64K", s.disk])
+        try s.backup()
+        let full = s.layerPath(try s.layers()[0])
+        let chunks = Int((try FileManager.default.attributesOfItem(atPath: full)[.size] as? UInt64 ?? 0) + (4 << 20) - 1) >> 22
+        #expect(chunks >= 6)
+        let result = try MergeEngine.merge(repository: s.repo, keep: 1)
+        #expect(result.folded == 1)
+        #expect(result.chunksHashed == 1, "hashed \(result.chunksHashed) of \(chunks) chunks")
+        try s.expectRestore(1, equals: s.references[1])
+        try s.qbackup(["verify", s.repo])
+        // A byte of guest data in the first chunk (which the merge did not write) flipped.
+        let merged = s.layerPath(try s.layers()[0])
+        let map = try Tools.qemuImg("map", "--output=json", "-f", "qcow2", merged)
+        let extents = try JSONHelpers.parse(map.stdout) as? [[String: Any]] ?? []
+        let first = try #require(extents.compactMap { $0["offset"] as? Int }.min())
+        #expect(first < 4 << 20)
+        let old = try peek(merged, at: UInt64(first) + 7, count: 1)[0]
+        try poke(merged, at: UInt64(first) + 7, [old ^ 0x5a])
+        let verify = try QBackupBinary.run(["verify", s.repo])
+        #expect(verify.status == 1 && verify.stdout.contains("checksum mismatch"), "\(verify.stdout)\(verify.stderr)")
     }
 }

@@ -12,6 +12,8 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
     public let descriptor: FileDescriptor
     public let writable: Bool
     private var closed = false
+    /// When set (before the first write), every write and resize is noted in it.
+    public var writeLog: WriteLog?
 
     /// Opens an existing file: a regular file or a block device. Anything else (a FIFO, a
     /// socket, a character device, a folder) is refused before a byte is read, so that no
@@ -134,6 +136,7 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
 
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws {
         try CrashSeam.shared.beforeWrite()
+        writeLog?.wrote(at: offset, length: buffer.count)
         var done = 0
         while done < buffer.count {
             let chunk = UnsafeRawBufferPointer(rebasing: buffer[done...])
@@ -148,6 +151,7 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
 
     public func resize(to size: UInt64) throws {
         try CrashSeam.shared.beforeWrite()
+        writeLog?.resized(to: size)
         if ftruncate(descriptor.rawValue, off_t(size)) != 0 {
             throw QCowError(.io, "cannot resize: \(Errno(rawValue: errno).description)", path: name)
         }
