@@ -28,19 +28,6 @@ enum LayerWriter {
                         compression: compression, durable: durable, progress: progress)
     }
 
-    /// Writes a standalone image (a restored point) into `output` and commits it: OUT appears
-    /// only complete. Returns the guest bytes written as data.
-    static func write(plan: CopyPlan, from source: BackupSource, into output: OutputFile, clusterSize: Int,
-                      progress: ((UInt64, UInt64) -> Void)?) throws -> UInt64 {
-        let layer = try QCowCreator.create(in: output, options: options(source, clusterSize, nil, .none))
-        defer { layer.close() }
-        let written = try fill(layer, path: output.temporaryPath, plan: plan, from: source, clusterSize: clusterSize,
-                               hideZeros: false, compression: .none, durable: false, progress: progress)
-        try layer.writeBack()
-        try output.commit()
-        return written.bytes
-    }
-
     static func options(_ source: BackupSource, _ clusterSize: Int, _ backing: String?,
                         _ compression: LayerCompression) -> QCowCreateOptions {
         var options = QCowCreateOptions(size: source.virtualSize)

@@ -107,17 +107,12 @@ public enum RestoreEngine {
         logger.debug("restoring", metadata: ["index": "\(manifest.layers[index].index)", "output": "\(request.output)"])
         let written: UInt64
         do {
-            switch request.format {
-            case .raw:
-                written = try RawExporter.export(image, into: output, progress: progress)
-            case .qcow2:
-                // The point in time as one standalone qcow2: data copied, zeros and holes left unallocated.
-                let source = GuestImageSource(image)
-                let plan = try CopyPlan.make(kind: .full, source: source, bitmap: "",
-                                             clusterSize: UInt64(manifest.clusterSize))
-                written = try LayerWriter.write(plan: plan, from: source, into: output, clusterSize: manifest.clusterSize,
-                                                progress: progress)
-            }
+            // The point in time as one standalone image, laid out as `flatten` lays it out.
+            var options = FlattenOptions()
+            options.format = request.format == .raw ? .raw : .qcow2
+            options.clusterSize = manifest.clusterSize
+            written = try ImageFlattener.flatten(image, into: output, options: options, logger: logger,
+                                                 progress: progress).dataBytes
         } catch {
             // Only the temporary file goes: whatever was at OUT stays as it was.
             output.discard()

@@ -33,6 +33,15 @@ public enum JSONHelpers {
         return out
     }
 
+    /// What `qemu-img map --output=json` says is allocated where (extents merged, host
+    /// offsets left out), as one comparable string: two images with the same text have the
+    /// same layout of data, zeros and holes.
+    public static func allocation(of path: String, format: String = "qcow2") throws -> String {
+        let extents = try mergedMap(Tools.qemuImg("map", "--output=json", "-f", format, path).stdout)
+        let withoutOffsets = extents.map { $0.filter { $0.key != "offset" } }
+        return try mergedMap(canonical(withoutOffsets)).map(canonical).joined(separator: "\n")
+    }
+
     /// A stable text form of a JSON value (sorted keys), for equality checks and readable diffs.
     public static func canonical(_ value: Any) -> String {
         guard let data = try? JSONSerialization.data(withJSONObject: value, options: [.sortedKeys, .fragmentsAllowed]) else {

@@ -16,6 +16,8 @@ public final class WriteBehind: @unchecked Sendable {
     private let freeCount: DispatchSemaphore
     private let lock = DispatchSemaphore(value: 1)
     private let writer = DispatchQueue(label: "qbackup.write-behind")
+    /// The middle stage (compression), between the caller's fill and the writer.
+    private let processor = DispatchQueue(label: "qbackup.write-behind.process")
     private var failure: Error?
 
     /// `buffers` buffers of `bufferSize` bytes each (page aligned).
@@ -28,6 +30,7 @@ public final class WriteBehind: @unchecked Sendable {
     }
 
     deinit {
+        processor.sync {}
         writer.sync {}
         for buffer in buffers { buffer.deallocate() }
     }
@@ -51,8 +54,11 @@ public final class WriteBehind: @unchecked Sendable {
     }
 
     /// As `submit`, for a buffer used in parts: `fill` returns the bytes `write` needs
-    /// from the start of the buffer (nil: queue nothing).
+    /// from the start of the buffer (nil: queue nothing). `process`, when given, runs on a
+    /// third thread between the two (in order too), so the caller fills the next buffer
+    /// while the last one is processed and the one before it written.
     public func submitWhole(fill: (UnsafeMutableRawBufferPointer) throws -> Int?,
+                            process: ((UnsafeMutableRawBufferPointer) throws -> Void)? = nil,
                             write: @escaping (UnsafeRawBufferPointer) throws -> Void) throws {
         if let failure = firstFailure() { throw failure }
         freeCount.wait()
@@ -71,9 +77,14 @@ public final class WriteBehind: @unchecked Sendable {
             return
         }
         let job = Unchecked(value: (write, UnsafeRawBufferPointer(rebasing: buffers[slot][0..<n])))
-        writer.async { [self] in
-            run { try job.value.0(job.value.1) }
-            release(slot)
+        // Through the processor always, so every write stays in the order it was queued.
+        let step = Unchecked(value: (process, buffers[slot]))
+        processor.async { [self] in
+            if let process = step.value.0 { run { try process(step.value.1) } }
+            writer.async { [self] in
+                run { try job.value.0(job.value.1) }
+                release(slot)
+            }
         }
     }
 
@@ -81,17 +92,20 @@ public final class WriteBehind: @unchecked Sendable {
     public func submit(_ work: @escaping () throws -> Void) throws {
         if let failure = firstFailure() { throw failure }
         let job = Unchecked(value: work)
-        writer.async { [self] in run(job.value) }
+        // Behind whatever is still being processed, so it stays in order with the writes.
+        processor.async { [self] in writer.async { [self] in run(job.value) } }
     }
 
     /// Waits until every queued write has run (on every path out of a copy loop, before
     /// its output is closed: `defer { pipeline.drain() }`).
     public func drain() {
+        processor.sync {}
         writer.sync {}
     }
 
     /// Waits until every queued write has run; throws the first error one threw.
     public func finish() throws {
+        processor.sync {}
         writer.sync {}
         if let failure = firstFailure() { throw failure }
     }

@@ -1,5 +1,5 @@
 /// A disk as the guest sees it: a qcow2 file (with its backing chain) or a raw file.
-public protocol GuestImage: AnyObject {
+public protocol GuestImage: GuestReader {
     /// The path the image was opened by.
     var filename: String { get }
     /// "qcow2" or "raw".
@@ -99,17 +99,6 @@ extension GuestImage {
                 image = next
                 depth += 1
             }
-        }
-    }
-
-    /// Calls `body` for consecutive chain extents covering `range` (clipped to the disk).
-    public func forEachExtent(in range: Range<UInt64>, _ body: (BlockStatus) throws -> Void) throws {
-        var offset = range.lowerBound
-        let end = min(range.upperBound, virtualSize)
-        while offset < end {
-            let status = try blockStatus(at: offset, maxLength: end - offset)
-            try body(status)
-            offset += status.length
         }
     }
 }
