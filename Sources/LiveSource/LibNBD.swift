@@ -29,6 +29,11 @@ struct LibNBD: @unchecked Sendable {
     let aioBlockStatus: @convention(c) (Handle?, UInt64, UInt64, nbd_extent_callback, nbd_completion_callback, UInt32)
         -> Int64
     let aioCommandCompleted: @convention(c) (Handle?, UInt64) -> Int32
+    let aioPeekCommandCompleted: @convention(c) (Handle?) -> Int64
+    let aioGetFd: @convention(c) (Handle?) -> Int32
+    let aioGetDirection: @convention(c) (Handle?) -> UInt32
+    let aioNotifyRead: @convention(c) (Handle?) -> Int32
+    let aioNotifyWrite: @convention(c) (Handle?) -> Int32
     let shutdown: @convention(c) (Handle?, UInt32) -> Int32
 
     /// The soname of Debian's libnbd0 (the runtime package of libnbd-dev).
@@ -76,6 +81,11 @@ struct LibNBD: @unchecked Sendable {
                                     (@convention(c) (Handle?, UInt64, UInt64, nbd_extent_callback, nbd_completion_callback,
                                                      UInt32) -> Int64).self),
             aioCommandCompleted: try sym("nbd_aio_command_completed", (@convention(c) (Handle?, UInt64) -> Int32).self),
+            aioPeekCommandCompleted: try sym("nbd_aio_peek_command_completed", (@convention(c) (Handle?) -> Int64).self),
+            aioGetFd: try sym("nbd_aio_get_fd", (@convention(c) (Handle?) -> Int32).self),
+            aioGetDirection: try sym("nbd_aio_get_direction", (@convention(c) (Handle?) -> UInt32).self),
+            aioNotifyRead: try sym("nbd_aio_notify_read", (@convention(c) (Handle?) -> Int32).self),
+            aioNotifyWrite: try sym("nbd_aio_notify_write", (@convention(c) (Handle?) -> Int32).self),
             shutdown: try sym("nbd_shutdown", (@convention(c) (Handle?, UInt32) -> Int32).self))
     }
 

@@ -41,22 +41,20 @@ final class NBDConnection {
     /// How long a wait may go without progress before it fails.
     let timeout: TimeInterval
 
-    private let lib: LibNBD
-    private var handle: LibNBD.Handle?
+    /// Whether the server allows several connections to this export (NBD_FLAG_CAN_MULTI_CONN).
+    let canMultiConn: Bool
+    /// How many connections read a plan ahead when the server allows several (as nbdcopy does).
+    var readAheadConnections = 2
+    /// The most bytes the read-ahead buffers (sent or ready): a bound on its memory.
+    var readAheadBytes: UInt64 = 32 << 20
 
-    /// Read-ahead along the ranges the caller said it will read, in order (`willRead`):
-    /// up to `maxInFlight` requests of `readRequest` bytes are kept in flight across the
-    /// caller's reads, so the server never waits for the caller between two of them.
-    private struct Segment {
-        var range: Range<UInt64>
-        var buffer: UnsafeMutableRawBufferPointer
-        var cookie: UInt64?
-    }
-    private var ahead: [Range<UInt64>] = []
-    private var aheadIndex = 0
-    private var aheadOffset: UInt64 = 0
-    private var segments: [Segment] = []
-    private var spareBuffers: [UnsafeMutableRawBufferPointer] = []
+    let lib: LibNBD
+    private(set) var handle: LibNBD.Handle?
+
+    /// The read-ahead of the plan announced by `willRead`, on this connection and `extraConnections`.
+    private var readAhead: NBDReadAhead?
+    /// Connections opened for the read-ahead (only when the server allows multi-conn), kept until `close`.
+    private var extraConnections: [NBDConnection] = []
 
     /// Connects to `uri` (nbd://, nbds://, nbd+unix://… as libnbd parses them), asking for `contexts`.
     init(uri: String, contexts: [String], timeout: TimeInterval = 60) throws {
@@ -103,6 +101,7 @@ final class NBDConnection {
                 if can == 1 { agreed.insert(context) }
             }
             self.contexts = agreed
+            canMultiConn = lib.canMultiConn(handle) == 1
         } catch {
             lib.close(handle)
             self.handle = nil
@@ -114,29 +113,29 @@ final class NBDConnection {
 
     /// Disconnects politely (the server may be waiting for its clients to go), then frees the handle.
     func close() {
+        if readAhead != nil {
+            // Its workers stop at once; requests may be in flight, so the handles go before its buffers.
+            abandon()
+            return
+        }
+        for connection in extraConnections { connection.close() }
+        extraConnections = []
         guard let handle else { return }
         _ = lib.shutdown(handle, 0)
         lib.close(handle)
         self.handle = nil
-        freeReadAhead()
     }
 
     /// Drops the connection at once (after a failure, with requests possibly in flight:
-    /// nothing may write into a caller's buffer after we return).
+    /// nothing may write into a caller's buffer after we return): the read-ahead's workers
+    /// stop, every handle is closed, and only then are the read-ahead's buffers freed.
     private func abandon() {
-        guard let handle else { return }
-        lib.close(handle)
-        self.handle = nil
-        freeReadAhead()
-    }
-
-    /// Once the handle is closed no request can complete into a read-ahead buffer any more.
-    private func freeReadAhead() {
-        for segment in segments { segment.buffer.deallocate() }
-        for buffer in spareBuffers { buffer.deallocate() }
-        segments = []
-        spareBuffers = []
-        ahead = []
+        readAhead?.abandon()
+        for connection in extraConnections { connection.abandon() }
+        extraConnections = []
+        if let handle { lib.close(handle) }
+        handle = nil
+        readAhead = nil
     }
 
     private func liveHandle() throws -> LibNBD.Handle {
@@ -186,58 +185,66 @@ final class NBDConnection {
     private var requestSize: UInt64 { max(min(Self.readRequest, maxBlock) / minBlock * minBlock, minBlock) }
 
     /// Tells the connection which ranges the caller will read next, in this order (a backup's
-    /// copy plan): it starts reading them ahead. Replaces an earlier announcement.
+    /// copy plan): they are read ahead on this connection and, when the server allows
+    /// multi-conn, on `readAheadConnections - 1` more. Replaces an earlier announcement.
     func willRead(_ ranges: [Range<UInt64>]) throws {
-        try dropReadAhead(before: .max)
+        try endReadAhead()
         // Only whole ranges inside the export and on the minimum block size are read ahead;
         // anything else is read when asked for.
-        ahead = ranges.filter {
+        let plan = ranges.filter {
             !$0.isEmpty && $0.upperBound <= size && $0.lowerBound % minBlock == 0 && $0.upperBound % minBlock == 0
         }
-        aheadIndex = 0
-        aheadOffset = ahead.first?.lowerBound ?? 0
-        try refillReadAhead()
-    }
-
-    /// Sends read-ahead requests until `maxInFlight` segments are pending or the ranges end.
-    private func refillReadAhead() throws {
+        guard !plan.isEmpty else { return }
         let handle = try liveHandle()
+        if canMultiConn, extraConnections.count + 1 < readAheadConnections {
+            do {
+                while extraConnections.count + 1 < readAheadConnections {
+                    let extra = try NBDConnection(uri: uri, contexts: [], timeout: timeout)
+                    guard extra.size == size, extra.minBlock == minBlock else {
+                        extra.close()
+                        break
+                    }
+                    extraConnections.append(extra)
+                }
+            } catch {
+                // One connection still reads everything; the next plan tries again.
+            }
+        }
+        var readers = [NBDReadAhead.Reader(lib: lib, handle: handle, uri: uri)]
+        for extra in extraConnections {
+            if let handle = extra.handle { readers.append(NBDReadAhead.Reader(lib: extra.lib, handle: handle, uri: uri)) }
+        }
         let step = requestSize
-        while segments.count < Self.maxInFlight, aheadIndex < ahead.count {
-            let range = ahead[aheadIndex]
-            let n = min(step, range.upperBound - aheadOffset)
-            let buffer = spareBuffers.popLast()
-                ?? UnsafeMutableRawBufferPointer.allocate(byteCount: Int(step), alignment: 4096)
-            let cookie = lib.aioPread(handle, buffer.baseAddress, Int(n), aheadOffset,
-                                      nbd_completion_callback(callback: nil, user_data: nil, free: nil), 0)
-            if cookie == -1 {
-                let message = lib.lastError()
-                buffer.deallocate()
-                abandon()
-                throw LiveError(.io, "\(uri): read of \(n) bytes at \(aheadOffset) failed: \(message)")
-            }
-            segments.append(Segment(range: aheadOffset..<(aheadOffset + n), buffer: buffer, cookie: UInt64(cookie)))
-            aheadOffset += n
-            if aheadOffset == range.upperBound {
-                aheadIndex += 1
-                if aheadIndex < ahead.count { aheadOffset = ahead[aheadIndex].lowerBound }
-            }
-        }
+        readAhead = try NBDReadAhead(readers: readers, plan: plan, step: step, minBlock: minBlock,
+                                     window: max(Int(readAheadBytes / step), 1), timeout: timeout)
     }
 
-    /// Waits for the first segment's request (its buffer then holds the data).
-    private func completeFirstSegment() throws {
-        guard var cookies = segments.first?.cookie.map({ [$0] }) else { return }
-        try wait(for: &cookies, what: "read")
-        segments[0].cookie = nil
+    /// The read-ahead's counters (tests), nil when no plan is being read.
+    var readAheadStats: NBDReadAhead.Stats? { readAhead?.stats }
+
+    /// Ends the read-ahead once its requests are answered (so its buffers may go); after a
+    /// failure, which leaves requests unanswered, the connection is dropped and the failure thrown.
+    private func endReadAhead() throws {
+        guard let readAhead else { return }
+        readAhead.suspend()
+        if let failure = readAhead.failed {
+            abandon()
+            throw failure
+        }
+        self.readAhead = nil
     }
 
-    /// Drops read-ahead segments that end at or before `offset` (the caller skipped them).
-    private func dropReadAhead(before offset: UInt64) throws {
-        while let first = segments.first, first.range.upperBound <= offset {
-            try completeFirstSegment()  // the server may still write into the buffer until then
-            spareBuffers.append(segments.removeFirst().buffer)
+    /// Runs `body` with this connection's handle to itself: the read-ahead's workers, one of
+    /// which reads on it, are stopped meanwhile (their requests answered first).
+    private func withOwnHandle<T>(_ body: () throws -> T) throws -> T {
+        guard let readAhead else { return try body() }
+        readAhead.suspend()
+        if let failure = readAhead.failed {
+            abandon()
+            throw failure
         }
+        defer { readAhead.resume() }
+        return try body()
     }
 
     /// Reads `buffer.count` bytes at `offset` (within the export): from the read-ahead where it
@@ -249,30 +256,36 @@ final class NBDConnection {
         guard offset <= size, count <= size - offset else {
             throw LiveError(.invalidArgument, "\(uri): read of \(count) bytes at \(offset) is past the export's end (\(size))")
         }
-        guard !segments.isEmpty else {
-            try readDirect(into: buffer, at: offset)
-            return
-        }
         let end = offset + count
         var position = offset
         while position < end {
-            try dropReadAhead(before: position + 1)
             let into = Int(position - offset)
-            guard let first = segments.first, first.range.lowerBound <= position else {
-                // Not read ahead: straight from the server, up to the next segment.
-                let stop = min(end, segments.first?.range.lowerBound ?? end)
-                try readDirect(into: UnsafeMutableRawBufferPointer(rebasing: buffer[into..<Int(stop - offset)]), at: position)
-                position = stop
-                continue
+            let rest = UnsafeMutableRawBufferPointer(rebasing: buffer[into...])
+            guard let readAhead else {
+                try readDirect(into: rest, at: position)
+                return
             }
-            try completeFirstSegment()
-            let n = min(end, first.range.upperBound) - position
-            let from = Int(position - first.range.lowerBound)
-            UnsafeMutableRawBufferPointer(rebasing: buffer[into..<(into + Int(n))])
-                .copyMemory(from: UnsafeRawBufferPointer(rebasing: first.buffer[from..<(from + Int(n))]))
-            position += n
-            if position == first.range.upperBound { spareBuffers.append(segments.removeFirst().buffer) }
-            try refillReadAhead()
+            let taken: NBDReadAhead.Taken
+            do {
+                taken = try readAhead.take(at: position, upTo: end, into: rest)
+            } catch {
+                abandon()
+                throw error
+            }
+            switch taken {
+            case .copied(let n):
+                position += n
+            case .notAhead(let stop):
+                if readAhead.isFinished {
+                    // The plan is read: the read-ahead (its buffers) can go.
+                    try endReadAhead()
+                    continue
+                }
+                try withOwnHandle {
+                    try readDirect(into: UnsafeMutableRawBufferPointer(rebasing: buffer[into..<Int(stop - offset)]), at: position)
+                }
+                position = stop
+            }
         }
     }
 
@@ -324,6 +337,10 @@ final class NBDConnection {
     /// `count` bytes (clipped to 2 GiB per request and to the export); validated: they
     /// start at `offset`, are contiguous and non-empty.
     func blockStatus(_ context: String, at offset: UInt64, count: UInt64) throws -> [Extent] {
+        try withOwnHandle { try ownBlockStatus(context, at: offset, count: count) }
+    }
+
+    private func ownBlockStatus(_ context: String, at offset: UInt64, count: UInt64) throws -> [Extent] {
         guard contexts.contains(context) else {
             throw LiveError(.refused, "\(uri): the export does not offer meta context \(context)")
         }

@@ -160,7 +160,9 @@ import TestSupport
         try source.willRead([UInt64(23 * mib)..<UInt64(24 * mib)])
         try check(23 * mib, mib)
 
-        // The connection dropping while reads are ahead: an error, also for later calls.
+        // The connection dropping while reads are ahead: an error, also for later calls (a window
+        // smaller than the plan, so that not everything is read before the server goes).
+        source.connection.readAheadBytes = UInt64(4 * mib)
         try source.willRead([0..<UInt64(24 * mib)])
         try check(0, mib)
         server.stop()
@@ -175,6 +177,76 @@ import TestSupport
         }
         #expect(throws: LiveError.self) {
             try buffer.withUnsafeMutableBytes { try source.read(into: $0, at: 0) }
+        }
+    }
+
+    /// Waits (up to 30 s) until `condition` holds; false if it never did.
+    static func eventually(_ condition: () -> Bool) -> Bool {
+        let deadline = Date().addingTimeInterval(30)
+        while !condition() {
+            guard Date() < deadline else { return false }
+            usleep(5_000)
+        }
+        return true
+    }
+
+    /// The read-ahead reads on its own threads, on 2 connections when the export allows
+    /// multi-conn (qemu-nbd -e 2: the server sees 2 clients), keeps several requests in
+    /// flight, fills its window without the caller reading and stops there (its memory
+    /// bound). What it read before the server went is served afterwards, byte-exact.
+    @Test func readAheadUsesTwoConnectionsAndReadsWithoutTheCaller() throws {
+        let dir = TempDir("nbdsrc-multi")
+        let mib = 1 << 20
+        let disk = try Self.makeDisk(dir, size: "40M", before: (0..<40).map { "write -P \($0 + 1) \($0)M 1M" }, after: [])
+        let raw = dir.file("disk.raw")
+        try Tools.qemuImg("convert", "-f", "qcow2", "-O", "raw", disk, raw)
+        let expected = try Data.contents(of: raw)
+        let server = try QemuNBD(image: disk, bitmap: nil, directory: dir, shared: 2)
+        defer { server.stop() }
+        let source = try NBDSource(uri: Self.uri(server), tracking: nil, timeout: 10)
+        defer { source.close() }
+        #expect(source.connection.canMultiConn)
+        #expect(server.openSockets == 2)  // listening + this client
+        source.connection.readAheadBytes = UInt64(16 * mib)
+        try source.willRead([0..<UInt64(40 * mib)])
+        #expect(source.connection.readAheadStats?.connections == 2)
+        #expect(server.openSockets == 3)  // a second client
+        // Nobody reads: the window (16 segments of 1 MiB) fills anyway, and no further.
+        #expect(Self.eventually { source.connection.readAheadStats?.ready == 16 })
+        usleep(200_000)
+        let stats = source.connection.readAheadStats
+        #expect(stats?.ready == 16)
+        #expect((stats?.peakInFlight ?? 0) >= 2 && (stats?.peakInFlight ?? 0) <= 16)
+
+        server.stop()
+        var buffer = [UInt8](repeating: 0xee, count: 16 * mib)
+        try buffer.withUnsafeMutableBytes { try source.read(into: $0, at: 0) }
+        if Data(buffer) != expected[0..<(16 * mib)] {
+            Issue.record("the first 16 MiB, read ahead before the server went, differ from qemu-img convert's bytes")
+        }
+        #expect(throws: LiveError.self) {
+            try buffer.withUnsafeMutableBytes { try source.read(into: $0, at: UInt64(16 * mib)) }
+        }
+    }
+
+    /// Without multi-conn (qemu-nbd's default -e 1 lets one client in) the read-ahead stays
+    /// on the one connection, and a whole plan read through it equals qemu-img convert's bytes.
+    @Test func readAheadWithoutMultiConnUsesOneConnection() throws {
+        let dir = TempDir("nbdsrc-single")
+        let disk = try Self.makeDisk(dir, size: "20M", before: (0..<20).map { "write -P \($0 + 0x41) \($0)M 1M" }, after: [])
+        let raw = dir.file("disk.raw")
+        try Tools.qemuImg("convert", "-f", "qcow2", "-O", "raw", disk, raw)
+        let server = try QemuNBD(image: disk, bitmap: nil, directory: dir)
+        defer { server.stop() }
+        let source = try NBDSource(uri: Self.uri(server), tracking: nil, timeout: 10)
+        defer { source.close() }
+        #expect(!source.connection.canMultiConn)
+        source.connection.readAheadBytes = 4 << 20
+        try source.willRead([0..<(20 << 20)])
+        #expect(source.connection.readAheadStats?.connections == 1)
+        #expect(server.openSockets == 2)
+        if try Self.readAll(source) != Data.contents(of: raw) {
+            Issue.record("the plan read through one connection differs from qemu-img convert's bytes")
         }
     }
 

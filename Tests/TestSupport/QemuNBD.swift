@@ -24,8 +24,10 @@ public final class QemuNBD {
 
     /// Starts `qemu-nbd -r -t -B BITMAP -k SOCKET -f qcow2 IMAGE` as a daemon
     /// (`--fork`: it returns once the export is ready) and reads its pid. With
-    /// `readOnly` false the export is writable, so QEMU holds the image's write lock.
-    public init(image: String, bitmap: String?, directory: TempDir, readOnly: Bool = true) throws {
+    /// `readOnly` false the export is writable, so QEMU holds the image's write lock. `shared`
+    /// is qemu-nbd's `-e`: how many clients at once (a read-only export with more than one
+    /// advertises multi-conn).
+    public init(image: String, bitmap: String?, directory: TempDir, readOnly: Bool = true, shared: Int = 1) throws {
         let tag = UUID().uuidString.prefix(6)
         socket = directory.file("nbd-\(tag).sock")
         let pidFile = directory.file("nbd-\(tag).pid")
@@ -35,6 +37,7 @@ public final class QemuNBD {
         let closeInherited = "for fd in $(ls /proc/$$/fd); do if [ \"$fd\" -gt 2 ]; then eval \"exec $fd>&-\" 2>/dev/null; fi; done; exec \"$@\""
         var args = ["-c", closeInherited, "qemu-nbd", try Tools.which("qemu-nbd"), "--fork", "--pid-file=\(pidFile)", "-t"]
         if readOnly { args.append("-r") }
+        if shared != 1 { args += ["-e", String(shared)] }
         if let bitmap { args += ["-B", bitmap] }
         try Tools.qemu("bash", args + ["-k", socket, "-f", "qcow2", image])
         let text = (try? String(contentsOfFile: pidFile, encoding: .utf8)) ?? ""
@@ -48,6 +51,14 @@ public final class QemuNBD {
     }
 
     deinit { stop() }
+
+    /// How many sockets the server has open: its listening socket plus one per client.
+    public var openSockets: Int {
+        let fds = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd")) ?? []
+        return fds.filter {
+            ((try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/fd/\($0)")) ?? "").hasPrefix("socket:")
+        }.count
+    }
 
     /// Stops the server by its pid and waits (up to 10 s) until it is gone.
     /// SIGKILL, not SIGTERM: the daemon inherits the test thread's signal mask, in

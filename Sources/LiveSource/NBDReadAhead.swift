@@ -1,0 +1,368 @@
+import CNBD
+import Dispatch
+import FoundationEssentials
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Reads a copy plan ahead on one or more NBD connections, each driven by its own
+/// thread that sends requests and polls for replies all the time, so the server's
+/// replies never wait while the caller detects zeros or hands buffers on. The plan is
+/// cut into segments of `step` bytes, handed out in order to whichever connection has
+/// room; at most `window` segments are buffered (sent or ready), which bounds memory.
+/// The caller consumes them in plan order (`take`).
+///
+/// Threads: the caller's thread calls every method; each connection's handle is used
+/// only by its worker while workers run (`suspend` stops them, after which the caller
+/// may use the first connection, its own, again). A failed request, a dead connection
+/// or a server silent for `timeout` fails the read-ahead: the caller's next `take`
+/// throws, and `abandon` then closes every handle before any buffer is freed.
+final class NBDReadAhead: @unchecked Sendable {
+    /// What `take` did: copied bytes from the read-ahead, or found that the range from the
+    /// position up to `until` is not read ahead (the caller reads it directly).
+    enum Taken: Equatable {
+        case copied(UInt64)
+        case notAhead(until: UInt64)
+    }
+
+    /// Counters for tests: how many connections read, the most requests in flight at once,
+    /// and how many segments hold data nobody has taken yet.
+    struct Stats: Equatable {
+        var connections: Int
+        var peakInFlight: Int
+        var ready: Int
+    }
+
+    /// One connection a worker reads on (its handle is the worker's while workers run).
+    struct Reader: @unchecked Sendable {
+        let lib: LibNBD
+        let handle: LibNBD.Handle
+        let uri: String
+    }
+
+    private struct Segment {
+        var range: Range<UInt64>
+        var ready = false
+    }
+
+    let readers: [Reader]
+    let step: UInt64
+    let minBlock: UInt64
+    let window: Int
+    let timeout: TimeInterval
+
+    // Everything below is guarded by `mutex`.
+    private var plan: [Range<UInt64>]
+    private var planIndex = 0
+    private var planOffset: UInt64
+    private var segments: [Segment?]
+    private var buffers: [UnsafeMutableRawBufferPointer?]
+    /// Segments `head..<tail` (by sequence number; slot `seq % window`) are sent or ready.
+    private var head = 0
+    private var tail = 0
+    private var failure: LiveError?
+    private var stopping = false
+    private var abandoning = false
+    private var inFlight = 0
+    private var peakInFlight = 0
+
+    private let mutex: UnsafeMutablePointer<pthread_mutex_t>
+    private let changed: UnsafeMutablePointer<pthread_cond_t>
+    /// One non-blocking pipe per worker, polled with its socket: written when the caller
+    /// frees a segment or the read-ahead stops.
+    private let wakers: [(read: Int32, write: Int32)]
+    private let queues: [DispatchQueue]
+    private let workers = DispatchGroup()
+    private var running = false
+
+    /// Starts reading `plan` (ranges inside the export, on `minBlock`) on `readers`, `step`
+    /// bytes (a multiple of `minBlock`) per request.
+    init(readers: [Reader], plan: [Range<UInt64>], step: UInt64, minBlock: UInt64, window: Int,
+         timeout: TimeInterval) throws {
+        precondition(!readers.isEmpty && step > 0 && window > 0)
+        self.readers = readers
+        self.step = step
+        self.minBlock = minBlock
+        self.window = window
+        self.timeout = timeout
+        self.plan = plan
+        planOffset = plan.first?.lowerBound ?? 0
+        segments = Array(repeating: nil, count: window)
+        buffers = Array(repeating: nil, count: window)
+        mutex = .allocate(capacity: 1)
+        pthread_mutex_init(mutex, nil)
+        changed = .allocate(capacity: 1)
+        pthread_cond_init(changed, nil)
+        var wakers: [(read: Int32, write: Int32)] = []
+        for _ in readers {
+            var fds: [Int32] = [-1, -1]
+            let made = pipe(&fds) == 0
+            if made {
+                for fd in fds {
+                    _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
+                    _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+                }
+            }
+            guard made else {
+                let why = String(cString: strerror(errno))
+                for pipe in wakers { Glibc.close(pipe.read); Glibc.close(pipe.write) }
+                pthread_cond_destroy(changed)
+                changed.deallocate()
+                pthread_mutex_destroy(mutex)
+                mutex.deallocate()
+                throw LiveError(.io, "cannot create a pipe for the NBD read-ahead: \(why)")
+            }
+            wakers.append((fds[0], fds[1]))
+        }
+        self.wakers = wakers
+        queues = readers.indices.map { DispatchQueue(label: "qbackup.nbd-read-ahead.\($0)") }
+        resume()
+    }
+
+    deinit {
+        precondition(!running, "NBDReadAhead freed while its workers run")
+        for buffer in buffers { buffer?.deallocate() }
+        for pipe in wakers { Glibc.close(pipe.read); Glibc.close(pipe.write) }
+        pthread_cond_destroy(changed)
+        changed.deallocate()
+        pthread_mutex_destroy(mutex)
+        mutex.deallocate()
+    }
+
+    private func locked<T>(_ body: () throws -> T) rethrows -> T {
+        pthread_mutex_lock(mutex)
+        defer { pthread_mutex_unlock(mutex) }
+        return try body()
+    }
+
+    private func wakeWorkers() {
+        var one: UInt8 = 1
+        for pipe in wakers { _ = write(pipe.write, &one, 1) }  // a full pipe wakes its worker as well
+    }
+
+    var stats: Stats {
+        locked {
+            Stats(connections: readers.count, peakInFlight: peakInFlight,
+                  ready: (head..<tail).filter { segments[$0 % window]?.ready == true }.count)
+        }
+    }
+
+    /// The read-ahead's failure, if it failed.
+    var failed: LiveError? { locked { failure } }
+
+    /// Whether nothing is left to read ahead or to take.
+    var isFinished: Bool { locked { planIndex == plan.count && head == tail } }
+
+    // MARK: - The caller's side
+
+    /// Copies bytes at `position` (up to `end`) into `buffer` from the read-ahead, waiting for
+    /// them if they are on their way; segments before `position` are dropped (the caller
+    /// skipped them). Throws the read-ahead's failure.
+    func take(at position: UInt64, upTo end: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws -> Taken {
+        pthread_mutex_lock(mutex)
+        defer { pthread_mutex_unlock(mutex) }
+        // Segments that are ready are served even after a failure (their data was read);
+        // the failure is thrown when the caller would have to wait.
+        func wait() throws {
+            if let failure { throw failure }
+            pthread_cond_wait(changed, mutex)
+        }
+        while true {
+            // Skipped segments go only once their reply is in: the server writes into the buffer until then.
+            if head < tail, let first = segments[head % window], first.range.upperBound <= position {
+                if !first.ready {
+                    try wait()
+                    continue
+                }
+                freeHead()
+                continue
+            }
+            if head < tail, let first = segments[head % window] {
+                if first.range.lowerBound > position { return .notAhead(until: min(end, first.range.lowerBound)) }
+                if !first.ready {
+                    try wait()
+                    continue
+                }
+                let n = min(end, first.range.upperBound) - position
+                let from = Int(position - first.range.lowerBound)
+                guard let source = buffers[head % window] else { preconditionFailure("a ready segment without a buffer") }
+                // The segment stays ours while we copy: only this thread frees segments.
+                pthread_mutex_unlock(mutex)
+                buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: source[from..<(from + Int(n))]))
+                pthread_mutex_lock(mutex)
+                if position + n == first.range.upperBound { freeHead() }
+                return .copied(n)
+            }
+            // Nothing sent: skip the plan's ranges that end before the position.
+            while planIndex < plan.count, plan[planIndex].upperBound <= position {
+                planIndex += 1
+                if planIndex < plan.count { planOffset = plan[planIndex].lowerBound }
+            }
+            if let failure { throw failure }
+            guard planIndex < plan.count else { return .notAhead(until: end) }
+            if planOffset > position { return .notAhead(until: min(end, planOffset)) }
+            // The position is in the plan but not yet sent: from there on, and wait for a worker.
+            guard running else { return .notAhead(until: min(end, plan[planIndex].upperBound)) }
+            planOffset = max(planOffset, position / minBlock * minBlock)
+            wakeWorkers()
+            try wait()
+        }
+    }
+
+    /// With `mutex` held: the first segment is taken or skipped; its slot is free again.
+    private func freeHead() {
+        segments[head % window] = nil
+        head += 1
+        wakeWorkers()
+    }
+
+    /// Stops the workers after their requests in flight are answered (ready segments stay);
+    /// the caller may then use its connection. `resume` starts them again.
+    func suspend() {
+        guard running else { return }
+        locked { stopping = true }
+        wakeWorkers()
+        workers.wait()
+        locked { stopping = false }
+        running = false
+    }
+
+    /// Starts the workers (after `init` or `suspend`); they end when the plan is read.
+    func resume() {
+        guard !running, locked({ failure == nil && !abandoning }) else { return }
+        running = true
+        for (index, reader) in readers.enumerated() {
+            queues[index].async(group: workers) { self.work(index, reader) }
+        }
+    }
+
+    /// Stops the workers without waiting for their requests: the caller must close every
+    /// connection before the read-ahead (and its buffers) goes.
+    func abandon() {
+        locked {
+            abandoning = true
+            pthread_cond_broadcast(changed)
+        }
+        wakeWorkers()
+        workers.wait()
+        running = false
+    }
+
+    // MARK: - A worker
+
+    /// With `mutex` held: the next piece of the plan, at most `step` bytes, or nil at its end.
+    private func nextPiece() -> Range<UInt64>? {
+        guard planIndex < plan.count else { return nil }
+        let range = plan[planIndex]
+        let n = min(step, range.upperBound - planOffset)
+        let piece = planOffset..<(planOffset + n)
+        planOffset += n
+        if planOffset == range.upperBound {
+            planIndex += 1
+            if planIndex < plan.count { planOffset = plan[planIndex].lowerBound }
+        }
+        return piece
+    }
+
+    /// With `mutex` held: records the first failure and wakes everyone.
+    private func fail(_ message: String) {
+        if failure == nil { failure = LiveError(.io, message) }
+        pthread_cond_broadcast(changed)
+    }
+
+    /// One connection's loop: keep requests in flight while the window has room, poll the
+    /// socket (and the waker) and mark segments ready as their replies come in.
+    private func work(_ index: Int, _ reader: Reader) {
+        let lib = reader.lib
+        let handle = reader.handle
+        let uri = reader.uri
+        var sent: [(cookie: UInt64, seq: Int)] = []
+        var lastProgress = Date()
+        while true {
+            pthread_mutex_lock(mutex)
+            // Stop at once on a failure or `abandon`; on `suspend` or at the plan's end, once answered.
+            if failure != nil || abandoning {
+                pthread_mutex_unlock(mutex)
+                return
+            }
+            while !stopping, tail - head < window, let piece = nextPiece() {
+                let seq = tail
+                tail += 1
+                let slot = seq % window
+                segments[slot] = Segment(range: piece)
+                let buffer = buffers[slot] ?? UnsafeMutableRawBufferPointer.allocate(byteCount: Int(step), alignment: 4096)
+                buffers[slot] = buffer
+                inFlight += 1
+                peakInFlight = max(peakInFlight, inFlight)
+                pthread_cond_broadcast(changed)
+                pthread_mutex_unlock(mutex)
+                let cookie = lib.aioPread(handle, buffer.baseAddress, Int(piece.count), piece.lowerBound,
+                                          nbd_completion_callback(callback: nil, user_data: nil, free: nil), 0)
+                let message = cookie == -1 ? lib.lastError() : ""
+                pthread_mutex_lock(mutex)
+                guard cookie != -1 else {
+                    fail("\(uri): read of \(piece.count) bytes at \(piece.lowerBound) failed: \(message)")
+                    pthread_mutex_unlock(mutex)
+                    wakeWorkers()
+                    return
+                }
+                if sent.isEmpty { lastProgress = Date() }
+                sent.append((UInt64(cookie), seq))
+            }
+            let done = sent.isEmpty && (stopping || planIndex == plan.count)
+            pthread_mutex_unlock(mutex)
+            if done { return }
+
+            // Wait for the server (or a wake-up), up to a second at a time.
+            let direction = lib.aioGetDirection(handle)
+            var fds = [
+                pollfd(fd: lib.aioGetFd(handle),
+                       events: Int16((direction & UInt32(LIBNBD_AIO_DIRECTION_READ) != 0 ? POLLIN : 0)
+                                     | (direction & UInt32(LIBNBD_AIO_DIRECTION_WRITE) != 0 ? POLLOUT : 0)),
+                       revents: 0),
+                pollfd(fd: wakers[index].read, events: Int16(POLLIN), revents: 0),
+            ]
+            let polled = poll(&fds, 2, 1000)
+            var problem: String?
+            if polled < 0 && errno != EINTR {
+                problem = "poll failed: \(String(cString: strerror(errno)))"
+            } else if polled > 0 {
+                let events = Int32(fds[0].revents)
+                if events & (POLLIN | POLLHUP | POLLERR) != 0, lib.aioNotifyRead(handle) == -1 {
+                    problem = lib.lastError()
+                }
+                if problem == nil, events & POLLOUT != 0, lib.aioNotifyWrite(handle) == -1 {
+                    problem = lib.lastError()
+                }
+                if fds[1].revents != 0 {
+                    var drain = [UInt8](repeating: 0, count: 256)
+                    _ = read(wakers[index].read, &drain, drain.count)
+                }
+            }
+            // Retire what completed.
+            var completed: [Int] = []
+            var i = 0
+            while problem == nil, i < sent.count {
+                switch lib.aioCommandCompleted(handle, sent[i].cookie) {
+                case 0: i += 1
+                case 1: completed.append(sent.remove(at: i).seq)
+                default: problem = "read failed: \(lib.lastError())"
+                }
+            }
+            if !completed.isEmpty { lastProgress = Date() }
+            if problem == nil, !sent.isEmpty, Date().timeIntervalSince(lastProgress) > timeout {
+                problem = "the NBD server did not answer a read within \(Int(timeout)) s"
+            }
+            pthread_mutex_lock(mutex)
+            for seq in completed { segments[seq % window]?.ready = true }
+            inFlight -= completed.count
+            if let problem { fail("\(uri): \(problem)") }
+            if !completed.isEmpty || problem != nil { pthread_cond_broadcast(changed) }
+            pthread_mutex_unlock(mutex)
+            if problem != nil {
+                wakeWorkers()
+                return
+            }
+        }
+    }
+}
