@@ -33,7 +33,8 @@ public enum BackupEngine {
         /// A new repository may use a `bitmap` that already exists in the image (it may be
         /// another repository's: taking it over resets it, and that repository misses changes).
         public var takeOverBitmap: Bool
-        /// What the manifest records as the disk; default: kind file, the image's canonical path.
+        /// What the manifest records as the disk, when the caller names it otherwise than the
+        /// source does (default: the source's `disk`).
         public var source: BackupManifest.Source?
         /// The id of a new repository (a live backup names QEMU objects after it before the
         /// repository is created); default: a random one.
@@ -119,13 +120,15 @@ public enum BackupEngine {
     }
 
     /// The checks that refuse a backup into this repository before anything is read or
-    /// changed (a live source runs them before it sets QEMU up): the repository's disk,
-    /// its bitmap, and a disk that shrank. Returns the disk as the manifest records it.
+    /// changed (a live source runs them before it sets QEMU up): the repository's disk
+    /// (`disk`, as the source names it; before a source exists, the local image
+    /// `request.image`), its bitmap, and a disk that shrank. Returns the disk as the
+    /// manifest records it.
     @discardableResult
-    public static func preflight(_ request: Request, repo: BackupRepository, virtualSize: UInt64) throws
-        -> BackupManifest.Source
+    public static func preflight(_ request: Request, repo: BackupRepository, virtualSize: UInt64,
+                                 disk: BackupManifest.Source? = nil) throws -> BackupManifest.Source
     {
-        let sourceRecord = request.source ?? .file(LocalImageSource.canonicalPath(request.image))
+        let sourceRecord = request.source ?? disk ?? .localFile(request.image)
         if let m = repo.manifest {
             if m.source != sourceRecord {
                 throw ChainError(.refused, "the repository belongs to another disk (\(m.source.summary)), not \(sourceRecord.summary)",
@@ -148,7 +151,7 @@ public enum BackupEngine {
                               progress: ((UInt64, UInt64) -> Void)?) throws -> Result {
         try request.validate()
         var existing = repo.manifest
-        let sourceRecord = try preflight(request, repo: repo, virtualSize: source.virtualSize)
+        let sourceRecord = try preflight(request, repo: repo, virtualSize: source.virtualSize, disk: source.disk)
         // A version 1 repository: each layer hashed once (a damaged one is marked, never trusted).
         if let m = existing, m.version == 1, !request.dryRun { existing = try repo.upgraded(m) }
         if existing == nil, let name = request.bitmap, !request.takeOverBitmap, try source.bitmapState(name) != .missing {
@@ -163,7 +166,7 @@ public enum BackupEngine {
         if let reason { logger.info("taking a full backup", metadata: ["reason": "\(reason)"]) }
 
         let clusterSize = existing?.clusterSize ?? request.clusterSize ?? 65536
-        let plan = try CopyPlan.make(kind: kind, source: source, bitmap: bitmap, clusterSize: UInt64(clusterSize))
+        let plan = try copyPlan(kind, source: source, bitmap: bitmap, clusterSize: UInt64(clusterSize))
         var manifest = existing ?? BackupManifest(id: id, virtualSize: source.virtualSize, clusterSize: clusterSize,
                                                   bitmap: bitmap, source: sourceRecord)
         let index = repo.nextIndex(of: manifest)
@@ -191,9 +194,7 @@ public enum BackupEngine {
             try? DurableFiles.remove(temp)
             throw error
         }
-        guard let (digest, identity) = written.digest else {
-            throw ChainError(.io, "the layer was written without a checksum", path: temp)
-        }
+        let (digest, identity) = written.digest
         // 2. Rename into place.
         try DurableFiles.rename(temp, to: repo.file(name))
         // 3. Record it in the manifest (its sidecar first), the journal done with its names.
@@ -211,6 +212,21 @@ public enum BackupEngine {
         try source.resetBitmap(bitmap)
         return Result(kind: kind, layer: layer, index: index, bitmap: bitmap, bytesCopied: written.bytes,
                       extents: plan.ranges.count, dryRun: false, virtualSize: source.virtualSize, reason: reason)
+    }
+
+    /// The ranges a layer copies: for a full layer everything that is data anywhere in the
+    /// chain (zeros and holes stay unallocated), for an incremental one the bitmap's dirty
+    /// extents; rounded out to whole layer clusters.
+    static func copyPlan(_ kind: BackupManifest.Layer.Kind, source: BackupSource, bitmap: String,
+                         clusterSize: UInt64) throws -> CopyPlan {
+        switch kind {
+        case .full:
+            return try .data(of: source, grain: clusterSize)
+        case .incremental:
+            var plan = CopyPlan(size: source.virtualSize, grain: clusterSize)
+            try source.forEachDirtyExtent(bitmap) { plan.add($0) }
+            return plan
+        }
     }
 
     /// Full or incremental, and why a full one when the mode let it be incremental. Auto takes a

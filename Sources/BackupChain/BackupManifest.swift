@@ -69,6 +69,11 @@ public struct BackupManifest: Codable, Equatable, Sendable {
 
         public static func file(_ path: String) -> Source { Source(kind: .file, path: path) }
 
+        /// A local image, by the absolute, symlink-free path that identifies it in the manifest.
+        public static func localFile(_ path: String) -> Source {
+            .file(URL(fileURLWithPath: path).standardizedFileURL.resolvingSymlinksInPath().path)
+        }
+
         /// One line for people: the path, `libvirt UUID/vda`, or the NBD URI or name.
         public var summary: String {
             switch kind {

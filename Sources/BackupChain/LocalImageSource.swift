@@ -12,7 +12,11 @@ final class LocalImageSource: BackupSource {
     let file: QCowFile
     var catalog: BitmapCatalog
 
+    /// The path the image was named by.
+    let path: String
+
     init(path: String, writable: Bool) throws {
+        self.path = path
         image = try ImageOpener.open(path, writable: writable)
         guard let file = image as? QCowFile else {
             image.close()
@@ -51,12 +55,8 @@ final class LocalImageSource: BackupSource {
         }
     }
 
-    /// The absolute, symlink-free path that identifies a disk in the manifest.
-    static func canonicalPath(_ path: String) -> String {
-        URL(fileURLWithPath: path).standardizedFileURL.resolvingSymlinksInPath().path
-    }
-
     var name: String { image.filename }
+    var disk: BackupManifest.Source { .localFile(path) }
     var virtualSize: UInt64 { image.virtualSize }
 
     func blockStatus(at offset: UInt64, maxLength: UInt64) throws -> BlockStatus {

@@ -290,20 +290,17 @@ public enum MergeEngine {
         try repo.save(manifest)
         let image = try RestoreEngine.openPoint(repo.path, manifest, index: k,
                                                 files: RepositoryFiles(directory: repo.path, takesLocks: false))
-        let source = GuestImageSource(image)
         let layer: LayerWriter.Written
         do {
-            defer { source.close() }
-            let plan = try CopyPlan.make(kind: .full, source: source, bitmap: "", clusterSize: UInt64(manifest.clusterSize))
-            layer = try LayerWriter.write(plan: plan, from: source, to: temp, clusterSize: manifest.clusterSize,
+            defer { image.close() }
+            let plan = try CopyPlan.data(of: image, grain: UInt64(manifest.clusterSize))
+            layer = try LayerWriter.write(plan: plan, from: image, to: temp, clusterSize: manifest.clusterSize,
                                           backing: nil, compression: .none, progress: progress)
         } catch {
             try? DurableFiles.remove(temp)
             throw error
         }
-        guard let (digest, identity) = layer.digest else {
-            throw ChainError(.io, "the merged layer was written without a checksum", path: temp)
-        }
+        let (digest, identity) = layer.digest
         // Record the intent, then switch the file, then finish.
         manifest.pendingMerge = BackupManifest.PendingMerge(file: target.file, sha256: digest.sha256, fileSize: digest.size,
                                                             folded: k, from: from > 0 ? from : nil, chunks: digest.chunks,

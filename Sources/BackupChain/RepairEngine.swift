@@ -250,7 +250,7 @@ public enum RepairEngine {
             }
             let id = BackupRepository.newID()
             m = BackupManifest(id: id, virtualSize: newest.virtualSize, clusterSize: first.clusterSize,
-                               bitmap: "qbackup-\(id)", source: .file(LocalImageSource.canonicalPath(source)))
+                               bitmap: "qbackup-\(id)", source: .localFile(source))
         }
         for f in chain {
             let (digest, identity) = try LayerDigest.compute(path: repo.file(f.name))

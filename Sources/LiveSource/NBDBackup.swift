@@ -40,17 +40,17 @@ public enum NBDBackup {
         // Without a bitmap there are no changes to follow: every layer is full. The engine's
         // check that a new repository does not take over another's bitmap does not apply:
         // qbackup resets nothing on an export.
-        var engine = BackupEngine.Request(image: request.uri, repository: request.repository, bitmap: request.bitmap,
+        let engine = BackupEngine.Request(image: request.uri, repository: request.repository, bitmap: request.bitmap,
                                           mode: request.bitmap == nil ? .full : request.mode,
                                           compression: request.compression, dryRun: request.dryRun,
                                           clusterSize: request.clusterSize, takeOverBitmap: true)
         let name = request.sourceName ?? request.uri
-        // The manifest records the export by the name given, else by its URI.
-        engine.source = request.sourceName.map { BackupManifest.Source(kind: .nbd, name: $0) }
-            ?? BackupManifest.Source(kind: .nbd, uri: request.uri)
         return try BackupEngine.backup(engine, logger: logger, progress: progress) { _, _ in
-            try NBDSource(uri: request.uri, name: name,
-                          tracking: request.bitmap.map { NBDSource.Tracking(name: $0, exported: $0) })
+            let source = try NBDSource(uri: request.uri, name: name,
+                                       tracking: request.bitmap.map { NBDSource.Tracking(name: $0, exported: $0) })
+            // The manifest records the export by the name given, else by its URI.
+            if let given = request.sourceName { source.disk = BackupManifest.Source(kind: .nbd, name: given) }
+            return source
         }
     }
 }

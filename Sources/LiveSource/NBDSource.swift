@@ -28,6 +28,9 @@ public final class NBDSource: BackupSource {
     /// What the manifest records as the layer's mode: `.nbd` for an export someone else set
     /// up, `.qmp` when qbackup's own QMP workflow made the fleecing export.
     public let mode: BackupManifest.Mode
+    /// The disk as the manifest records it: by default the export's URI (a caller that knows
+    /// the disk better names it: `--source-name`, or the image file behind QEMU's node).
+    public var disk: BackupManifest.Source
     /// Set when the engine has recorded the layer in the manifest (see the type's comment).
     public private(set) var committed = false
 
@@ -46,6 +49,7 @@ public final class NBDSource: BackupSource {
         self.name = name ?? uri
         self.tracking = tracking
         self.mode = mode
+        disk = BackupManifest.Source(kind: .nbd, uri: uri)
         if let tracking, !connection.contexts.contains(NBDConnection.dirtyBitmapContext(tracking.exported)) {
             connection.close()
             throw LiveError(.refused,

@@ -112,6 +112,8 @@ public enum QMPBackup {
                                             ? NBDSource.Tracking(name: settled.name, exported: BitmapPlan.frozen(settled.name))
                                             : nil,
                                         mode: .qmp, timeout: request.timeout)
+                // The repository belongs to the image file behind the node, as an offline backup's would.
+                nbd.disk = .localFile(disk.file)
                 source = nbd
                 return nbd
             }

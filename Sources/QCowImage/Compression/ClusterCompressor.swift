@@ -50,46 +50,6 @@ public final class ClusterCompressor: @unchecked Sendable {
     }
 }
 
-/// Compresses many clusters on every core, keeping one compressor per worker.
-public final class ParallelCompressor: @unchecked Sendable {
-    public let type: CompressionType
-    public let workers: Int
-    private let compressors: [ClusterCompressor]
-
-    public init(_ type: CompressionType, workers: Int = max(1, System.coreCount)) {
-        self.type = type
-        self.workers = workers
-        compressors = (0..<workers).map { _ in ClusterCompressor(type) }
-    }
-
-    /// Compresses `count` clusters of `clusterSize` bytes from `input` (the last may be
-    /// `lastLength` bytes) into slots of `output` (each `clusterSize` bytes); `sizes[i]`
-    /// becomes the compressed size, or 0 when cluster i does not compress or `skip(i)`.
-    public func compress(_ input: UnsafeRawBufferPointer, clusterSize: Int, count: Int, lastLength: Int,
-                         into output: UnsafeMutableRawBufferPointer, sizes: UnsafeMutableBufferPointer<Int>,
-                         skip: (Int) -> Bool) {
-        let skipped = (0..<count).map(skip)
-        nonisolated(unsafe) let input = input
-        nonisolated(unsafe) let output = output
-        nonisolated(unsafe) let sizes = sizes
-        // Clusters dealt round-robin: neighbouring clusters hold similar data (text,
-        // random bytes, zeros), so halves of a chunk can take very different times.
-        DispatchQueue.concurrentPerform(iterations: workers) { w in
-            let compressor = compressors[w]
-            for i in stride(from: w, to: count, by: workers) {
-                if skipped[i] {
-                    sizes[i] = 0
-                    continue
-                }
-                let length = i == count - 1 ? lastLength : clusterSize
-                let src = UnsafeRawBufferPointer(rebasing: input[(i * clusterSize)..<(i * clusterSize + length)])
-                let dst = UnsafeMutableRawBufferPointer(rebasing: output[(i * clusterSize)..<((i + 1) * clusterSize)])
-                sizes[i] = compressor.compress(src, into: dst) ?? 0
-            }
-        }
-    }
-}
-
 /// Facts about this machine.
 public enum System {
     /// Online processors.
