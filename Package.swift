@@ -27,6 +27,8 @@ let package = Package(
                        providers: [.apt(["liblz4-dev"])]),
         // libnbd's header only (no pkgConfig, no link): LiveSource dlopens libnbd.so.0.
         .systemLibrary(name: "CNBD", path: "Sources/CNBD", providers: [.apt(["libnbd-dev"])]),
+        // libvirt's headers only, likewise: LiveSource dlopens libvirt.so.0 for --libvirt.
+        .systemLibrary(name: "CLibvirt", path: "Sources/CLibvirt", providers: [.apt(["libvirt-dev"])]),
         .target(
             name: "QCowImage",
             dependencies: [
@@ -46,7 +48,7 @@ let package = Package(
         .target(
             name: "LiveSource",
             dependencies: [
-                "QCowImage", "BitmapStore", "BackupChain", "CNBD",
+                "QCowImage", "BitmapStore", "BackupChain", "CNBD", "CLibvirt",
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),

@@ -39,6 +39,9 @@ public enum BackupEngine {
         /// The id of a new repository (a live backup names QEMU objects after it before the
         /// repository is created); default: a random one.
         public var repositoryID: String? = nil
+        /// How the source tracks changes: its dirty bitmap, or (libvirt) checkpoints, where the
+        /// manifest names no bitmap and the layer records the checkpoint it began (if any).
+        public var tracking: Tracking = .bitmap
         public init(image: String, repository: String, bitmap: String? = nil, mode: Mode = .auto,
                     compression: Compression = .none, dryRun: Bool = false, clusterSize: Int? = nil,
                     takeOverBitmap: Bool = false) {
@@ -59,6 +62,16 @@ public enum BackupEngine {
             if let bitmap, let problem = BitmapLimits.problem(withNewName: bitmap) {
                 throw ChainError(.invalidArgument, "--bitmap: \(problem)")
             }
+        }
+    }
+
+    public enum Tracking: Equatable, Sendable {
+        case bitmap
+        case checkpoint(String?)
+
+        var checkpoint: String? {
+            if case .checkpoint(let name) = self { return name }
+            return nil
         }
     }
 
@@ -168,7 +181,7 @@ public enum BackupEngine {
         let clusterSize = existing?.clusterSize ?? request.clusterSize ?? 65536
         let plan = try copyPlan(kind, source: source, bitmap: bitmap, clusterSize: UInt64(clusterSize))
         var manifest = existing ?? BackupManifest(id: id, virtualSize: source.virtualSize, clusterSize: clusterSize,
-                                                  bitmap: bitmap, source: sourceRecord)
+                                                  bitmap: request.tracking == .bitmap ? bitmap : nil, source: sourceRecord)
         let index = repo.nextIndex(of: manifest)
         if request.dryRun {
             return Result(kind: kind, layer: nil, index: index, bitmap: bitmap, bytesCopied: plan.bytes,
@@ -201,7 +214,7 @@ public enum BackupEngine {
         let layer = BackupManifest.Layer(index: index, file: name, kind: kind, mode: source.mode,
                                          created: BackupRepository.isoStamp(now), bytesCopied: written.bytes,
                                          fileSize: digest.size, virtualSize: source.virtualSize, digest: digest,
-                                         identity: identity)
+                                         identity: identity, checkpoint: request.tracking.checkpoint)
         manifest.virtualSize = source.virtualSize
         // A full layer stands alone (no backing file) and starts a new segment of the chain;
         // older points stay restorable until merge folds them away.

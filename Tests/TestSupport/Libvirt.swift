@@ -5,14 +5,26 @@ import Glibc
 
 /// A real libvirtd for tests (qemu:///system; no systemd needed, see live-backup.md part 2):
 /// one already answering is used as it is; otherwise virtlogd and libvirtd are started here
-/// in the foreground as children and stopped by their PIDs in `stop()`.
+/// in the foreground as children and stopped by their PIDs in `stop()`. Suites running at the
+/// same time in one test process share the daemons: the last `stop()` stops them.
 public final class LibvirtDaemon: @unchecked Sendable {
     public let uri = "qemu:///system"
     private var children: [pid_t] = []
+    private var stopped = false
+
+    /// The daemons this process started, and how many fixtures use them.
+    private static let shared = NSLock()
+    nonisolated(unsafe) private static var users = 0
+    nonisolated(unsafe) private static var started: [pid_t] = []
 
     public init() throws {
         _ = try Tools.which("virsh", hint: "libvirt-clients")
-        if answers() { return }
+        Self.shared.lock()
+        defer { Self.shared.unlock() }
+        if Self.users > 0 || answers() {
+            Self.users += 1
+            return
+        }
         let libvirtd = try Tools.which("libvirtd", hint: "libvirt-daemon-system")
         let virtlogd = try Tools.which("virtlogd", hint: "libvirt-daemon-system")
         if (try? Tools.run("pgrep", ["-x", "virtlogd"]).status) != 0 { try spawn(virtlogd) }
@@ -21,11 +33,15 @@ public final class LibvirtDaemon: @unchecked Sendable {
         let deadline = Date().addingTimeInterval(60)
         while !answers() {
             guard Date() < deadline, children.allSatisfy(isRunning) else {
-                stop()
+                stopChildren()
+                stopped = true
                 throw Tools.MissingTool(name: "a libvirtd that answers (it did not start)", package: "libvirt-daemon-system")
             }
             usleep(200_000)
         }
+        Self.started = children
+        children = []
+        Self.users += 1
     }
 
     deinit { stop() }
@@ -64,8 +80,20 @@ public final class LibvirtDaemon: @unchecked Sendable {
         return waitpid(pid, &status, WNOHANG) == 0
     }
 
-    /// Stops the daemons this fixture started (newest first), by PID.
+    /// Lets go of the daemons; the last user stops those this process started (newest first), by PID.
     public func stop() {
+        Self.shared.lock()
+        defer { Self.shared.unlock() }
+        guard !stopped else { return }
+        stopped = true
+        Self.users -= 1
+        guard Self.users == 0 else { return }
+        children = Self.started
+        Self.started = []
+        stopChildren()
+    }
+
+    private func stopChildren() {
         for pid in children.reversed() {
             kill(pid, SIGTERM)
             let deadline = Date().addingTimeInterval(15)
@@ -94,6 +122,38 @@ public final class LibvirtDaemon: @unchecked Sendable {
     /// resumes it (libvirt refuses to shut down a paused domain): SeaBIOS finds nothing to
     /// boot, so the guest never acts on an ACPI shutdown request.
     public func startDomainWithoutOS(_ name: String, disk: String) throws {
+        try define(name, disks: [("vda", disk)])
+        for arguments in [["start", name, "--paused"], ["resume", name]] { try must(arguments) }
+    }
+
+    /// Defines a TCG domain with no OS and these disks (target, qcow2 file), starts it and keeps
+    /// it paused: no guest runs, QEMU takes no CPU, and `write` simulates the guest.
+    public func startPausedDomain(_ name: String, disks: [(target: String, file: String)]) throws {
+        try define(name, disks: disks)
+        try must(["start", name, "--paused"])
+    }
+
+    /// `virsh ARGS`, which must succeed.
+    @discardableResult
+    public func must(_ arguments: [String]) throws -> Tools.Result {
+        let result = try virsh(arguments)
+        guard result.status == 0 else {
+            throw Tools.MissingTool(name: "a libvirt domain (virsh \(arguments.joined(separator: " ")): \(result.stderr))",
+                                    package: "libvirt-daemon-system qemu-system-x86")
+        }
+        return result
+    }
+
+    private func define(_ name: String, disks: [(target: String, file: String)]) throws {
+        let devices = disks.map { disk in
+            """
+                <disk type='file' device='disk'>
+                  <driver name='qemu' type='qcow2'/>
+                  <source file='\(disk.file)'/>
+                  <target dev='\(disk.target)' bus='virtio'/>
+                </disk>
+            """
+        }.joined(separator: "\n")
         let xml = """
             <domain type='qemu'>
               <name>\(name)</name>
@@ -106,30 +166,37 @@ public final class LibvirtDaemon: @unchecked Sendable {
               <on_crash>destroy</on_crash>
               <devices>
                 <emulator>/usr/bin/qemu-system-x86_64</emulator>
-                <disk type='file' device='disk'>
-                  <driver name='qemu' type='qcow2'/>
-                  <source file='\(disk)'/>
-                  <target dev='vda' bus='virtio'/>
-                </disk>
+            \(devices)
                 <controller type='usb' model='none'/>
                 <memballoon model='none'/>
               </devices>
             </domain>
             """
-        let file = (disk as NSString).deletingLastPathComponent + "/\(name).xml"
+        let file = ((disks.first?.file ?? "/tmp/x") as NSString).deletingLastPathComponent + "/\(name).xml"
         try xml.write(toFile: file, atomically: true, encoding: .utf8)
-        for arguments in [["define", file], ["start", name, "--paused"], ["resume", name]] {
-            let result = try virsh(arguments)
-            guard result.status == 0 else {
-                throw Tools.MissingTool(name: "a libvirt domain (virsh \(arguments.joined(separator: " ")): \(result.stderr))",
-                                        package: "libvirt-daemon-system qemu-system-x86")
-            }
-        }
+        try must(["define", file])
     }
 
-    /// Destroys (if running) and undefines the domain.
+    /// A guest write of `length` bytes of `pattern` at `offset` to disk number `index` (0 = the
+    /// first virtio disk), through HMP qemu-io on the device's backend, as guest I/O goes.
+    public func write(_ domain: String, disk index: Int = 0, _ pattern: UInt8, at offset: Int, length: Int) throws {
+        let device = "/machine/peripheral/virtio-disk\(index)/virtio-backend"
+        let result = try must(["qemu-monitor-command", domain, "--hmp",
+                               "qemu-io -d \(device) \"write -P \(pattern) \(offset) \(length)\""])
+        // HMP errors come back as reply text with exit status 0.
+        let reply = result.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+        guard reply.isEmpty else { throw Tools.MissingTool(name: "an HMP qemu-io write (\(reply))", package: "qemu-system-x86") }
+    }
+
+    /// The domain's checkpoint names, parents first.
+    public func checkpoints(_ domain: String) throws -> [String] {
+        try must(["checkpoint-list", domain, "--name", "--topological"]).stdout.split(separator: "\n")
+            .map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
+    }
+
+    /// Destroys (if running) and undefines the domain, with its checkpoints' metadata.
     public func remove(_ domain: String) {
         _ = try? virsh(["destroy", domain])
-        _ = try? virsh(["undefine", domain])
+        _ = try? virsh(["undefine", domain, "--checkpoints-metadata"])
     }
 }

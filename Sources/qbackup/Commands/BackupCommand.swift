@@ -26,6 +26,12 @@ struct BackupCommand: ParsableCommand {
             is full. qbackup never resets that bitmap: where its tracking starts is the exporter's \
             business.
 
+            With --libvirt DOMAIN a disk of a VM that libvirt manages (--connect URI, default \
+            qemu:///system; qemu+ssh://root@host/system for another host) is backed up through \
+            libvirt's checkpoints and pull-mode backup, at one point in time; a shut-off domain \
+            from its disk file, into the same chain. Nightly:
+              0 2 * * *  qbackup backup --libvirt vm1 --repo /backup/vm1
+
             With --qmp SOCKET the disk of a running QEMU is backed up through QEMU's own NBD server, \
             at one point in time (a fleecing overlay in the image's folder or --fleece-dir), into the \
             same chain as offline backups of its image file, with the same bitmap (persistent in QEMU). \
@@ -54,6 +60,15 @@ struct BackupCommand: ParsableCommand {
     @Option(name: .long, help: "With --qmp: use the NBD server QEMU already runs, unix:PATH or HOST:PORT.")
     var nbdServer: String?
 
+    @Option(name: .long, help: "Back up a disk of this libvirt domain (name or UUID) through libvirt's API.")
+    var libvirt: String?
+
+    @Option(name: .long, help: "With --libvirt: the libvirt URI (default: qemu:///system).")
+    var connect: String?
+
+    @Option(name: .long, help: "With --libvirt: the disk's target, e.g. vda (default: the domain's only disk).")
+    var disk: String?
+
     @Option(name: .long, help: "The repository folder (created if missing).", completion: .directory) var repo: String
 
     @Option(name: .long, help: "The tracking bitmap (default: qbackup-<repository id>).") var bitmap: String?
@@ -80,8 +95,12 @@ struct BackupCommand: ParsableCommand {
 
     func validate() throws {
         if full && incremental { throw ValidationError("--full and --incremental exclude each other") }
-        if [image != nil, nbd != nil, qmp != nil].filter({ $0 }).count != 1 {
-            throw ValidationError("give one of IMAGE, --nbd URI or --qmp SOCKET")
+        if [image != nil, nbd != nil, qmp != nil, libvirt != nil].filter({ $0 }).count != 1 {
+            throw ValidationError("give one of IMAGE, --nbd URI, --qmp SOCKET or --libvirt DOMAIN")
+        }
+        if libvirt == nil && (connect != nil || disk != nil) { throw ValidationError("--connect and --disk go with --libvirt") }
+        if libvirt != nil && (bitmap != nil || takeOverBitmap) {
+            throw ValidationError("--bitmap and --take-over-bitmap do not apply to --libvirt (libvirt tracks changes with checkpoints)")
         }
         if qmp == nil && (node != nil || fleeceDir != nil || nbdServer != nil) {
             throw ValidationError("--node, --fleece-dir and --nbd-server go with --qmp")
@@ -111,7 +130,17 @@ struct BackupCommand: ParsableCommand {
             let progress = progressOptions.reporter("backup")
             let result: BackupEngine.Result
             var notes: [String] = []
-            if let qmp {
+            if let libvirt {
+                let outcome = try LibvirtBackup.backup(
+                    LibvirtBackup.Request(domain: libvirt, uri: connect ?? "qemu:///system", disk: disk, repository: repo,
+                                          mode: request.mode, compression: compress, dryRun: dryRun,
+                                          clusterSize: clusterSize),
+                    logger: options.logger, progress: progress?.update)
+                result = outcome.result
+                if let reason = outcome.reason { notes.append("a full layer: \(reason)") }
+                if let checkpoint = outcome.checkpoint, !dryRun { notes.append("checkpoint '\(checkpoint)'") }
+                notes += outcome.notes
+            } else if let qmp {
                 let outcome = try QMPBackup.backup(
                     QMPBackup.Request(socket: qmp, node: node, repository: repo, bitmap: bitmap, mode: request.mode,
                                       compression: compress, fleeceDir: fleeceDir, nbdServer: nbdServer, dryRun: dryRun,

@@ -53,11 +53,14 @@ struct ListCommand: ParsableCommand {
                 JSONReport.set(JSON.object(top))
             } else if let m = repo.manifest {
                 emit("repository \(repository): disk \(m.source.summary), bitmap \(m.bitmap ?? "none"), \(layers.count) layer(s)\n")
-                emit("INDEX".padding(7) + "KIND".padding(13) + "CREATED (UTC)".padding(22) + "DATA".padding(12)
-                     + "SIZE".padding(12) + "FILE\n")
+                // libvirt layers also name the checkpoint their changes are tracked since.
+                let checkpoints = layers.contains { $0.checkpoint != nil }
+                emit("INDEX".padding(7) + "KIND".padding(13) + "MODE".padding(9) + "CREATED (UTC)".padding(22)
+                     + "DATA".padding(12) + "SIZE".padding(12) + (checkpoints ? "FILE".padding(30) + "CHECKPOINT\n" : "FILE\n"))
                 for l in layers {
-                    emit(String(l.index).padding(7) + l.kind.rawValue.padding(13) + l.created.padding(22)
-                         + humanSize(l.bytesCopied).padding(12) + humanSize(l.fileSize).padding(12) + l.file + "\n")
+                    emit(String(l.index).padding(7) + l.kind.rawValue.padding(13) + l.mode.rawValue.padding(9)
+                         + l.created.padding(22) + humanSize(l.bytesCopied).padding(12) + humanSize(l.fileSize).padding(12)
+                         + (checkpoints ? l.file.padding(30) + (l.checkpoint ?? "-") + "\n" : l.file + "\n"))
                 }
             } else {
                 emit("repository \(repository) holds no backup yet\n")
