@@ -94,6 +94,8 @@ public enum LibvirtBackup {
         /// The repository's id (a new repository's derived from its folder, as for QMP).
         let id: String
         let manifest: BackupManifest?
+        /// The disk as the manifest records it: the domain's UUID, the disk target and the URI.
+        let record: BackupManifest.Source
 
         /// Finds the domain (the repository's UUID when the name is gone: a renamed domain is
         /// followed) and disk, and refuses a repository of another domain or disk before
@@ -118,8 +120,8 @@ public enum LibvirtBackup {
             }
             isActive = try domain.isActive()
             id = manifest?.id ?? QMPBackup.newRepositoryID(repo.path)
-            engine.source = BackupManifest.Source(kind: .libvirt, domainUUID: domain.uuid, disk: disk.target,
-                                                  uri: connection.uri)
+            record = BackupManifest.Source(kind: .libvirt, domainUUID: domain.uuid, disk: disk.target, uri: connection.uri)
+            engine.source = record
             engine.repositoryID = id
             // Another domain's (or disk's) repository is refused before a job or checkpoint exists.
             try BackupEngine.preflight(engine, repo: repo, virtualSize: .max)
@@ -225,6 +227,7 @@ public enum LibvirtBackup {
                                        ? NBDSource.Tracking(name: target.trackingName, exported: "backup-\(target.disk.target)")
                                        : nil,
                                    mode: .libvirt, timeout: request.timeout)
+        source.disk = target.record
         return Plan(source: source, incremental: incremental, reason: why, checkpoint: checkpoint)
     }
 
@@ -246,7 +249,7 @@ public enum LibvirtBackup {
             names = [needed]
             for cp in checkpoints where cp.parent.map(names.contains) ?? false { names.append(cp.name) }
         }
-        let source = try LibvirtOfflineSource(path: file, name: target.label, bitmaps: names,
+        let source = try LibvirtOfflineSource(path: file, name: target.label, disk: target.record, bitmaps: names,
                                               trackingName: target.trackingName)
         var why: String?
         if request.mode == .full {

@@ -9,6 +9,8 @@ import QCowImage
 final class LibvirtOfflineSource: BackupSource {
     let image: GuestImage
     let name: String
+    /// The domain's disk (kind libvirt), not the file: the repository follows the domain.
+    let disk: BackupManifest.Source
     let bitmaps: [String]
     /// The engine's name of the union.
     let trackingName: String
@@ -17,9 +19,10 @@ final class LibvirtOfflineSource: BackupSource {
     private(set) var committed = false
     private let catalog: BitmapCatalog?
 
-    init(path: String, name: String, bitmaps: [String], trackingName: String) throws {
+    init(path: String, name: String, disk: BackupManifest.Source, bitmaps: [String], trackingName: String) throws {
         image = try ImageOpener.open(path, writable: false)
         self.name = name
+        self.disk = disk
         self.bitmaps = bitmaps
         self.trackingName = trackingName
         guard let file = image as? QCowFile else {
