@@ -27,11 +27,37 @@ struct GlobalOptions: ParsableArguments {
         if !quiet { emit(text) }
     }
 
-    /// A logger to stderr: debug with --verbose, else warnings only.
+    /// A logger to stderr: debug with --verbose, else warnings only (`ReportLogHandler`).
     var logger: Logger {
-        var logger = Logger(label: "qbackup") { StreamLogHandler.standardError(label: $0) }
+        var logger = Logger(label: "qbackup") { _ in ReportLogHandler() }
         logger.logLevel = verbose ? .debug : .warning
         return logger
+    }
+}
+
+/// The libraries' swift-log messages, printed as qbackup's own: a warning or worse is a
+/// `qbackup: warning:` line (`warning()`, so it is also in the JSON report's "warnings"),
+/// with the message's metadata in parentheses; with --verbose, lower levels are
+/// `qbackup: debug:` (or info, notice) lines on stderr.
+struct ReportLogHandler: LogHandler {
+    var logLevel: Logger.Level = .warning
+    var metadata: Logger.Metadata = [:]
+    var metadataProvider: Logger.MetadataProvider?
+
+    subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+        get { metadata[key] }
+        set { metadata[key] = newValue }
+    }
+
+    func log(event: LogEvent) {
+        let all = metadata.merging(metadataProvider?.get() ?? [:]) { $1 }.merging(event.metadata ?? [:]) { $1 }
+        let details = all.sorted { $0.key < $1.key }.map { "\($0.key): \($0.value)" }.joined(separator: ", ")
+        let text = details.isEmpty ? "\(event.message)" : "\(event.message) (\(details))"
+        if event.level >= .warning {
+            warning(text)
+        } else {
+            standardError("qbackup: \(event.level): \(text.replacing("\n", with: " "))\n")
+        }
     }
 }
 

@@ -1,3 +1,4 @@
+import ArgumentParser
 import BackupChain
 import BitmapStore
 import FoundationEssentials
@@ -31,6 +32,34 @@ enum JSONReport {
             emit(JSON.object(pairs + [warningsPair]).pretty() + "\n")
         }
         pending = nil
+    }
+
+    /// A usage error (exit 2, from the argument parser) with `--output json` in `arguments`: the
+    /// error object on stdout too (code "usage"), unless the command's JSON is an array shaped like
+    /// qemu-img's or its stdout carries data (`restore --to -`).
+    static func usageError(_ message: String, arguments: [String]) {
+        let words = Array(arguments.prefix { $0 != "--" })
+        func has(_ option: String, _ value: String) -> Bool {
+            words.contains("\(option)=\(value)") || zip(words, words.dropFirst()).contains { $0 == (option, value) }
+        }
+        guard has("--output", "json") else { return }
+        // The subcommand path: the leading words that name a subcommand of the one before.
+        var command: ParsableCommand.Type = QBackup.self
+        var path: [String] = []
+        for word in words {
+            guard let sub = command.configuration.subcommands.first(where: { $0._commandName == word }) else { break }
+            (command, path) = (sub, path + [word])
+        }
+        switch path {
+        case ["map"], ["bitmap", "dump"]: return
+        case ["info"] where words.contains("--backing-chain"): return
+        case ["restore"] where has("--to", "-"): return
+        default: break
+        }
+        let error: [(String, JSON)] = [("message", .string(message.replacing("\n", with: " "))), ("code", .string("usage")),
+                                       ("file", .null), ("offset", .null), ("region", .null)]
+        emit(JSON.object([("error", .object(error)), ("warnings", .array([]))]).pretty() + "\n")
+        StandardOutput.flush()
     }
 
     /// message (the same text as the `qbackup: error:` line), code, file, offset and region.

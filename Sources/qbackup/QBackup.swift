@@ -50,6 +50,7 @@ struct QBackup: ParsableCommand {
             if code == .validationFailure {
                 let message = self.message(for: error)
                 standardError("qbackup: error: \(message)\n")
+                JSONReport.usageError(message, arguments: Array(CommandLine.arguments.dropFirst()))
                 standardError("Run 'qbackup --help' (or 'qbackup COMMAND --help') for usage.\n")
                 Glibc.exit(ExitStatus.usage)
             }

@@ -130,4 +130,88 @@ import TestSupport
         }
         #expect((json["layers"] as? [Any])?.isEmpty == true)
     }
+    /// A usage error (exit 2, the argument parser's or a command's validation) is the error object
+    /// too (code "usage"), with `--output json` or `--output=json`; arrays and `restore --to -` keep
+    /// stdout empty, as does a usage error without --output json.
+    @Test func aUsageErrorIsAlsoOneJSONObject() throws {
+        let dir = TempDir()
+        let image = dir.file("disk.qcow2")
+        try Tools.qemuImg("create", "-q", "-f", "qcow2", image, "16M")
+        let repo = dir.file("repo")
+        let cases: [[String]] = [
+            ["info"],                                                       // missing argument
+            ["info", image, "--bogus"],                                     // unknown option
+            ["bitmap", "add", image],                                       // missing argument of a nested command
+            ["bitmap", "add", image, "b", "--granularity", "3K"],          // bad value
+            ["backup", image, "--repo", repo, "--full", "--incremental"],   // validate()
+            ["merge", repo],                                                // no retention rule
+            ["restore", repo, "--to", dir.file("out.raw"), "--at", "2026-13-45"],
+            ["verify"],
+            ["nosuchcommand"],
+        ]
+        for args in cases {
+            for form in [["--output", "json"], ["--output=json"]] {
+                let label = (args + form).joined(separator: " ")
+                let result = try QBackupBinary.run(args + form)
+                #expect(result.status == 2, "\(label): \(result.status) \(result.stderr)")
+                let line = result.errorLines.first.map { String($0.dropFirst("qbackup: error: ".count)) }
+                let json = Self.object(result, label)
+                let error = json["error"] as? [String: Any]
+                #expect(error?["code"] as? String == "usage", "\(label): \(json)")
+                #expect(line != nil && error?["message"] as? String == line, "\(label): \(json) vs \(result.stderr)")
+                #expect(json["warnings"] as? [String] == [], "\(label): \(json)")
+            }
+            let human = try QBackupBinary.run(args)
+            #expect(human.status == 2 && human.stdout.isEmpty, "\(args): '\(human.stdout)'")
+        }
+        for args in [["map", "--output", "json"], ["bitmap", "dump", image, "--output", "json"],
+                     ["info", "--backing-chain", "--output", "json", image, "--bogus"],
+                     ["restore", repo, "--to", "-", "--output", "json"]] {
+            let result = try QBackupBinary.run(args)
+            #expect(result.status == 2 && result.stdout.isEmpty && result.stderr.hasPrefix("qbackup: error: "),
+                    "\(args): '\(result.stdout)' \(result.stderr)")
+        }
+    }
+
+    /// bitmap add/remove/clear/enable/disable/merge report what they did: the operation, the image,
+    /// the bitmap's name and the bitmap as `bitmap list` shows it afterwards (null once removed).
+    @Test func bitmapEditsReportTheirResult() throws {
+        let dir = TempDir()
+        let image = dir.file("disk.qcow2")
+        let other = dir.file("other.qcow2")
+        for path in [image, other] { try Tools.qemuImg("create", "-q", "-f", "qcow2", path, "16M") }
+        func run(_ args: [String], on path: String = image) throws -> [String: Any] {
+            let result = try QBackupBinary.run(["bitmap"] + args.prefix(1) + [path] + args.dropFirst() + ["--output", "json"])
+            #expect(result.status == 0 && result.stderr.isEmpty, "\(args): \(result.stderr)")
+            let json = Self.object(result, "\(args)")
+            #expect(json["operation"] as? String == args[0] && json["image"] as? String == path, "\(json)")
+            #expect(json["warnings"] as? [String] == [], "\(json)")
+            return json
+        }
+        func bitmap(_ json: [String: Any]) -> [String: Any] { json["bitmap"] as? [String: Any] ?? [:] }
+        let added = try run(["add", "b0", "--granularity", "128K"])
+        #expect(added["name"] as? String == "b0")
+        #expect(bitmap(added)["name"] as? String == "b0" && bitmap(added)["granularity"] as? Int == 128 << 10
+                && bitmap(added)["enabled"] as? Bool == true && bitmap(added)["dirty-bytes"] as? Int == 0, "\(added)")
+        // QEMU tracks a write in the enabled bitmap: 64 KiB at 1 MiB dirties one 128 KiB granule.
+        try Tools.qemuIO(image, format: "qcow2", ["write -P 7 1M 64k"])
+        #expect(bitmap(try run(["disable", "b0"]))["enabled"] as? Bool == false)
+        let enabled = try run(["enable", "b0"])
+        #expect(bitmap(enabled)["enabled"] as? Bool == true && bitmap(enabled)["dirty-bytes"] as? Int == 128 << 10, "\(enabled)")
+        _ = try run(["add", "b1", "--disabled"], on: other)
+        try Tools.qemuIO(image, format: "qcow2", ["write -P 8 4M 64k"])
+        _ = try run(["add", "b1", "--granularity", "64K"])
+        let merged = try run(["merge", "b1", "--source", "b0", "--source", "b1", "--source-image", image, "--source-image", other])
+        #expect(bitmap(merged)["name"] as? String == "b1" && bitmap(merged)["dirty-bytes"] as? Int == 256 << 10, "\(merged)")
+        let sources = merged["sources"] as? [[String: String]]
+        #expect(sources == [["image": image, "name": "b0"], ["image": other, "name": "b1"]], "\(merged)")
+        let cleared = try run(["clear", "b0"])
+        #expect(bitmap(cleared)["dirty-bytes"] as? Int == 0, "\(cleared)")
+        let removed = try run(["remove", "b0"])
+        #expect(removed["name"] as? String == "b0" && removed["bitmap"] is NSNull, "\(removed)")
+        // What QEMU sees agrees.
+        let info = try Tools.qemuImg("info", "--output=json", image).stdout
+        #expect(!info.contains("\"b0\"") && info.contains("\"b1\""), "\(info)")
+        try Tools.qemuImg("check", image)
+    }
 }

@@ -212,7 +212,7 @@ import TestSupport
         try s.checkNothingLeft()
         let auto = try s.backup()
         #expect(auto["kind"] as? String == "full")
-        #expect((auto["notes"] as? [String])?.contains { $0.contains("missing") } == true)
+        #expect((auto["reason"] as? String)?.contains("missing") == true, "\(auto)")
 
         // Inconsistent bitmap: QEMU killed, so the file keeps it in_use; the next QEMU loads it inconsistent.
         try s.write(0x42, at: 3 << 20, length: 64 << 10)

@@ -121,7 +121,7 @@ import TestSupport
         // The bitmap was added in this QEMU session and never stored (QEMU writes persistent
         // bitmaps on a clean close only), so after the kill it is missing; one loaded from the
         // file would be inconsistent (see QMPBackupTests.refusals). Either way: full, saying why.
-        #expect((next["notes"] as? [String])?.contains { $0.contains("missing") || $0.contains("inconsistent") } == true,
+        #expect((next["reason"] as? String).map { $0.contains("missing") || $0.contains("inconsistent") } == true,
                 "\(next)")
         try s.write(0x83, at: 5 << 20, length: 64 << 10)
         #expect(try s.backup()["kind"] as? String == "incremental")

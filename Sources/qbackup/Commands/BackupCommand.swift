@@ -129,7 +129,9 @@ struct BackupCommand: ParsableCommand {
             let request = request()
             let progress = progressOptions.reporter("backup")
             let result: BackupEngine.Result
-            var notes: [String] = []
+            // Why a full layer was taken (the live modes decide it before the engine runs).
+            var reason: String?
+            var checkpoint: String?
             if let libvirt {
                 let outcome = try LibvirtBackup.backup(
                     LibvirtBackup.Request(domain: libvirt, uri: connect ?? "qemu:///system", disk: disk, repository: repo,
@@ -137,18 +139,20 @@ struct BackupCommand: ParsableCommand {
                                           clusterSize: clusterSize),
                     logger: options.logger, progress: progress?.update)
                 result = outcome.result
-                if let reason = outcome.reason { notes.append("a full layer: \(reason)") }
-                if let checkpoint = outcome.checkpoint, !dryRun { notes.append("checkpoint '\(checkpoint)'") }
-                notes += outcome.notes
+                reason = full || result.index == 0 ? nil : outcome.reason
+                checkpoint = dryRun ? nil : outcome.checkpoint
+                // What it did besides the layer (a job or checkpoints left by an interrupted run, a shut-off domain).
+                for note in outcome.notes { warning(note) }
             } else if let qmp {
+                // Its warnings (cleanup in QEMU failed, bits merged back) come through the logger: warning().
                 let outcome = try QMPBackup.backup(
                     QMPBackup.Request(socket: qmp, node: node, repository: repo, bitmap: bitmap, mode: request.mode,
                                       compression: compress, fleeceDir: fleeceDir, nbdServer: nbdServer, dryRun: dryRun,
                                       clusterSize: clusterSize, takeOverBitmap: takeOverBitmap),
                     logger: options.logger, progress: progress?.update)
                 result = outcome.result
-                if let reason = outcome.reason { notes.append("a full layer: \(reason)") }
-                notes += outcome.warnings
+                // As offline backups say it: a reason only where auto could have been incremental.
+                reason = full || result.index == 0 ? nil : outcome.reason
             } else if let nbd {
                 result = try NBDBackup.backup(
                     NBDBackup.Request(uri: nbd, repository: repo, bitmap: bitmap, sourceName: sourceName, mode: request.mode,
@@ -158,10 +162,7 @@ struct BackupCommand: ParsableCommand {
                 result = try BackupEngine.backup(request, logger: options.logger, progress: progress?.update)
             }
             progress?.finish()
-            // An export's bitmap belongs to its exporter: say that it was left as it was.
-            if nbd != nil && bitmap != nil && !result.dryRun {
-                notes.append("bitmap '\(result.bitmap)' of the export was not reset; the exporter owns it")
-            }
+            reason = reason ?? result.reason
             if options.json {
                 var pairs: [(String, JSON)] = [
                     ("kind", .string(result.kind.rawValue)), ("index", .int(Int64(result.index))),
@@ -170,8 +171,8 @@ struct BackupCommand: ParsableCommand {
                     ("virtual-size", .uint(result.virtualSize)),
                 ]
                 if nbd != nil { pairs.append(("bitmap-reset", .bool(false))) }
-                if !notes.isEmpty { pairs.append(("notes", .array(notes.map { .string($0) }))) }
-                if let reason = result.reason { pairs.append(("reason", .string(reason))) }
+                if let reason { pairs.append(("reason", .string(reason))) }
+                if let checkpoint { pairs.append(("checkpoint", .string(checkpoint))) }
                 if let layer = result.layer {
                     pairs.insert(("layer", .string(layer.file)), at: 0)
                     pairs.append(("mode", .string(layer.mode.rawValue)))
@@ -180,14 +181,16 @@ struct BackupCommand: ParsableCommand {
                 }
                 JSONReport.set(JSON.object(pairs))
             } else if result.dryRun {
-                if let reason = result.reason { options.inform("would take a full backup: \(reason)\n") }
+                if let reason { options.inform("would take a full backup: \(reason)\n") }
                 options.inform("would take \(result.kind == .full ? "a full" : "an incremental") backup as layer \(result.index): \(humanSize(result.bytesCopied)) in \(result.extents) extent(s)\n")
             } else if let layer = result.layer {
-                if let reason = result.reason { options.inform("taking a full backup: \(reason)\n") }
+                if let reason { options.inform("taking a full backup: \(reason)\n") }
                 options.inform("\(result.kind.rawValue) backup: layer \(result.index) \(layer.file), \(humanSize(result.bytesCopied)) copied in \(result.extents) extent(s), file \(humanSize(layer.fileSize))\n")
             }
-            if !options.json {
-                for note in notes { standardError("qbackup: note: \(note)\n") }
+            if let checkpoint, !options.json && !options.quiet { standardError("qbackup: note: checkpoint '\(checkpoint)'\n") }
+            // An export's bitmap belongs to its exporter: say that it was left as it was ("bitmap-reset" in JSON).
+            if nbd != nil && bitmap != nil && !result.dryRun && !options.json && !options.quiet {
+                standardError("qbackup: note: bitmap '\(result.bitmap)' of the export was not reset; the exporter owns it\n")
             }
             return 0
         }

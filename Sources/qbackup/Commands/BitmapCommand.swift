@@ -67,12 +67,7 @@ struct BitmapCommand: ParsableCommand {
         @OptionGroup var options: GlobalOptions
 
         func run() throws {
-            try ExitStatus.run(json: options.json) {
-                try BitmapCatalog.withCatalog(image, writable: true) {
-                    try $0.add(name, granularity: granularity, enabled: !disabled)
-                }
-                return 0
-            }
+            try edit(image, name, "add", options) { try $0.add(name, granularity: granularity, enabled: !disabled) }
         }
     }
 
@@ -81,7 +76,7 @@ struct BitmapCommand: ParsableCommand {
         @Argument(help: "The qcow2 image.", completion: .file()) var image: String
         @Argument(help: "The bitmap's name.") var name: String
         @OptionGroup var options: GlobalOptions
-        func run() throws { try edit(image, options) { try $0.remove(name) } }
+        func run() throws { try edit(image, name, "remove", options) { try $0.remove(name) } }
     }
 
     struct Clear: ParsableCommand {
@@ -89,7 +84,7 @@ struct BitmapCommand: ParsableCommand {
         @Argument(help: "The qcow2 image.", completion: .file()) var image: String
         @Argument(help: "The bitmap's name.") var name: String
         @OptionGroup var options: GlobalOptions
-        func run() throws { try edit(image, options) { try $0.clear(name) } }
+        func run() throws { try edit(image, name, "clear", options) { try $0.clear(name) } }
     }
 
     struct Enable: ParsableCommand {
@@ -97,7 +92,7 @@ struct BitmapCommand: ParsableCommand {
         @Argument(help: "The qcow2 image.", completion: .file()) var image: String
         @Argument(help: "The bitmap's name.") var name: String
         @OptionGroup var options: GlobalOptions
-        func run() throws { try edit(image, options) { try $0.enable(name) } }
+        func run() throws { try edit(image, name, "enable", options) { try $0.enable(name) } }
     }
 
     struct Disable: ParsableCommand {
@@ -105,7 +100,7 @@ struct BitmapCommand: ParsableCommand {
         @Argument(help: "The qcow2 image.", completion: .file()) var image: String
         @Argument(help: "The bitmap's name.") var name: String
         @OptionGroup var options: GlobalOptions
-        func run() throws { try edit(image, options) { try $0.disable(name) } }
+        func run() throws { try edit(image, name, "disable", options) { try $0.disable(name) } }
     }
 
     struct Merge: ParsableCommand {
@@ -130,19 +125,16 @@ struct BitmapCommand: ParsableCommand {
         }
 
         func run() throws {
+            // Each source's image: IMAGE, the one --source-image, or its own --source-image.
+            let pairs = source.indices.map { (path: sourceImage.isEmpty ? image : sourceImage[sourceImage.count == 1 ? 0 : $0],
+                                              name: source[$0]) }
+            let local = pairs.filter { $0.path == image }.map(\.name)
+            let foreign = pairs.filter { $0.path != image }
+            let sources = JSON.array(pairs.map { .object([("image", .string($0.path)), ("name", .string($0.name))]) })
             try ExitStatus.run(json: options.json) {
-                var local: [String] = []
-                var foreign: [DirtyBitmap] = []
-                for (i, name) in source.enumerated() {
-                    let path = sourceImage.isEmpty ? image : sourceImage[sourceImage.count == 1 ? 0 : i]
-                    if path == image {
-                        local.append(name)
-                    } else {
-                        foreign.append(try BitmapCatalog.withCatalog(path, writable: false) { try $0.load(name) })
-                    }
-                }
-                try BitmapCatalog.withCatalog(image, writable: true) { catalog in
-                    try catalog.merge(into: target, bitmaps: try local.map { try catalog.load($0) } + foreign)
+                let loaded = try foreign.map { f in try BitmapCatalog.withCatalog(f.path, writable: false) { try $0.load(f.name) } }
+                try apply(image, target, "merge", options, extra: [("sources", sources)]) { catalog in
+                    try catalog.merge(into: target, bitmaps: try local.map { try catalog.load($0) } + loaded)
                 }
                 return 0
             }
@@ -192,11 +184,26 @@ struct BitmapCommand: ParsableCommand {
     }
 }
 
-/// Opens IMAGE writable and runs one bitmap operation.
-private func edit(_ image: String, _ options: GlobalOptions, _ body: @escaping (BitmapCatalog) throws -> Void) throws {
+/// Runs one bitmap operation on bitmap NAME of IMAGE (`apply`) as a command.
+private func edit(_ image: String, _ name: String, _ operation: String, _ options: GlobalOptions,
+                  _ body: @escaping (BitmapCatalog) throws -> Void) throws {
     try ExitStatus.run(json: options.json) {
-        try BitmapCatalog.withCatalog(image, writable: true, body)
+        try apply(image, name, operation, options, body)
         return 0
     }
 }
 
+/// Opens IMAGE writable and runs one bitmap operation on bitmap NAME; with --output json it reports
+/// `{"operation", "image", "name", "bitmap": the bitmap as 'bitmap list' shows it afterwards (null once
+/// removed), extra…}`.
+private func apply(_ image: String, _ name: String, _ operation: String, _ options: GlobalOptions,
+                   extra: [(String, JSON)] = [], _ body: @escaping (BitmapCatalog) throws -> Void) throws {
+    let row = try BitmapCatalog.withCatalog(image, writable: true) { catalog in
+        try body(catalog)
+        return options.json ? try catalog.list().first { $0.name == name } : nil
+    }
+    if options.json {
+        JSONReport.set(.object([("operation", .string(operation)), ("image", .string(image)), ("name", .string(name)),
+                                ("bitmap", row.map(BitmapCommand.List.json) ?? .null)] + extra))
+    }
+}
