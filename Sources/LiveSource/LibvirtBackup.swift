@@ -1,4 +1,5 @@
 import BackupChain
+import BitmapStore
 import FoundationEssentials
 import Glibc
 import Logging
@@ -185,13 +186,13 @@ public enum LibvirtBackup {
         if request.mode == .incremental, let why {
             throw LiveError(.refused, "cannot take an incremental backup: \(why); only --full is allowed")
         }
-        let incremental = why == nil
+        var incremental = why == nil
         let checkpoint = target.checkpointPrefix + String(target.manifest?.nextIndex ?? 0)
 
         let dir = try job.privateFolder(near: target.disk, id: target.id)
         let socket = dir + "/nbd.sock"
         let scratch = dir + "/scratch-\(target.disk.target).qcow2"
-        let backupXML = """
+        func backupXML(incremental: Bool) -> String { """
             <domainbackup mode='pull'>
               \(incremental ? "<incremental>\(LibvirtXML.escape(base ?? ""))</incremental>" : "")
               <server transport='unix' socket='\(LibvirtXML.escape(socket))'/>
@@ -202,6 +203,7 @@ public enum LibvirtBackup {
               </disks>
             </domainbackup>
             """
+        }
         let checkpointXML = """
             <domaincheckpoint>
               <name>\(LibvirtXML.escape(checkpoint))</name>
@@ -209,7 +211,22 @@ public enum LibvirtBackup {
               <disks><disk name='\(LibvirtXML.escape(target.disk.target))' checkpoint='bitmap'/></disks>
             </domaincheckpoint>
             """
-        try domain.beginBackup(backupXML, checkpointXML: checkpointXML)
+        do {
+            try domain.beginBackup(backupXML(incremental: incremental), checkpointXML: checkpointXML)
+        } catch let error as LiveError where error.message.contains("inconsistent") || error.message.contains("broken bitmap") {
+            // QEMU did not close the disk cleanly (it crashed): the checkpoints' bitmaps cannot be
+            // trusted. libvirt's records go (leaf first, metadata only: deleting a damaged tree's
+            // bitmaps can crash libvirtd 9.0); the bitmaps stay in QEMU (never raw QMP behind
+            // libvirt's back) until a backup of the shut-off disk removes them; the layer is full.
+            let stale = try LibvirtRecovery.dropCheckpoints(domain, prefix: target.checkpointPrefix)
+            if request.mode == .incremental {
+                throw LiveError(.refused, "cannot take an incremental backup: the checkpoints are inconsistent (\(error.message)); only --full is allowed")
+            }
+            incremental = false
+            why = "the checkpoints were inconsistent (QEMU did not close the disk cleanly): \(error.message)"
+            job.notes.append("deleted the inconsistent checkpoint(s) \(stale.joined(separator: ", ")) (libvirt metadata only); their bitmaps stay in the running disk (qbackup sends no QMP behind libvirt's back) until a backup of the shut-off domain removes them")
+            try domain.beginBackup(backupXML(incremental: false), checkpointXML: checkpointXML)
+        }
         job.started = true
         job.created = checkpoint
         #if DEBUG
@@ -249,7 +266,7 @@ public enum LibvirtBackup {
             names = [needed]
             for cp in checkpoints where cp.parent.map(names.contains) ?? false { names.append(cp.name) }
         }
-        let source = try LibvirtOfflineSource(path: file, name: target.label, disk: target.record, bitmaps: names,
+        var source = try LibvirtOfflineSource(path: file, name: target.label, disk: target.record, bitmaps: names,
                                               trackingName: target.trackingName)
         var why: String?
         if request.mode == .full {
@@ -267,6 +284,20 @@ public enum LibvirtBackup {
             source.close()
             throw LiveError(.refused, "cannot take an incremental backup: \(why); only --full is allowed")
         }
+        var notes: [String] = []
+        if why != nil {
+            // The chain starts again: checkpoints of this repository that cannot be trusted go
+            // (metadata only: libvirt cannot delete a shut-off domain's bitmaps), and so do the
+            // bitmaps they leave in the file, with qbackup's own bitmap code.
+            source.close()
+            let dropped = try LibvirtRecovery.dropCheckpoints(domain, prefix: target.checkpointPrefix)
+            let removed = try LibvirtRecovery.removeStaleBitmaps(file, prefix: target.checkpointPrefix,
+                                                                  keep: Set(try domain.checkpoints().map(\.name)))
+            if !dropped.isEmpty { notes.append("deleted checkpoint(s) \(dropped.joined(separator: ", ")) (libvirt metadata only)") }
+            if !removed.isEmpty { notes.append("removed stale bitmap(s) \(removed.joined(separator: ", ")) from \(file)") }
+            source = try LibvirtOfflineSource(path: file, name: target.label, disk: target.record, bitmaps: [],
+                                              trackingName: target.trackingName)
+        }
         let incremental = why == nil
         // The checkpoint stays what it was: the next live backup starts from it.
         let checkpoint = incremental ? target.needed : nil
@@ -274,6 +305,7 @@ public enum LibvirtBackup {
         engine.mode = incremental ? .incremental : .full
         engine.image = file
         let plan = Plan(source: source, incremental: incremental, reason: why, checkpoint: checkpoint)
+        plan.notes = notes
         plan.notes.append("domain '\(domain.name)' is shut off: backed up from its disk file \(file)"
                           + (checkpoint == nil ? "; no checkpoint could be made, so the next live backup is a full one" : ""))
         return plan
@@ -377,5 +409,32 @@ final class LiveJob {
             notes.append("deleting checkpoints failed (the next backup deletes what the repository does not need): \(error)")
         }
         for note in notes { logger.info("\(note)") }
+    }
+}
+
+/// Recovery after QEMU did not close a disk cleanly (live-backup.md part 2 §5.5).
+enum LibvirtRecovery {
+    /// Deletes libvirt's records of this repository's checkpoints, one at a time, leaf first,
+    /// metadata only (`--children` on a damaged tree crashed libvirtd 9.0). Returns their names.
+    static func dropCheckpoints(_ domain: LibvirtDomain, prefix: String) throws -> [String] {
+        var dropped: [String] = []
+        for cp in try domain.checkpoints().reversed() where cp.name.hasPrefix(prefix) {
+            try domain.deleteCheckpoint(cp.name, metadataOnly: true)
+            dropped.append(cp.name)
+        }
+        return dropped
+    }
+
+    /// Removes from the (shut-off) disk file the bitmaps of this repository's checkpoints that
+    /// libvirt no longer has (`keep`: the checkpoints it has). Returns their names.
+    static func removeStaleBitmaps(_ file: String, prefix: String, keep: Set<String>) throws -> [String] {
+        let image = try ImageOpener.open(file, writable: true)
+        defer { image.close() }
+        guard let qcow = image as? QCowFile else { return [] }
+        let catalog = try BitmapCatalog(file: qcow)
+        let stale = catalog.entries.map { String(decoding: $0.nameBytes, as: UTF8.self) }
+            .filter { $0.hasPrefix(prefix) && !keep.contains($0) }
+        for name in stale { try catalog.remove(name) }
+        return stale
     }
 }

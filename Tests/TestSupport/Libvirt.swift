@@ -188,6 +188,12 @@ public final class LibvirtDaemon: @unchecked Sendable {
         guard reply.isEmpty else { throw Tools.MissingTool(name: "an HMP qemu-io write (\(reply))", package: "qemu-system-x86") }
     }
 
+    /// A guest flush of disk number `index` (what a guest does before its writes must survive a crash).
+    public func flush(_ domain: String, disk index: Int = 0) throws {
+        let device = "/machine/peripheral/virtio-disk\(index)/virtio-backend"
+        try must(["qemu-monitor-command", domain, "--hmp", "qemu-io -d \(device) \"flush\""])
+    }
+
     /// The domain's checkpoint names, parents first.
     public func checkpoints(_ domain: String) throws -> [String] {
         try must(["checkpoint-list", domain, "--name", "--topological"]).stdout.split(separator: "\n")

@@ -1,0 +1,116 @@
+import Foundation
+import Testing
+import TestSupport
+
+/// Faults of `qbackup backup --libvirt` against a real libvirtd: a second job on the domain,
+/// qbackup killed mid-backup, QEMU killed. Nothing is lost: every point restores byte-exact.
+@Suite(.serialized) struct LibvirtFaultTests {
+    @Test func faultsThroughLibvirt() throws {
+        let libvirt = try LibvirtDaemon()
+        defer { libvirt.stop() }
+        try aSecondJobOnTheDomainIsRefusedAtOnce(libvirt)
+        try aKilledBackupIsFinishedByTheNextRun(libvirt)
+        try aKilledQEMUIsRecoveredWithAFullLayer(libvirt)
+    }
+
+    /// While one backup's job runs, a backup of the same domain into another repository exits
+    /// 75 at once (not after libvirt's 30 s state lock); the first one completes.
+    func aSecondJobOnTheDomainIsRefusedAtOnce(_ libvirt: LibvirtDaemon) throws {
+        let s = try LibvirtScenario(libvirt, "lv-busy")
+        try s.write(0x31, at: 0, length: 1 << 20)
+        try s.start()
+        var second: Tools.Result?
+        var seconds = 0.0
+        let json = try s.backup(during: {
+            let started = Date()
+            second = try QBackupBinary.run(["backup", "--libvirt", s.domain, "--connect", libvirt.uri,
+                                            "--repo", s.dir.file("other-repo")])
+            seconds = Date().timeIntervalSince(started)
+        })
+        #expect(json["kind"] as? String == "full")
+        #expect(second?.status == 75, "\(second?.stderr ?? "")")
+        #expect(second?.stderr.contains("busy with another job") == true, "\(second?.stderr ?? "")")
+        #expect(seconds < 10, "the refusal took \(seconds) s")
+        #expect(!FileManager.default.fileExists(atPath: s.dir.file("other-repo/manifest.json")))
+        try s.checkEveryPoint()
+        try s.checkNothingLeft()
+    }
+
+    /// kill -9 of qbackup while its job runs: the next run aborts the job, drops the checkpoint
+    /// the killed run made and takes an incremental from the last layer's checkpoint.
+    func aKilledBackupIsFinishedByTheNextRun(_ libvirt: LibvirtDaemon) throws {
+        let s = try LibvirtScenario(libvirt, "lv-kill")
+        try s.write(0x41, at: 0, length: 1 << 20)
+        try s.start()
+        try s.backup()
+        let kept = try #require(try s.layers().last?["checkpoint"] as? String)
+        try s.write(0x42, at: 2 << 20, length: 64 << 10)
+
+        let run = try RunningQBackup(["backup", "--libvirt", s.domain, "--connect", libvirt.uri, "--repo", s.repo],
+                                     environment: ["QBACKUP_DEBUG_LIVE_PAUSE": "30"], directory: s.dir)
+        #expect(s.waitForJob(while: run), "the backup job never appeared")
+        run.kill()
+        _ = run.wait()
+        #expect(try s.hasJob(), "the killed run's job should still be there")
+        #expect(try libvirt.checkpoints(s.domain).count == 2, "the killed run made a checkpoint")
+        #expect(try s.layers().count == 1)
+
+        let next = try QBackupBinary.run(["backup", "--libvirt", s.domain, "--connect", libvirt.uri, "--repo", s.repo,
+                                          "--output", "json"])
+        #expect(next.status == 0, "\(next.stderr)")
+        let json = try JSONHelpers.parse(next.stdout) as? [String: Any] ?? [:]
+        #expect(json["kind"] as? String == "incremental", "\(json)")
+        #expect(json["bytes-copied"] as? Int == 64 << 10, "\(json)")
+        let notes = (json["notes"] as? [String] ?? []).joined(separator: "\n")
+        #expect(notes.contains("aborted the backup job an interrupted run"), "\(notes)")
+        if let index = json["index"] as? Int { s.points["vda", default: [:]][index] = s.model["vda"] }
+        let newest = try #require(try s.layers().last?["checkpoint"] as? String)
+        #expect(newest != kept)
+        #expect(try libvirt.checkpoints(s.domain) == [newest])
+        try s.checkEveryPoint()
+        try s.checkNothingLeft()
+    }
+
+    /// QEMU killed (-9): its checkpoints are inconsistent. A backup of the crashed (shut-off)
+    /// domain drops them (metadata only), removes their bitmaps from the file and takes a full
+    /// layer, saying so; the next live one is full again (no checkpoint could be made offline)
+    /// and says so; then incrementals as before. Every point restores.
+    func aKilledQEMUIsRecoveredWithAFullLayer(_ libvirt: LibvirtDaemon) throws {
+        let s = try LibvirtScenario(libvirt, "lv-crash")
+        try s.write(0x51, at: 0, length: 1 << 20)
+        try s.start()
+        try s.backup()
+        try s.write(0x52, at: 3 << 20, length: 64 << 10)
+        try s.backup()
+        try s.write(0x53, at: 4 << 20, length: 64 << 10)
+        // Unflushed guest writes may be lost with QEMU (its qcow2 metadata cache): the guest flushes.
+        try libvirt.flush(s.domain)
+        let pidText = try String(contentsOfFile: "/run/libvirt/qemu/\(s.domain).pid", encoding: .utf8)
+        let pid = try #require(Int32(pidText.trimmingCharacters(in: .whitespacesAndNewlines)))
+        kill(pid, SIGKILL)
+        let deadline = Date().addingTimeInterval(15)
+        while (try? libvirt.state(s.domain)) != "shut off" && Date() < deadline { usleep(50_000) }
+        #expect(try libvirt.state(s.domain) == "shut off")
+        s.running = false
+        waitForImageLocksToClear(s.disk("vda"))
+
+        let recovered = try s.backup()
+        #expect(recovered["kind"] as? String == "full", "\(recovered)")
+        let notes = (recovered["notes"] as? [String] ?? []).joined(separator: "\n")
+        #expect(notes.contains("a full layer"), "\(notes)")
+        #expect(notes.contains("next live backup is a full one"), "\(notes)")
+        #expect(try libvirt.checkpoints(s.domain).isEmpty)
+        let info = try Tools.run("qemu-img", ["info", "--output", "json", s.disk("vda")]).stdout
+        #expect(!info.contains("qbackup-"), "stale bitmaps left in the file: \(info)")
+
+        try s.start()
+        let live = try s.backup(during: { try s.write(0x54, at: 5 << 20, length: 64 << 10) })
+        #expect(live["kind"] as? String == "full", "\(live)")
+        #expect(((live["notes"] as? [String]) ?? []).contains { $0.contains("no checkpoint") }, "\(live)")
+        let incremental = try s.backup()
+        #expect(incremental["kind"] as? String == "incremental", "\(incremental)")
+        #expect(incremental["bytes-copied"] as? Int == 64 << 10, "\(incremental)")
+        try s.checkEveryPoint()
+        try s.checkNothingLeft()
+    }
+}
