@@ -61,8 +61,8 @@ import TestSupport
         let json = try JSONHelpers.parse(next.stdout) as? [String: Any] ?? [:]
         #expect(json["kind"] as? String == "incremental", "\(json)")
         #expect(json["bytes-copied"] as? Int == 64 << 10, "\(json)")
-        let notes = (json["notes"] as? [String] ?? []).joined(separator: "\n")
-        #expect(notes.contains("aborted the backup job an interrupted run"), "\(notes)")
+        let warnings = (json["warnings"] as? [String] ?? []).joined(separator: "\n")
+        #expect(warnings.contains("aborted the backup job an interrupted run"), "\(json)")
         if let index = json["index"] as? Int { s.points["vda", default: [:]][index] = s.model["vda"] }
         let newest = try #require(try s.layers().last?["checkpoint"] as? String)
         #expect(newest != kept)
@@ -96,9 +96,10 @@ import TestSupport
 
         let recovered = try s.backup()
         #expect(recovered["kind"] as? String == "full", "\(recovered)")
-        let notes = (recovered["notes"] as? [String] ?? []).joined(separator: "\n")
-        #expect(notes.contains("a full layer"), "\(notes)")
-        #expect(notes.contains("next live backup is a full one"), "\(notes)")
+        #expect((recovered["reason"] as? String)?.contains("checkpoint") == true, "\(recovered)")
+        let warnings = (recovered["warnings"] as? [String] ?? []).joined(separator: "\n")
+        #expect(warnings.contains("deleted checkpoint(s)"), "\(recovered)")
+        #expect(warnings.contains("next live backup is a full one"), "\(recovered)")
         #expect(try libvirt.checkpoints(s.domain).isEmpty)
         let info = try Tools.run("qemu-img", ["info", "--output", "json", s.disk("vda")]).stdout
         #expect(!info.contains("qbackup-"), "stale bitmaps left in the file: \(info)")
@@ -106,7 +107,7 @@ import TestSupport
         try s.start()
         let live = try s.backup(during: { try s.write(0x54, at: 5 << 20, length: 64 << 10) })
         #expect(live["kind"] as? String == "full", "\(live)")
-        #expect(((live["notes"] as? [String]) ?? []).contains { $0.contains("no checkpoint") }, "\(live)")
+        #expect((live["reason"] as? String)?.contains("no checkpoint") == true, "\(live)")
         let incremental = try s.backup()
         #expect(incremental["kind"] as? String == "incremental", "\(incremental)")
         #expect(incremental["bytes-copied"] as? Int == 64 << 10, "\(incremental)")
