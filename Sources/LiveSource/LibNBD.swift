@@ -18,6 +18,7 @@ struct LibNBD: @unchecked Sendable {
     let getVersion: @convention(c) (Handle?) -> UnsafePointer<CChar>?
     let addMetaContext: @convention(c) (Handle?, UnsafePointer<CChar>?) -> Int32
     let aioConnectURI: @convention(c) (Handle?, UnsafePointer<CChar>?) -> Int32
+    let setURIAllowLocalFile: @convention(c) (Handle?, Bool) -> Int32
     let aioIsConnecting: @convention(c) (Handle?) -> Int32
     let aioIsReady: @convention(c) (Handle?) -> Int32
     let poll: @convention(c) (Handle?, Int32) -> Int32
@@ -68,6 +69,7 @@ struct LibNBD: @unchecked Sendable {
             getVersion: try sym("nbd_get_version", (@convention(c) (Handle?) -> UnsafePointer<CChar>?).self),
             addMetaContext: try sym("nbd_add_meta_context", (@convention(c) (Handle?, UnsafePointer<CChar>?) -> Int32).self),
             aioConnectURI: try sym("nbd_aio_connect_uri", (@convention(c) (Handle?, UnsafePointer<CChar>?) -> Int32).self),
+            setURIAllowLocalFile: try sym("nbd_set_uri_allow_local_file", (@convention(c) (Handle?, Bool) -> Int32).self),
             aioIsConnecting: try sym("nbd_aio_is_connecting", (@convention(c) (Handle?) -> Int32).self),
             aioIsReady: try sym("nbd_aio_is_ready", (@convention(c) (Handle?) -> Int32).self),
             poll: try sym("nbd_poll", (@convention(c) (Handle?, Int32) -> Int32).self),

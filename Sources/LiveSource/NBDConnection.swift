@@ -56,7 +56,8 @@ final class NBDConnection {
     /// Connections opened for the read-ahead (only when the server allows multi-conn), kept until `close`.
     private var extraConnections: [NBDConnection] = []
 
-    /// Connects to `uri` (nbd://, nbds://, nbd+unix://… as libnbd parses them), asking for `contexts`.
+    /// Connects to `uri` (nbd://, nbds://, nbd+unix://… as libnbd parses them, query parameters
+    /// such as tls-certificates=DIR included), asking for `contexts`.
     init(uri: String, contexts: [String], timeout: TimeInterval = 60) throws {
         let lib = try LibNBD.shared()
         guard let handle = lib.create() else { throw LiveError(.io, "libnbd: \(lib.lastError())") }
@@ -70,6 +71,9 @@ final class NBDConnection {
             for context in contexts where lib.addMetaContext(handle, context) == -1 {
                 throw fail("cannot ask for meta context \(context)")
             }
+            // The URI is the user's own argument (as for nbdcopy and nbdinfo): it may name local
+            // files, such as nbds://…?tls-certificates=DIR for a server with its own CA.
+            guard lib.setURIAllowLocalFile(handle, true) != -1 else { throw fail("cannot set up the connection") }
             guard lib.aioConnectURI(handle, uri) != -1 else { throw fail("cannot connect") }
             let deadline = Date().addingTimeInterval(timeout)
             while lib.aioIsConnecting(handle) == 1 {

@@ -116,4 +116,60 @@ import TestSupport
         #expect(refused.stderr.contains("qemu:dirty-bitmap:b0"))
         #expect(try Data.contents(of: dir.file("repo/manifest.json")) == before)
     }
+
+    /// nbds:// (TLS): a full and an incremental backup through a qemu-nbd that takes TLS
+    /// clients only (its own CA, named with tls-certificates=DIR) restore byte-exact; the same
+    /// server refuses a plain nbd:// client and an nbds:// client refuses a server without TLS,
+    /// each with one clear error and nothing recorded.
+    @Test func tlsExportsThroughNBDS() throws {
+        let dir = TempDir("nbd-backup-tls")
+        let disk = dir.file("disk.qcow2")
+        let repo = dir.file("repo")
+        let certificates = try TLSCertificates.make(in: dir)
+        try Tools.qemuImg("create", "-q", "-f", "qcow2", disk, "8M")
+        try Tools.qemuIO(disk, format: "qcow2", ["write -P 0x61 0 1M", "write -P 0x62 5M 512k"])
+        try Tools.qemuImg("bitmap", "--add", disk, "b0")
+        try Tools.qemuIO(disk, format: "qcow2", ["write -P 0x63 2M 64k"])
+        func tlsURI(_ server: QemuNBD) -> String {
+            "nbds+unix:///?socket=\(server.socket)&tls-certificates=\(certificates)"
+        }
+        func refusedCleanly(_ result: Tools.Result, sourceLocation: SourceLocation = #_sourceLocation) {
+            #expect(result.status == 1, sourceLocation: sourceLocation)
+            let lines = result.stderr.split(separator: "\n")
+            #expect(lines.count == 1 && lines.first?.hasPrefix("qbackup: error:") == true, "\(result.stderr)",
+                    sourceLocation: sourceLocation)
+            #expect(!FileManager.default.fileExists(atPath: dir.file("repo/manifest.json")), sourceLocation: sourceLocation)
+        }
+        do {
+            let server = try QemuNBD(image: disk, bitmap: "b0", directory: dir, tls: certificates)
+            defer { server.stop() }
+            refusedCleanly(try QBackupBinary.run(["backup", "--nbd", Self.uri(server), "--repo", repo, "--bitmap", "b0"]))
+        }
+        do {
+            let plain = try QemuNBD(image: disk, bitmap: "b0", directory: dir)
+            defer { plain.stop() }
+            refusedCleanly(try QBackupBinary.run(["backup", "--nbd", tlsURI(plain), "--repo", repo, "--bitmap", "b0"]))
+        }
+
+        var points: [String] = []
+        for round in 0..<2 {
+            if round == 1 { try Tools.qemuIO(disk, format: "qcow2", ["write -P 0x64 6M 1M"]) }
+            let point = dir.file("point\(round).raw")
+            try Tools.qemuImg("convert", "-f", "qcow2", "-O", "raw", disk, point)
+            points.append(point)
+            let server = try QemuNBD(image: disk, bitmap: "b0", directory: dir, tls: certificates)
+            defer { server.stop() }
+            let result = try Self.json(try QBackupBinary.run(["backup", "--nbd", tlsURI(server), "--repo", repo,
+                                                              "--bitmap", "b0", "--source-name", "tls-disk",
+                                                              "--output", "json"]))
+            #expect(result["kind"] as? String == (round == 0 ? "full" : "incremental"))
+        }
+        for (i, point) in points.enumerated() {
+            let out = dir.file("restored\(i).raw")
+            let restored = try QBackupBinary.run(["restore", repo, "--to", out, "--at", "\(i)", "--format", "raw"])
+            #expect(restored.status == 0, "\(restored.stderr)")
+            let compare = try Tools.run(try Tools.which("qemu-img"), ["compare", "-f", "raw", "-F", "raw", out, point])
+            #expect(compare.status == 0, "point \(i): \(compare.stdout)\(compare.stderr)")
+        }
+    }
 }

@@ -26,8 +26,10 @@ public final class QemuNBD {
     /// (`--fork`: it returns once the export is ready) and reads its pid. With
     /// `readOnly` false the export is writable, so QEMU holds the image's write lock. `shared`
     /// is qemu-nbd's `-e`: how many clients at once (a read-only export with more than one
-    /// advertises multi-conn).
-    public init(image: String, bitmap: String?, directory: TempDir, readOnly: Bool = true, shared: Int = 1) throws {
+    /// advertises multi-conn). With `tls` (a folder of `TLSCertificates.make`) the server
+    /// takes TLS clients only (x509, no client certificate asked for).
+    public init(image: String, bitmap: String?, directory: TempDir, readOnly: Bool = true, shared: Int = 1,
+                tls: String? = nil) throws {
         let tag = UUID().uuidString.prefix(6)
         socket = directory.file("nbd-\(tag).sock")
         let pidFile = directory.file("nbd-\(tag).pid")
@@ -38,6 +40,9 @@ public final class QemuNBD {
         var args = ["-c", closeInherited, "qemu-nbd", try Tools.which("qemu-nbd"), "--fork", "--pid-file=\(pidFile)", "-t"]
         if readOnly { args.append("-r") }
         if shared != 1 { args += ["-e", String(shared)] }
+        if let tls {
+            args += ["--object", "tls-creds-x509,id=tls0,dir=\(tls),endpoint=server,verify-peer=off", "--tls-creds", "tls0"]
+        }
         if let bitmap { args += ["-B", bitmap] }
         try Tools.qemu("bash", args + ["-k", socket, "-f", "qcow2", image])
         let text = (try? String(contentsOfFile: pidFile, encoding: .utf8)) ?? ""
@@ -132,4 +137,33 @@ public func imageLocked(_ path: String) -> Bool {
         if fcntl(fd, 36 /* F_OFD_GETLK */, &fl) == 0 && fl.l_type != Int16(F_UNLCK) { return true }
     }
     return false
+}
+
+/// A throw-away certificate authority and a server certificate for `localhost`, made with
+/// GnuTLS's certtool, in the file names QEMU's tls-creds-x509 and libnbd's
+/// tls-certificates=DIR read (ca-cert.pem, server-cert.pem, server-key.pem).
+public enum TLSCertificates {
+    public static func make(in directory: TempDir) throws -> String {
+        let dir = directory.file("tls")
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        let certtool = try Tools.which("certtool", hint: "gnutls-bin")
+        func file(_ name: String) -> String { "\(dir)/\(name)" }
+        try "cn = qbackup test CA\nca\ncert_signing_key\nexpiration_days = 2\n"
+            .write(toFile: file("ca.info"), atomically: true, encoding: .utf8)
+        try "cn = localhost\ndns_name = localhost\nip_address = 127.0.0.1\ntls_www_server\nencryption_key\nsigning_key\nexpiration_days = 2\n"
+            .write(toFile: file("server.info"), atomically: true, encoding: .utf8)
+        let steps: [[String]] = [
+            ["--generate-privkey", "--outfile", file("ca-key.pem")],
+            ["--generate-self-signed", "--load-privkey", file("ca-key.pem"), "--template", file("ca.info"),
+             "--outfile", file("ca-cert.pem")],
+            ["--generate-privkey", "--outfile", file("server-key.pem")],
+            ["--generate-certificate", "--load-ca-certificate", file("ca-cert.pem"), "--load-ca-privkey", file("ca-key.pem"),
+             "--load-privkey", file("server-key.pem"), "--template", file("server.info"), "--outfile", file("server-cert.pem")],
+        ]
+        for step in steps {
+            let result = try Tools.run(certtool, step)
+            guard result.status == 0 else { throw Tools.ToolFailure(command: "certtool \(step.joined(separator: " "))", result: result) }
+        }
+        return dir
+    }
 }
