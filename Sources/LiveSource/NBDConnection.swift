@@ -46,7 +46,7 @@ final class NBDConnection {
     /// How many connections read a plan ahead when the server allows several (as nbdcopy does).
     var readAheadConnections = 2
     /// The most bytes the read-ahead buffers (sent or ready): a bound on its memory.
-    var readAheadBytes: UInt64 = 32 << 20
+    var readAheadBytes: UInt64 = 16 << 20
 
     let lib: LibNBD
     private(set) var handle: LibNBD.Handle?
