@@ -1,18 +1,14 @@
 import Logging
 
-/// What `ImageCommitter` did.
-public struct CommitResult: Sendable, Equatable {
-    /// Bytes of guest data copied into the backing file.
-    public var dataBytes: UInt64
-    /// Bytes made to read as zeros in the backing file.
-    public var zeroBytes: UInt64
-}
+/// What `ImageCommitter` did: guest bytes copied as data, and made to read as zeros.
+public typealias CommitResult = CopyResult
 
-/// Merges a qcow2 image into its backing file, like `qemu-img commit -d`:
-/// every range the top image itself allocates (data or zeros) is written
-/// into the backing file through the backing file's own write path (so a
-/// qcow2 backing file's `writeObserver` sees every range). The top image is
-/// left as it was; its guest contents are unchanged by the commit.
+/// Merges a qcow2 image into its backing file, like `qemu-img commit -d`, through the
+/// copier: every range the top image itself allocates (data or zeros) is written into the
+/// backing file through the backing file's own write path (so a qcow2 backing file's
+/// `writeObserver` sees every range); what reads as zeros becomes zeros there (the zero
+/// policy `hide`: the backing file holds older data). The top image is left as it was;
+/// its guest contents are unchanged by the commit.
 public enum ImageCommitter {
     /// Commits `top` into `base` (its backing file, opened writable by the caller,
     /// who may install a `writeObserver` on it first). Flushes `base` at the end.
@@ -23,31 +19,12 @@ public enum ImageCommitter {
             throw QCowError(.unsupported, "the backing file (\(base.virtualSize) bytes) is smaller than the image (\(top.virtualSize) bytes); growing it is not supported",
                             path: base.filename)
         }
-        let total = top.virtualSize
-        let chunk = 8 << 20
-        var buffer = [UInt8](repeating: 0, count: chunk)
-        var result = CommitResult(dataBytes: 0, zeroBytes: 0)
-        var offset: UInt64 = 0
         logger.debug("committing", metadata: ["top": "\(top.filename)", "base": "\(base.filename)"])
-        while offset < total {
-            let ext = try top.layerStatus(at: offset, maxLength: min(UInt64(chunk), total - offset))
-            let n = Int(ext.length)
-            switch ext.mapping {
-            case .data, .compressed:
-                try buffer.withUnsafeMutableBytes { raw in
-                    let part = UnsafeMutableRawBufferPointer(rebasing: raw[0..<n])
-                    try top.read(into: part, at: offset)
-                    try base.write(UnsafeRawBufferPointer(part), at: offset)
-                }
-                result.dataBytes += UInt64(n)
-            case .zero:
-                try base.writeZeroes(at: offset, length: UInt64(n))
-                result.zeroBytes += UInt64(n)
-            case .unallocated:
-                break
-            }
-            offset += UInt64(n)
-            progress?(offset, total)
+        // The top layer alone, at its own allocation unit: no range is read through to the base.
+        let source = LayerReader(top)
+        let plan = try CopyPlan.allocated(in: source, grain: UInt64(top.subclusterSize), zeros: true)
+        let result = try Copier.copy(plan, from: source, to: .image(base), options: CopyOptions(zeros: .hide)) { done, _ in
+            progress?(done, plan.bytes)
         }
         try base.flush()
         logger.debug("committed", metadata: ["data-bytes": "\(result.dataBytes)", "zero-bytes": "\(result.zeroBytes)"])
