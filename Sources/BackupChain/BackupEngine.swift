@@ -19,14 +19,13 @@ import QCowImage
 /// leaves extra dirty bits, so the next incremental copies a little more.
 public enum BackupEngine {
     public enum Mode: String, Sendable { case auto, full, incremental }
-    public typealias Compression = LayerCompression
 
     public struct Request: Sendable {
         public var image: String
         public var repository: String
         public var bitmap: String?
         public var mode: Mode
-        public var compression: Compression
+        public var compression: CompressionType?
         public var dryRun: Bool
         /// Cluster size of layers in a new repository (later layers keep the repository's).
         public var clusterSize: Int?
@@ -43,7 +42,7 @@ public enum BackupEngine {
         /// manifest names no bitmap and the layer records the checkpoint it began (if any).
         public var tracking: Tracking = .bitmap
         public init(image: String, repository: String, bitmap: String? = nil, mode: Mode = .auto,
-                    compression: Compression = .none, dryRun: Bool = false, clusterSize: Int? = nil,
+                    compression: CompressionType? = nil, dryRun: Bool = false, clusterSize: Int? = nil,
                     takeOverBitmap: Bool = false) {
             self.takeOverBitmap = takeOverBitmap
             self.image = image

@@ -1,8 +1,5 @@
 import QCowImage
 
-/// How a layer's clusters are stored: plain, or compressed with zlib or zstd.
-public enum LayerCompression: String, Sendable, CaseIterable { case none, zlib, zstd }
-
 /// Writes a backup layer (or a merged layer) through the copier: the planned ranges;
 /// clusters that read as zeros become zero clusters when the layer has a backing file
 /// (they hide older data there) or stay unallocated when it stands alone. Compression
@@ -17,19 +14,19 @@ enum LayerWriter {
 
     /// Creates `path`, fills it, fsyncs it and hashes it.
     static func write(plan: CopyPlan, from source: GuestReader, to path: String, clusterSize: Int, backing: String?,
-                      compression: LayerCompression, progress: ((UInt64, UInt64) -> Void)?) throws -> Written {
+                      compression: CompressionType?, progress: ((UInt64, UInt64) -> Void)?) throws -> Written {
         var options = QCowCreateOptions(size: source.virtualSize)
         options.clusterSize = clusterSize
         if let backing {
             options.backingFile = backing
             options.backingFormat = .qcow2
         }
-        if compression == .zstd { options.compression = .zstd }
+        if let compression { options.compression = compression }
         let layer = try QCowCreator.create(at: path, options: options)
         defer { layer.close() }
         // The file is new and thrown away if we die before it is complete: one fsync at the end will do.
         layer.syncBarriers = false
-        let copy = CopyOptions(zeros: backing == nil ? .skip : .hide, compress: compression != .none)
+        let copy = CopyOptions(zeros: backing == nil ? .skip : .hide, compress: compression != nil)
         let result = try Copier.copy(plan, from: source, to: .image(layer), options: copy, progress: progress)
         try layer.writeBack()
         let digest = try LayerDigest.compute(path: path) { try layer.flush() }

@@ -1,4 +1,5 @@
 import BackupChain
+import QCowImage
 import FoundationEssentials
 import Logging
 
@@ -15,11 +16,11 @@ public enum NBDBackup {
         /// The manifest's name of the disk (default: the URI).
         public var sourceName: String?
         public var mode: BackupEngine.Mode
-        public var compression: BackupEngine.Compression
+        public var compression: CompressionType?
         public var dryRun: Bool
         public var clusterSize: Int?
         public init(uri: String, repository: String, bitmap: String? = nil, sourceName: String? = nil,
-                    mode: BackupEngine.Mode = .auto, compression: BackupEngine.Compression = .none, dryRun: Bool = false,
+                    mode: BackupEngine.Mode = .auto, compression: CompressionType? = nil, dryRun: Bool = false,
                     clusterSize: Int? = nil) {
             self.uri = uri
             self.repository = repository

@@ -21,7 +21,7 @@ public enum QMPBackup {
         public var repository: String
         public var bitmap: String?
         public var mode: BackupEngine.Mode
-        public var compression: BackupEngine.Compression
+        public var compression: CompressionType?
         /// Folder of the fleecing overlay and of qbackup's NBD socket (default: the image file's folder).
         public var fleeceDir: String?
         /// An NBD server QEMU already runs (`unix:PATH` or `HOST:PORT`); default: qbackup starts its own.
@@ -32,7 +32,7 @@ public enum QMPBackup {
         /// How long each QMP command, event and NBD request may take.
         public var timeout: TimeInterval
         public init(socket: String, node: String? = nil, repository: String, bitmap: String? = nil,
-                    mode: BackupEngine.Mode = .auto, compression: BackupEngine.Compression = .none,
+                    mode: BackupEngine.Mode = .auto, compression: CompressionType? = nil,
                     fleeceDir: String? = nil, nbdServer: String? = nil, dryRun: Bool = false, clusterSize: Int? = nil,
                     takeOverBitmap: Bool = false, timeout: TimeInterval = 60) {
             self.socket = socket

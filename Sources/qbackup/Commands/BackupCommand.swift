@@ -82,7 +82,7 @@ struct BackupCommand: ParsableCommand {
     @Flag(name: .long, help: "Refuse unless an incremental backup is possible.") var incremental = false
 
     @Option(name: .long, help: "Compress the layer's clusters: none, zlib or zstd.")
-    var compress: BackupEngine.Compression = .none
+    var compress = CompressionArgument(type: nil)
 
     @Option(name: .long, parsing: .unconditional, help: "Cluster size of the layers of a new repository (e.g. 64K).",
             transform: parseClusterSize)
@@ -120,7 +120,7 @@ struct BackupCommand: ParsableCommand {
 
     func request() -> BackupEngine.Request {
         let mode: BackupEngine.Mode = full ? .full : incremental ? .incremental : .auto
-        return BackupEngine.Request(image: image ?? nbd ?? qmp ?? "", repository: repo, bitmap: bitmap, mode: mode, compression: compress,
+        return BackupEngine.Request(image: image ?? nbd ?? qmp ?? "", repository: repo, bitmap: bitmap, mode: mode, compression: compress.type,
                                     dryRun: dryRun, clusterSize: clusterSize, takeOverBitmap: takeOverBitmap)
     }
 
@@ -147,7 +147,7 @@ struct BackupCommand: ParsableCommand {
                 // Its warnings (cleanup in QEMU failed, bits merged back) come through the logger: warning().
                 let outcome = try QMPBackup.backup(
                     QMPBackup.Request(socket: qmp, node: node, repository: repo, bitmap: bitmap, mode: request.mode,
-                                      compression: compress, fleeceDir: fleeceDir, nbdServer: nbdServer, dryRun: dryRun,
+                                      compression: compress.type, fleeceDir: fleeceDir, nbdServer: nbdServer, dryRun: dryRun,
                                       clusterSize: clusterSize, takeOverBitmap: takeOverBitmap),
                     logger: options.logger, progress: progress?.update)
                 result = outcome.result
@@ -156,7 +156,7 @@ struct BackupCommand: ParsableCommand {
             } else if let nbd {
                 result = try NBDBackup.backup(
                     NBDBackup.Request(uri: nbd, repository: repo, bitmap: bitmap, sourceName: sourceName, mode: request.mode,
-                                      compression: compress, dryRun: dryRun, clusterSize: clusterSize),
+                                      compression: compress.type, dryRun: dryRun, clusterSize: clusterSize),
                     logger: options.logger, progress: progress?.update)
             } else {
                 result = try BackupEngine.backup(request, logger: options.logger, progress: progress?.update)
@@ -197,7 +197,6 @@ struct BackupCommand: ParsableCommand {
     }
 }
 
-extension BackupEngine.Compression: ExpressibleByArgument {}
 
 extension CommandLine {
     /// Whether every argument the process was given is valid UTF-8.

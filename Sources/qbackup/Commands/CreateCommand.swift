@@ -21,14 +21,13 @@ struct CreateCommand: ParsableCommand {
     @Option(name: .long, help: "Format of the backing file: qcow2 or raw (default: probe it).")
     var backingFormat: ImageOpener.Format?
     @Option(name: .long, help: "Compression type for compressed clusters: zlib (default) or zstd.")
-    var compressionType: CompressionChoice = .zlib
+    var compressionType: CompressionType = .zlib
     @Flag(name: .long, help: "Use extended L2 entries (subclusters).") var extendedL2 = false
     @Flag(name: .long, help: "Replace an existing IMAGE (a regular file) once the new one is complete.") var force = false
     @Option(name: .long, help: "Refcount width: 1, 2, 4, 8, 16 (default), 32 or 64 bits.") var refcountBits: Int = 16
 
     @OptionGroup var options: GlobalOptions
 
-    enum CompressionChoice: String, ExpressibleByArgument { case zlib, zstd }
 
     func validate() throws {
         if size == nil && backing == nil {
@@ -61,7 +60,7 @@ struct CreateCommand: ParsableCommand {
                 if let clusterSize { create.clusterSize = clusterSize }
                 create.refcountBits = refcountBits
                 create.extendedL2 = extendedL2
-                create.compression = compressionType == .zstd ? .zstd : .zlib
+                create.compression = compressionType
                 if let backing {
                     create.backingFile = backing
                     var backingType = backingFormat

@@ -17,13 +17,11 @@ struct FlattenCommand: ParsableCommand {
     var format: ImageOpener.Format = .qcow2
 
     @Option(name: .long, help: "Compress the qcow2 output's clusters: zlib or zstd.")
-    var compress: CompressionName?
+    var compress: CompressionType?
 
     @Option(name: .long, parsing: .unconditional, help: "Cluster size of a qcow2 output (default 64K).",
             transform: parseClusterSize)
     var clusterSize: Int?
-
-    enum CompressionName: String, ExpressibleByArgument { case zlib, zstd }
 
     func validate() throws {
         if compress != nil && format == .raw { throw ValidationError("--compress needs --format qcow2") }
@@ -41,7 +39,7 @@ struct FlattenCommand: ParsableCommand {
             let progress = progressOptions.reporter("flatten")
             var flatten = FlattenOptions()
             flatten.format = format
-            flatten.compression = compress.map { $0 == .zstd ? .zstd : .zlib }
+            flatten.compression = compress
             if let clusterSize { flatten.clusterSize = clusterSize }
             let result = try ImageFlattener.flatten(source, to: out, options: flatten, overwrite: force, logger: options.logger,
                                                     progress: progress?.update)
