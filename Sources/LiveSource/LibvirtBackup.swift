@@ -26,13 +26,13 @@ public enum LibvirtBackup {
         public var disk: String?
         public var repository: String
         public var mode: BackupEngine.Mode
-        public var compression: BackupEngine.Compression
+        public var compression: CompressionType?
         public var dryRun: Bool
         public var clusterSize: Int?
         /// How long each NBD request may take.
         public var timeout: TimeInterval
         public init(domain: String, uri: String = "qemu:///system", disk: String? = nil, repository: String,
-                    mode: BackupEngine.Mode = .auto, compression: BackupEngine.Compression = .none, dryRun: Bool = false,
+                    mode: BackupEngine.Mode = .auto, compression: CompressionType? = nil, dryRun: Bool = false,
                     clusterSize: Int? = nil, timeout: TimeInterval = 60) {
             self.domain = domain
             self.uri = uri

@@ -135,7 +135,7 @@ struct BackupCommand: ParsableCommand {
             if let libvirt {
                 let outcome = try LibvirtBackup.backup(
                     LibvirtBackup.Request(domain: libvirt, uri: connect ?? "qemu:///system", disk: disk, repository: repo,
-                                          mode: request.mode, compression: compress, dryRun: dryRun,
+                                          mode: request.mode, compression: compress.type, dryRun: dryRun,
                                           clusterSize: clusterSize),
                     logger: options.logger, progress: progress?.update)
                 result = outcome.result
