@@ -4,11 +4,12 @@
 # libnbd0, which libnbd-dev pulls in) and QEMU's tools and emulator, the
 # reference peers of the tests (the live tests run qemu-system-x86_64);
 # libvirtd and virsh for the offline nightly script's tests (their fixture starts
-# libvirtd itself, no systemd needed), systemd-analyze for the units' check and
-# certtool (gnutls-bin) for the certificates of the nbds:// (TLS) test.
+# libvirtd itself, no systemd needed), systemd-analyze for the units' check,
+# certtool (gnutls-bin) for the certificates of the nbds:// (TLS) test, binutils
+# (objdump, strip) for scripts/package-deb.sh and man-db for the man page's test.
 set -euo pipefail
 packages=(pkg-config git zlib1g-dev libzstd-dev liblz4-dev qemu-utils libnbd-bin libnbd-dev qemu-system-x86
-          libvirt-daemon-system libvirt-clients systemd gnutls-bin)
+          libvirt-daemon-system libvirt-clients systemd gnutls-bin binutils man-db)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

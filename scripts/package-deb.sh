@@ -3,11 +3,12 @@
 #   scripts/package-deb.sh [--binary PATH] [OUTDIR]
 # It holds the stripped release binary (scripts/build-release.sh, unless --binary
 # names one already built), the man page generated from the argument parser
-# (swift-argument-parser's generate-manual plugin), bash/zsh/fish completions
+# (scripts/man-page.sh: swift-argument-parser's generate-manual plugin), bash/zsh/fish completions
 # (qbackup --generate-completion-script), contrib/qbackup-offline-nightly, the
 # systemd units qbackup@.service and qbackup@.timer, and README.md. Depends names
 # the packages of the shared libraries the binary links (objdump's NEEDED entries,
-# found with ldconfig and dpkg -S); libnbd0, which live backups dlopen, is Recommended.
+# found with ldconfig and dpkg -S); libnbd0 and libvirt0, which the live modes dlopen
+# (--nbd/--qmp, --libvirt), are Recommended.
 # SOURCE_DATE_EPOCH fixes the build date (and so --version's) for a reproducible package.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,10 +32,8 @@ install -m 755 contrib/qbackup-offline-nightly "$root/usr/bin/qbackup-offline-ni
 install -m 644 contrib/systemd/qbackup@.service contrib/systemd/qbackup@.timer "$root/lib/systemd/system/"
 install -m 644 README.md "$root/usr/share/doc/qbackup/README.md"
 
-# Man page: the plugin reads the argument parser of a debug build (the same text as release).
-swift package plugin generate-manual --configuration debug >&2
-manual=".build/plugins/GenerateManual/outputs/qbackup/qbackup.1"
-[ -s "$manual" ] || { echo "package-deb: the generate-manual plugin wrote no $manual" >&2; exit 1; }
+# Man page: generated from the argument parser (scripts/man-page.sh).
+manual="$(bash scripts/man-page.sh)"
 gzip -9n < "$manual" > "$root/usr/share/man/man1/qbackup.1.gz"
 
 "$root/usr/bin/qbackup" --generate-completion-script bash > "$root/usr/share/bash-completion/completions/qbackup"
@@ -61,7 +60,7 @@ Architecture: $arch
 Maintainer: qbackup maintainers <qbackup@localhost>
 Installed-Size: $installed_size
 Depends: $depends_line
-Recommends: libnbd0, libvirt-clients, qemu-utils
+Recommends: libnbd0, libvirt0, libvirt-clients, qemu-utils
 Section: admin
 Priority: optional
 Description: incremental backups of QEMU/KVM qcow2 disks with persistent dirty bitmaps
