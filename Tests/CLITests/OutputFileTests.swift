@@ -234,5 +234,14 @@ import Glibc
         #expect(try contents(small, 16 << 20) == Data(repeating: 0xee, count: 16 << 20))
         let qcow2 = try QBackupBinary.run(["restore", repo, "--to", device, "--force", "--format", "qcow2"])
         #expect(qcow2.status == 2, "\(qcow2.stderr)")
+        // The refusal says why and what to do instead (QEMU writes qcow2 onto a device).
+        #expect(qcow2.stderr.contains("qbackup writes qcow2 only to a file")
+                && qcow2.stderr.contains("qemu-img convert -O qcow2 \(repo)/LAYER \(device)"), "\(qcow2.stderr)")
+        // ... and the advice holds: QEMU's qcow2 of the latest layer on the device reads as the disk.
+        let listed = try JSONHelpers.parse(try QBackupBinary.run(["list", repo, "--output", "json"]).stdout) as? [String: Any]
+        let latest = try #require((listed?["layers"] as? [[String: Any]])?.last?["file"] as? String)
+        try Tools.qemuImg("convert", "-O", "qcow2", "\(repo)/\(latest)", device)
+        try Tools.qemuImg("compare", "-f", "qcow2", "-F", "raw", device, reference)
+        try Tools.qemuImg("check", device)
     }
 }

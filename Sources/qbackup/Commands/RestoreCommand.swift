@@ -48,7 +48,12 @@ struct RestoreCommand: ParsableCommand {
     func validate() throws {
         if to == "-" && options.json { throw ValidationError("--to - writes the disk to stdout: it takes no --output json") }
         if to == "-" && isatty(STDOUT_FILENO) != 0 { throw ValidationError("--to -: stdout is a terminal; pipe or redirect it") }
-        if isInPlace && format == .qcow2 { throw ValidationError("stdout and block devices take a raw restore (--format raw)") }
+        if to == "-" && format == .qcow2 { throw ValidationError("--to - writes the raw disk: it takes no --format qcow2") }
+        // qbackup lays a qcow2 image out by growing its file, which a device of fixed size cannot
+        // do; QEMU writes qcow2 onto a device (an LV, say), reading a layer through its chain.
+        if isInPlace && format == .qcow2 {
+            throw ValidationError("a block device takes a raw restore (--format raw): qbackup writes qcow2 only to a file; for a qcow2 image on the device run 'qemu-img convert -O qcow2 \(repository)/LAYER \(to)' with the point's layer file (see 'qbackup list \(repository)'), which reads through its backing chain")
+        }
     }
 
     func run() throws {
