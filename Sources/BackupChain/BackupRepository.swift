@@ -323,7 +323,7 @@ public final class BackupRepository {
             if let damaged = layer.damaged { return "\(what) is damaged: \(damaged)" }
             var st = stat()
             guard lstat(file(layer.file), &st) == 0 else { return "\(what) is missing" }
-            guard st.st_mode & S_IFMT == S_IFREG else { return "\(what) is \(RepositoryFiles.kind(st.st_mode)), not a regular file" }
+            guard st.st_mode & S_IFMT == S_IFREG else { return "\(what) is \(FileDevice.kind(st.st_mode)), not a regular file" }
             if let recorded = layer.identity, LayerDigest.identity(st) != recorded {
                 return "\(what) changed since it was recorded (inode, size or modification time differ)"
             }

@@ -80,7 +80,7 @@ public struct RepositoryFiles: FileOpener {
         }
         guard st.st_mode & S_IFMT == S_IFREG else {
             Glibc.close(fd)
-            throw notRegular(path, Self.kind(st.st_mode))
+            throw notRegular(path, FileDevice.kind(st.st_mode))
         }
         _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK)
         return fd
@@ -99,7 +99,7 @@ public struct RepositoryFiles: FileOpener {
             }
             var st = stat()
             guard lstat(path, &st) == 0 else { continue }
-            guard st.st_mode & S_IFMT == S_IFREG else { throw notRegular(path, kind(st.st_mode)) }
+            guard st.st_mode & S_IFMT == S_IFREG else { throw notRegular(path, FileDevice.kind(st.st_mode)) }
             guard st.st_nlink == 1 else {
                 throw QCowError(.refused, "has \(st.st_nlink) hard links; qbackup never writes a file another copy shares",
                                  path: path)
@@ -114,18 +114,6 @@ public struct RepositoryFiles: FileOpener {
     static func notRegular(_ path: String, _ what: String) -> QCowError {
         QCowError(.refused, "is \(what), not a regular file; a repository's files must be regular files inside its folder",
                    path: path)
-    }
-
-    static func kind(_ mode: mode_t) -> String {
-        switch mode & S_IFMT {
-        case S_IFLNK: "a symbolic link"
-        case S_IFDIR: "a folder"
-        case S_IFIFO: "a FIFO"
-        case S_IFSOCK: "a socket"
-        case S_IFCHR: "a character device"
-        case S_IFBLK: "a block device"
-        default: "a special file"
-        }
     }
 
     /// How many names the file of `device` has (nil if it is not a file descriptor device).

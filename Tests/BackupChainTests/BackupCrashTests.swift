@@ -36,28 +36,21 @@ import Glibc
 
     /// Every write/fsync of an incremental backup, one crash each (QBACKUP_CRASH_AFTER seam).
     @Test func crashAtEveryStepOfAnIncrementalBackup() throws {
-        var n = 1
-        var completed = false
-        var points = 0
-        while !completed && n < 2000 {
+        let outcome = try CrashPoints.enumerate(limit: 2000, denseSteps: 60, stride: 5) { n, crashAfter in
             let s = try BackupScenario(size: "32M", seed: 31)
             try s.dirty(writes: 8, maxOffset: 30 << 20)
             try s.backup()
             try s.dirty(writes: 4, zeroes: 1, discards: 1, maxOffset: 30 << 20)
-            let result = try QBackupBinary.run(["backup", s.disk, "--repo", s.repo],
-                                               environment: ["QBACKUP_CRASH_AFTER": String(n)])
-            if result.status == 0 {
-                completed = true
-            } else {
+            let result = try QBackupBinary.run(["backup", s.disk, "--repo", s.repo], environment: crashAfter)
+            if result.status != 0 {
                 #expect(result.status == 9 || result.status == 137 || result.status == -9 || result.stderr.isEmpty,
                         "step \(n): exit \(result.status) \(result.stderr)")
-                points += 1
                 try Self.expectRecovers(s, after: "crash at step \(n)")
             }
-            n += n < 60 ? 1 : 5
+            return result
         }
-        #expect(completed, "the backup never completed within the steps tried")
-        #expect(points > 5, "only \(points) crash points were exercised")
+        #expect(outcome.completed, "the backup never completed within the steps tried")
+        #expect(outcome.crashes > 5, "only \(outcome.crashes) crash points were exercised")
     }
 
     /// kill -9 of the real binary at random moments of a bigger backup.
@@ -85,34 +78,19 @@ import Glibc
 
     /// Every step of a merge, one crash each; the repository must stay restorable.
     @Test func crashAtEveryStepOfMerge() throws {
-        var n = 1
-        var completed = false
         var redone = 0
-        while !completed && n < 2000 {
-            let s = try BackupScenario(size: "32M", seed: 51)
-            try s.dirty(writes: 8, maxOffset: 30 << 20)
-            try s.backup()
-            for _ in 0..<2 {
-                try s.dirty(writes: 4, maxOffset: 30 << 20)
-                try s.backup()
-            }
-            let result = try QBackupBinary.run(["merge", s.repo, "--keep", "2"],
-                                               environment: ["QBACKUP_CRASH_AFTER": String(n)])
-            completed = result.status == 0
+        let outcome = try CrashPoints.enumerate(limit: 2000, denseSteps: 60, stride: 5) { n, crashAfter in
+            let s = try MergeEngineTests.threePoints(seed: 51)
+            let result = try QBackupBinary.run(["merge", s.repo, "--keep", "2"], environment: crashAfter)
             // A crash while committing in place leaves the record without a checksum: the next run commits again.
             let manifest = try String(contentsOfFile: s.repo + "/manifest.json", encoding: .utf8)
             if manifest.contains("\"into\"") && manifest.contains("\"sha256\" : \"\"") { redone += 1 }
             // Finish (or redo) the merge, then every kept point restores exactly.
             try s.qbackup(["merge", s.repo, "--keep", "2"])
-            let layers = try s.layers()
-            #expect(layers.count == 2)
-            for (k, reference) in s.references.enumerated().suffix(2) {
-                try s.expectRestore(k, equals: reference)
-            }
-            try s.qbackup(["verify", s.repo])
-            n += n < 60 ? 1 : 5
+            try s.expectKeeps([1, 2], in: s.repo, step: "step \(n)")
+            return result
         }
-        #expect(completed)
+        #expect(outcome.completed)
         #expect(redone > 5, "only \(redone) crashes fell into the in-place commit")
     }
 }

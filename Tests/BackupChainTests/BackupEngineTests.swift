@@ -44,14 +44,14 @@ import TestSupport
         try s.dirty(writes: 4, maxOffset: 60 << 20)
         let dirty = try Self.dirtyBytes(s.disk)
         #expect(dirty.values.contains { $0 > 0 }, "the writes left no dirty bytes: \(dirty)")
-        let before = try MergeEngineTests.digests(s.repo)
+        let before = try BackupScenario.digests(s.repo)
 
         let refused = try QBackupBinary.run(["backup", s.disk, "--repo", s.repo, "--incremental"])
         #expect(refused.failedCleanly, "an incremental on a broken chain: exit \(refused.status) \(refused.stdout)\(refused.stderr)")
         #expect(refused.stderr.contains("chain is broken") && refused.stderr.contains((newest as NSString).lastPathComponent),
                 "\(refused.stderr)")
         #expect(try Self.dirtyBytes(s.disk) == dirty, "the refused backup touched the bitmap")
-        #expect(try MergeEngineTests.digests(s.repo) == before, "the refused backup changed the repository")
+        #expect(try BackupScenario.digests(s.repo) == before, "the refused backup changed the repository")
 
         let full: String
         if broken == .deleted {

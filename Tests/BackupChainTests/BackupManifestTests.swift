@@ -33,14 +33,7 @@ import TestSupport
 
     /// Three rounds into a scenario; the full layer is more than one chunk.
     static func threeRounds(seed: UInt64) throws -> BackupScenario {
-        let s = try BackupScenario(size: "64M", seed: seed)
-        try s.dirty(writes: 60, maxOffset: 60 << 20)
-        try s.backup()
-        for _ in 0..<2 {
-            try s.dirty(writes: 6, maxOffset: 60 << 20)
-            try s.backup()
-        }
-        return s
+        try BackupScenario.points(3, size: "64M", seed: seed, fullWrites: 60, writes: 6, maxOffset: 60 << 20)
     }
 
     @Test func backupWritesEveryVersion2FieldAndASidecarPerLayer() throws {

@@ -20,6 +20,28 @@ final class BackupScenario {
         try Tools.qemuImg("create", "-q", "-f", "qcow2", "-o", createOptions, disk, size)
     }
 
+    /// A repository of `count` points of a disk of `size`: `fullWrites` seeded qemu-io writes
+    /// below `maxOffset` before the full backup, `writes` before each incremental.
+    static func points(_ count: Int, size: String, seed: UInt64, fullWrites: Int, writes: Int, maxOffset: UInt64)
+        throws -> BackupScenario
+    {
+        let s = try BackupScenario(size: size, seed: seed)
+        for k in 0..<count {
+            try s.dirty(writes: k == 0 ? fullWrites : writes, maxOffset: maxOffset)
+            try s.backup()
+        }
+        return s
+    }
+
+    /// SHA-256 of every file in `dir` (hidden ones included), by name.
+    static func digests(_ dir: String) throws -> [String: String] {
+        var out: [String: String] = [:]
+        for name in try FileManager.default.contentsOfDirectory(atPath: dir) {
+            out[name] = String(try Tools.run("sha256sum", ["\(dir)/\(name)"]).stdout.prefix(64))
+        }
+        return out
+    }
+
     /// `qbackup ARGS`, expecting success; returns stdout.
     @discardableResult
     func qbackup(_ args: [String], expect status: Int32 = 0, sourceLocation: SourceLocation = #_sourceLocation) throws
@@ -95,6 +117,23 @@ final class BackupScenario {
         #expect(try same(out, reference), "restore of layer \(index) differs from its reference",
                 sourceLocation: sourceLocation)
         try? FileManager.default.removeItem(atPath: out)
+    }
+
+    /// `repo` (a copy of this scenario's repository) lists exactly the points `kept`, each of
+    /// which restores byte-exact to its reference, and verifies; `step` names the case in failures.
+    func expectKeeps(_ kept: [Int], in repo: String, step: String, sourceLocation: SourceLocation = #_sourceLocation)
+        throws
+    {
+        let list = try qbackup(["list", repo, "--output", "json"], sourceLocation: sourceLocation)
+        let layers = (try JSONHelpers.parse(list.stdout) as? [String: Any])?["layers"] as? [[String: Any]] ?? []
+        #expect(layers.map { $0["index"] as? Int ?? -1 } == kept, "\(step)", sourceLocation: sourceLocation)
+        for k in kept {
+            let out = dir.file("restore-\(UUID().uuidString.prefix(6))-\(k).raw")
+            try qbackup(["restore", repo, "--to", out, "--at", String(k), "--format", "raw"], sourceLocation: sourceLocation)
+            #expect(try same(out, references[k]), "\(step): kept point \(k) differs", sourceLocation: sourceLocation)
+            try FileManager.default.removeItem(atPath: out)
+        }
+        try qbackup(["verify", repo], sourceLocation: sourceLocation)
     }
 
     /// `qemu-img check` is clean (exit 0) on `path`.

@@ -12,25 +12,9 @@ import Glibc
 /// every file byte-identical, and a crash at any step of the new-file path keeps every
 /// remaining point exact.
 @Suite struct MergeEngineTests {
-    /// SHA-256 of every file in `dir` (hidden ones included), by name.
-    static func digests(_ dir: String) throws -> [String: String] {
-        var out: [String: String] = [:]
-        for name in try FileManager.default.contentsOfDirectory(atPath: dir) {
-            out[name] = String(try Tools.run("sha256sum", ["\(dir)/\(name)"]).stdout.prefix(64))
-        }
-        return out
-    }
-
     /// A repository of three points (a full layer and two incrementals) of a 32 MiB disk.
     static func threePoints(seed: UInt64) throws -> BackupScenario {
-        let s = try BackupScenario(size: "32M", seed: seed)
-        try s.dirty(writes: 8, maxOffset: 30 << 20)
-        try s.backup()
-        for _ in 0..<2 {
-            try s.dirty(writes: 4, maxOffset: 30 << 20)
-            try s.backup()
-        }
-        return s
+        try BackupScenario.points(3, size: "32M", seed: seed, fullWrites: 8, writes: 4, maxOffset: 30 << 20)
     }
 
     /// Issue 11 item 2: `cp -al repo snap; merge repo --keep 1` must leave every point of
@@ -39,9 +23,9 @@ import Glibc
         let s = try Self.threePoints(seed: 61)
         let snap = s.dir.file("snap")
         try Tools.run("cp", ["-al", s.repo, snap])
-        let before = try Self.digests(snap)
+        let before = try BackupScenario.digests(snap)
         try s.qbackup(["merge", s.repo, "--keep", "1"])
-        #expect(try Self.digests(snap) == before, "merge changed a file that the hard-linked copy shares")
+        #expect(try BackupScenario.digests(snap) == before, "merge changed a file that the hard-linked copy shares")
         for (k, reference) in s.references.enumerated() {
             let out = s.dir.file("snap-\(k).raw")
             try s.qbackup(["restore", snap, "--to", out, "--at", String(k), "--format", "raw"])
@@ -69,43 +53,26 @@ import Glibc
     @Test func crashAtEveryStepOfTheNewFileMerge() throws {
         let template = try Self.threePoints(seed: 63)
         let work = TempDir("qbackup-merge-crash")
-        var n = 1
-        var completed = false
         var pending = 0
-        var points = 0
-        while !completed && n < 2000 {
+        let outcome = try CrashPoints.enumerate(limit: 2000, denseSteps: 40, stride: 4) { n, crashAfter in
             let repo = work.file("repo-\(n)")
             let snap = work.file("snap-\(n)")
             try Tools.run("cp", ["-a", "--sparse=always", template.repo, repo])
             try Tools.run("cp", ["-al", repo, snap])
-            let before = try Self.digests(snap)
-            let result = try QBackupBinary.run(["merge", repo, "--keep", "2"],
-                                               environment: ["QBACKUP_CRASH_AFTER": String(n)])
-            completed = result.status == 0
-            if !completed {
-                points += 1
-                #expect(result.stderr.isEmpty, "step \(n): \(result.stderr)")
-            }
+            let before = try BackupScenario.digests(snap)
+            let result = try QBackupBinary.run(["merge", repo, "--keep", "2"], environment: crashAfter)
+            if result.status != 0 { #expect(result.stderr.isEmpty, "step \(n): \(result.stderr)") }
             let manifest = try String(contentsOfFile: repo + "/manifest.json", encoding: .utf8)
             if manifest.contains("\"merge\" :") { pending += 1 }
             try template.qbackup(["merge", repo, "--keep", "2"])
-            #expect(try Self.digests(snap) == before, "step \(n): a file of the hard-linked copy changed")
-            let list = try template.qbackup(["list", repo, "--output", "json"])
-            let layers = (try JSONHelpers.parse(list.stdout) as? [String: Any])?["layers"] as? [[String: Any]] ?? []
-            #expect(layers.count == 2, "step \(n)")
-            for (k, reference) in template.references.enumerated().suffix(2) {
-                let out = work.file("restore-\(n)-\(k).raw")
-                try template.qbackup(["restore", repo, "--to", out, "--at", String(k), "--format", "raw"])
-                #expect(try template.same(out, reference), "step \(n): kept point \(k) differs")
-                try FileManager.default.removeItem(atPath: out)
-            }
-            try template.qbackup(["verify", repo])
+            #expect(try BackupScenario.digests(snap) == before, "step \(n): a file of the hard-linked copy changed")
+            try template.expectKeeps([1, 2], in: repo, step: "step \(n)")
             try FileManager.default.removeItem(atPath: repo)
             try FileManager.default.removeItem(atPath: snap)
-            n += n < 40 ? 1 : 4
+            return result
         }
-        #expect(completed, "the merge never completed within the steps tried")
-        #expect(points > 10, "only \(points) crash points were exercised")
+        #expect(outcome.completed, "the merge never completed within the steps tried")
+        #expect(outcome.crashes > 10, "only \(outcome.crashes) crash points were exercised")
         #expect(pending > 0, "no crash fell between recording the merge and finishing it")
     }
 
@@ -137,7 +104,7 @@ import Glibc
             let snap = work.file("snap-\(round)")
             try Tools.run("cp", ["-a", "--sparse=always", template.repo, repo])
             if shared { try Tools.run("cp", ["-al", repo, snap]) }
-            let before = shared ? try Self.digests(snap) : [:]
+            let before = shared ? try BackupScenario.digests(snap) : [:]
             let process = Process()
             process.executableURL = URL(fileURLWithPath: try QBackupBinary.path())
             process.arguments = ["merge", repo, "--keep", "1"]
@@ -154,7 +121,7 @@ import Glibc
             #expect(try template.same(out, template.references[2]), "round \(round): the kept point differs")
             try template.qbackup(["verify", repo])
             if shared {
-                #expect(try Self.digests(snap) == before, "round \(round): a file of the hard-linked copy changed")
+                #expect(try BackupScenario.digests(snap) == before, "round \(round): a file of the hard-linked copy changed")
                 try FileManager.default.removeItem(atPath: snap)
             }
             try FileManager.default.removeItem(atPath: out)
@@ -169,7 +136,7 @@ import Glibc
     /// restore and verify still work once the export is gone.
     @Test func mergeOfAPointHeldByQemuNbdChangesNothing() throws {
         let s = try Self.threePoints(seed: 64)
-        let before = try Self.digests(s.repo)
+        let before = try BackupScenario.digests(s.repo)
         let nbd = try QemuNBD(image: s.layerPath(try s.layers()[1]), bitmap: nil, directory: s.dir)
         let result = try QBackupBinary.run(["merge", s.repo, "--keep", "1"])
         nbd.stop()
@@ -177,7 +144,7 @@ import Glibc
         #expect(result.stderr.hasPrefix("qbackup: error:") && result.stderr.split(separator: "\n").count == 1,
                 "\(result.stderr)")
         #expect(result.stderr.contains("in use"), "\(result.stderr)")
-        #expect(try Self.digests(s.repo) == before, "the refused merge changed the repository")
+        #expect(try BackupScenario.digests(s.repo) == before, "the refused merge changed the repository")
         try s.qbackup(["verify", s.repo])
         for (k, reference) in s.references.enumerated() { try s.expectRestore(k, equals: reference) }
     }
@@ -193,11 +160,11 @@ import Glibc
         let offset = UInt64(try #require(data["offset"] as? Int)) + 100
         let old = try peek(layer1, at: offset, count: 1)[0]
         try poke(layer1, at: offset, [old ^ 0x5a])
-        let before = try Self.digests(s.repo)
+        let before = try BackupScenario.digests(s.repo)
         let result = try QBackupBinary.run(["merge", s.repo, "--keep", "1"])
         #expect(result.status == 1, "merge folded a damaged layer: \(result.stdout)\(result.stderr)")
         #expect(result.stderr.contains("checksum"), "\(result.stderr)")
-        #expect(try Self.digests(s.repo) == before, "the refused merge changed the repository")
+        #expect(try BackupScenario.digests(s.repo) == before, "the refused merge changed the repository")
         let verify = try QBackupBinary.run(["verify", s.repo])
         #expect(verify.status == 1 && verify.stdout.contains("checksum mismatch"), "\(verify.stdout)")
     }

@@ -14,17 +14,8 @@ import Glibc
 @Suite struct RepairEngineTests {
     /// Three points of a 64 MiB disk (the full layer spans several 4 MiB chunks).
     static func threePoints(seed: UInt64, size: String = "64M") throws -> BackupScenario {
-        let s = try BackupScenario(size: size, seed: seed)
-        try s.dirty(writes: 40, maxOffset: 60 << 20)
-        try s.backup()
-        for _ in 0..<2 {
-            try s.dirty(writes: 6, maxOffset: 60 << 20)
-            try s.backup()
-        }
-        return s
+        try BackupScenario.points(3, size: size, seed: seed, fullWrites: 40, writes: 6, maxOffset: 60 << 20)
     }
-
-    static func digests(_ dir: String) throws -> [String: String] { try MergeEngineTests.digests(dir) }
 
     static func isLayerName(_ name: String) -> Bool {
         (name.hasPrefix("full-") || name.hasPrefix("incr-")) && name.hasSuffix(".qcow2")
@@ -55,21 +46,21 @@ import Glibc
             try Tools.run("truncate", ["-s", "100", s.repo + "/manifest.json"])
         }
         try s.dirty(writes: 3, maxOffset: 60 << 20)
-        let before = try Self.digests(s.repo)
+        let before = try BackupScenario.digests(s.repo)
 
         let refused = try QBackupBinary.run(["backup", s.disk, "--repo", s.repo])
         #expect(refused.failedCleanly, "backup into a repository without its manifest: \(refused.status) \(refused.stderr)")
         #expect(refused.stderr.contains("qbackup repair \(s.repo)"), "\(refused.stderr)")
-        #expect(try Self.digests(s.repo) == before, "the refused backup changed the repository")
+        #expect(try BackupScenario.digests(s.repo) == before, "the refused backup changed the repository")
         let refusedMerge = try QBackupBinary.run(["merge", s.repo, "--keep", "1"])
         #expect(refusedMerge.failedCleanly && refusedMerge.stderr.contains("qbackup repair"), "\(refusedMerge.stderr)")
-        #expect(try Self.digests(s.repo) == before, "the refused merge changed the repository")
+        #expect(try BackupScenario.digests(s.repo) == before, "the refused merge changed the repository")
 
         let shown = try s.qbackup(["repair", s.repo])
         #expect(shown.stdout.contains("layer sidecars") && shown.stdout.contains("3 layer(s)"), "\(shown.stdout)")
         #expect(shown.stdout.contains("the manifest cannot be read") == (loss == .unreadable), "\(shown.stdout)")
         #expect(shown.stdout.contains("--yes"), "\(shown.stdout)")
-        #expect(try Self.digests(s.repo) == before, "repair without --yes wrote something")
+        #expect(try BackupScenario.digests(s.repo) == before, "repair without --yes wrote something")
 
         let written = try s.qbackup(["repair", s.repo, "--yes", "--output", "json"])
         let report = try #require(try JSONHelpers.parse(written.stdout) as? [String: Any])
@@ -78,7 +69,7 @@ import Glibc
         #expect(try Self.manifestJSON(s.repo).isEqual(original),
                 "the rebuilt manifest differs from the one that was lost")
         for (name, digest) in before where name != "manifest.json" {
-            #expect(try Self.digests(s.repo)[name] == digest, "repair changed \(name)")
+            #expect(try BackupScenario.digests(s.repo)[name] == digest, "repair changed \(name)")
         }
         for (k, reference) in s.references.enumerated() { try s.expectRestore(k, equals: reference) }
         try s.qbackup(["verify", s.repo, "--image", s.disk])
@@ -102,12 +93,12 @@ import Glibc
         try FileManager.default.removeItem(atPath: s.repo + "/manifest.json")
         let copy = s.dir.file("copy")
         try Tools.run("cp", ["-a", "--sparse=always", s.repo, copy])
-        let before = try Self.digests(s.repo)
+        let before = try BackupScenario.digests(s.repo)
 
         // backup into the copy: a new repository; the old files are foreign and untouched.
         let out = try s.qbackup(["backup", s.disk, "--repo", copy, "--output", "json"])
         #expect((try JSONHelpers.parse(out.stdout) as? [String: Any])?["kind"] as? String == "full", "\(out.stdout)")
-        let after = try Self.digests(copy)
+        let after = try BackupScenario.digests(copy)
         for name in oldLayers { #expect(after[name] == before[name], "backup changed the foreign file \(name)") }
         let verify = try s.qbackup(["verify", copy])
         for name in oldLayers { #expect(verify.stderr.contains("warning: \(name) is not a file of this repository"), "\(verify.stderr)") }
@@ -115,17 +106,17 @@ import Glibc
         // repair of the original folder: nothing names the disk, so --source is needed.
         let noSource = try QBackupBinary.run(["repair", s.repo, "--yes"])
         #expect(noSource.failedCleanly && noSource.stderr.contains("--source"), "\(noSource.stderr)")
-        #expect(try Self.digests(s.repo) == before, "repair without --source wrote something")
+        #expect(try BackupScenario.digests(s.repo) == before, "repair without --source wrote something")
         // Only looking makes no file, not even the lock file.
         try FileManager.default.removeItem(atPath: s.repo + "/.qbackup.lock")
         let shown = try s.qbackup(["repair", s.repo, "--source", s.disk])
         #expect(shown.stdout.contains("backing chains") && shown.stdout.contains("3 layer(s)"), "\(shown.stdout)")
-        #expect(try Self.digests(s.repo) == before.filter { $0.key != ".qbackup.lock" }, "repair without --yes wrote something")
+        #expect(try BackupScenario.digests(s.repo) == before.filter { $0.key != ".qbackup.lock" }, "repair without --yes wrote something")
         try s.qbackup(["repair", s.repo, "--source", s.disk, "--yes"])
         let layers = try s.layers()
         #expect(layers.map { $0["file"] as? String ?? "" } == oldLayers)
         #expect(layers.map { $0["index"] as? Int } == [0, 1, 2])
-        for name in oldLayers { #expect(try Self.digests(s.repo)[name] == before[name], "repair changed \(name)") }
+        for name in oldLayers { #expect(try BackupScenario.digests(s.repo)[name] == before[name], "repair changed \(name)") }
         for (k, reference) in s.references.enumerated() { try s.expectRestore(k, equals: reference) }
         try s.qbackup(["verify", s.repo])
         // The rebuilt repository has a bitmap of its own: the next backup is full, then incrementals follow.
@@ -180,8 +171,8 @@ import Glibc
             try Tools.run("truncate", ["-s", "100M", path + ".json"])
             expectedReason = "more than the limit"
         }
-        let outsideBefore = misfit == .symlinked ? try Self.digests(s.dir.path)["outside.qcow2"] : nil
-        let before = try Self.digests(s.repo)
+        let outsideBefore = misfit == .symlinked ? try BackupScenario.digests(s.dir.path)["outside.qcow2"] : nil
+        let before = try BackupScenario.digests(s.repo)
         let result = try s.qbackup(["repair", s.repo, "--yes"])
         let line = result.stdout.split(separator: "\n").first { $0.hasPrefix("left out \(newest): ") } ?? ""
         #expect(line.contains(expectedReason), "\(result.stdout)")
@@ -189,7 +180,7 @@ import Glibc
         // Every file is still there; the layer files and the misfit's sidecar are byte-identical
         // (the kept layers' sidecars are rewritten: they name the new bitmap).
         let unchanged = { (name: String) in Self.isLayerName(name) || name == newest + ".json" }
-        let after = try Self.digests(s.repo)
+        let after = try BackupScenario.digests(s.repo)
         for (name, digest) in before {
             #expect(after[name] != nil, "repair removed \(name)")
             if unchanged(name) { #expect(after[name] == digest, "repair changed \(name)") }
@@ -199,7 +190,7 @@ import Glibc
         }
         if misfit == .symlinked {
             #expect((try? FileManager.default.destinationOfSymbolicLink(atPath: path)) == outside)
-            #expect(try Self.digests(s.dir.path)["outside.qcow2"] == outsideBefore, "repair changed the file outside")
+            #expect(try BackupScenario.digests(s.dir.path)["outside.qcow2"] == outsideBefore, "repair changed the file outside")
         }
         #expect(try s.layers().map { $0["index"] as? Int } == [0, 1])
         for k in 0..<2 { try s.expectRestore(k, equals: s.references[k]) }
@@ -213,7 +204,7 @@ import Glibc
         #expect(next["index"] as? Int == (misfit.ofSidecar ? 2 : 3), "\(next)")
         try s.expectRestore(next["index"] as? Int ?? -1, equals: s.references[3])
         #expect(next["layer"] as? String != newest)
-        let final = try Self.digests(s.repo)
+        let final = try BackupScenario.digests(s.repo)
         for (name, digest) in before where unchanged(name) {
             #expect(final[name] == digest, "the next backup changed or removed \(name)")
         }
@@ -247,7 +238,7 @@ import Glibc
         }
         try s.qbackup(["repair", repo, "--yes", "--source", s.disk])
         #expect(try chain(s, repo) == expected, "\(step): repair after the interruption rebuilt another chain")
-        let now = try digests(repo)
+        let now = try BackupScenario.digests(repo)
         for (name, digest) in layerDigests { #expect(now[name] == digest, "\(step): \(name) changed") }
         for (k, reference) in s.references.enumerated() {
             let out = s.dir.file("restore-\(UUID().uuidString.prefix(6)).raw")
@@ -265,7 +256,7 @@ import Glibc
     @Test(arguments: [true, false])
     func crashAtEveryStepOfRepair(sidecars: Bool) throws {
         let s = try Self.lostManifest(seed: sidecars ? 91 : 92, sidecars: sidecars)
-        let layerDigests = try Self.digests(s.repo).filter { Self.isLayerName($0.key) }
+        let layerDigests = try BackupScenario.digests(s.repo).filter { Self.isLayerName($0.key) }
         #expect(layerDigests.count == 3)
         // The chain an uninterrupted repair rebuilds.
         let reference = s.dir.file("reference")
@@ -273,26 +264,20 @@ import Glibc
         try s.qbackup(["repair", reference, "--yes", "--source", s.disk])
         let expected = try Self.chain(s, reference)
         #expect(expected.count == 3)
-        var n = 1
-        var completed = false
-        var points = 0
-        while !completed && n < 200 {
+        let outcome = try CrashPoints.enumerate(limit: 200) { n, crashAfter in
             let repo = s.dir.file("repo-\(n)")
             try Tools.run("cp", ["-a", "--sparse=always", s.repo, repo])
-            let result = try QBackupBinary.run(["repair", repo, "--yes", "--source", s.disk],
-                                               environment: ["QBACKUP_CRASH_AFTER": String(n)])
-            completed = result.status == 0
-            if !completed {
-                points += 1
+            let result = try QBackupBinary.run(["repair", repo, "--yes", "--source", s.disk], environment: crashAfter)
+            if result.status != 0 {
                 #expect(result.status == 128 + SIGKILL || result.status == SIGKILL, "step \(n): \(result.status) \(result.stderr)")
             }
             try Self.expectRepairedOrRepairable(s, repo, layerDigests: layerDigests, expected: expected, step: "step \(n)")
             try FileManager.default.removeItem(atPath: repo)
-            n += 1
+            return result
         }
-        print("repair crash points (sidecars: \(sidecars)): \(points)")
-        #expect(completed, "repair never completed within the steps tried")
-        #expect(points >= (sidecars ? 2 : 8), "only \(points) crash points were exercised")
+        print("repair crash points (sidecars: \(sidecars)): \(outcome.crashes)")
+        #expect(outcome.completed, "repair never completed within the steps tried")
+        #expect(outcome.crashes >= (sidecars ? 2 : 8), "only \(outcome.crashes) crash points were exercised")
     }
 
     /// kill -9 of the real `qbackup repair --yes` at seeded random moments within the measured
@@ -301,7 +286,7 @@ import Glibc
     /// run again completes with every point byte-exact.
     @Test func killAtRandomMomentsOfRepair() throws {
         let s = try Self.lostManifest(seed: 93, sidecars: false)
-        let layerDigests = try Self.digests(s.repo).filter { Self.isLayerName($0.key) }
+        let layerDigests = try BackupScenario.digests(s.repo).filter { Self.isLayerName($0.key) }
         let timed = s.dir.file("timed")
         try Tools.run("cp", ["-a", "--sparse=always", s.repo, timed])
         let started = Date()

@@ -121,57 +121,34 @@ import TestSupport
     /// the next merge the kept points restore byte-exact, verify passes, the copy never changes.
     @Test(arguments: [false, true])
     func crashAtEveryStepOfAMiddleFold(shared: Bool) throws {
-        let template = try BackupScenario(size: "8M", seed: shared ? 173 : 172)
-        for _ in 0..<5 {
-            try template.dirty(writes: 6, maxOffset: 7 << 20)
-            try template.backup()
-        }
+        let template = try BackupScenario.points(5, size: "8M", seed: shared ? 173 : 172, fullWrites: 6, writes: 6,
+                                                 maxOffset: 7 << 20)
         try RepositoryTimes.setCreated(template.repo, [0: "2026-03-01T01:00:00Z", 1: "2026-03-02T01:00:00Z", 2: "2026-03-02T05:00:00Z",
                                             3: "2026-03-02T09:00:00Z", 4: "2026-03-03T01:00:00Z"])
         let work = TempDir("qbackup-retention-crash")
-        var n = 1
-        var completed = false
-        var points = 0
         var pending = 0
-        while !completed && n < 2000 {
+        let outcome = try CrashPoints.enumerate(limit: 2000, denseSteps: 40, stride: 4) { n, crashAfter in
             let repo = work.file("repo-\(n)")
             let snap = work.file("snap-\(n)")
             try Tools.run("cp", ["-a", "--sparse=always", template.repo, repo])
             if shared { try Tools.run("cp", ["-al", repo, snap]) }
-            let before = shared ? try MergeEngineTests.digests(snap) : [:]
-            let result = try QBackupBinary.run(["merge", repo, "--keep-daily", "3"],
-                                               environment: ["QBACKUP_CRASH_AFTER": String(n)])
-            completed = result.status == 0
-            if result.status == 2 {
-                Issue.record("merge --keep-daily is not understood: \(result.stderr)")
-                break
-            }
-            if !completed {
-                points += 1
-                #expect(result.stderr.isEmpty, "step \(n): \(result.stderr)")
-            }
+            let before = shared ? try BackupScenario.digests(snap) : [:]
+            let result = try QBackupBinary.run(["merge", repo, "--keep-daily", "3"], environment: crashAfter)
+            try #require(result.status != 2, "merge --keep-daily is not understood: \(result.stderr)")
+            if result.status != 0 { #expect(result.stderr.isEmpty, "step \(n): \(result.stderr)") }
             let manifest = try String(contentsOfFile: repo + "/manifest.json", encoding: .utf8)
             if manifest.contains("\"merge\" :") { pending += 1 }
             try template.qbackup(["merge", repo, "--keep-daily", "3"])
-            let list = try template.qbackup(["list", repo, "--output", "json"])
-            let layers = (try JSONHelpers.parse(list.stdout) as? [String: Any])?["layers"] as? [[String: Any]] ?? []
-            #expect(layers.map { $0["index"] as? Int ?? -1 } == [0, 3, 4], "step \(n)")
-            for k in [0, 3, 4] {
-                let out = work.file("restore-\(n)-\(k).raw")
-                try template.qbackup(["restore", repo, "--to", out, "--at", String(k), "--format", "raw"])
-                #expect(try template.same(out, template.references[k]), "step \(n): kept point \(k) differs")
-                try FileManager.default.removeItem(atPath: out)
-            }
-            try template.qbackup(["verify", repo])
+            try template.expectKeeps([0, 3, 4], in: repo, step: "step \(n)")
             if shared {
-                #expect(try MergeEngineTests.digests(snap) == before, "step \(n): a file of the hard-linked copy changed")
+                #expect(try BackupScenario.digests(snap) == before, "step \(n): a file of the hard-linked copy changed")
                 try FileManager.default.removeItem(atPath: snap)
             }
             try FileManager.default.removeItem(atPath: repo)
-            n += n < 40 ? 1 : 4
+            return result
         }
-        #expect(completed, "the merge never completed within the steps tried")
-        #expect(points > 10, "only \(points) crash points were exercised")
+        #expect(outcome.completed, "the merge never completed within the steps tried")
+        #expect(outcome.crashes > 10, "only \(outcome.crashes) crash points were exercised")
         #expect(pending > 0, "no crash fell between recording the fold and finishing it")
     }
 

@@ -21,6 +21,27 @@ import TestSupport
         return run
     }
 
+    /// A VM with one backup taken and then `changed` (pattern, offset, length) written and flushed;
+    /// the next backup is held open (the debug-build pause) while `fault` strikes, and must fail
+    /// (exit 1, a `qbackup: error:` line). Returns the scenario for what comes after.
+    static func interruptedBackup(_ name: String, first: UInt8, changed: (UInt8, at: Int, length: Int),
+                                  pause: String = "3", sourceLocation: SourceLocation = #_sourceLocation,
+                                  fault: (LiveScenario, QemuVM) throws -> Void) throws -> LiveScenario {
+        let s = try LiveScenario(name)
+        try s.write(first, at: 0, length: 1 << 20)
+        try s.startVM()
+        let vm = try #require(s.vm, sourceLocation: sourceLocation)
+        try s.backup()
+        try s.write(changed.0, at: changed.at, length: changed.length)
+        try vm.flush()
+        let run = try Self.startHeldBackup(s, pause: pause)
+        try fault(s, vm)
+        let failed = run.wait()
+        #expect(failed.status == 1, "\(failed.stderr)", sourceLocation: sourceLocation)
+        #expect(failed.stderr.contains("qbackup: error:"), "\(failed.stderr)", sourceLocation: sourceLocation)
+        return s
+    }
+
     /// Layers a run recorded (or not) before it died hold the model as it was then.
     static func adoptLayers(_ s: LiveScenario, model: [UInt8]) throws {
         // (A run killed before its first manifest leaves nothing that lists.)
@@ -61,16 +82,8 @@ import TestSupport
     /// QEMU quits mid-backup: the backup fails clearly; both bitmaps were stored, so after a
     /// restart the next backup merges NAME.frozen back and is an incremental that misses nothing.
     @Test func qemuQuitMidBackup() throws {
-        let s = try LiveScenario("live-quit")
-        try s.write(0x71, at: 0, length: 1 << 20)
-        try s.startVM()
-        try s.backup()
-        try s.write(0x72, at: 2 << 20, length: 128 << 10)
-        let run = try Self.startHeldBackup(s, pause: "3")
-        s.quitVM()
-        let failed = run.wait()
-        #expect(failed.status == 1)
-        #expect(failed.stderr.contains("qbackup: error:"), "\(failed.stderr)")
+        let s = try Self.interruptedBackup("live-quit", first: 0x71,
+                                           changed: (0x72, at: 2 << 20, length: 128 << 10)) { s, _ in s.quitVM() }
         try s.startVM()
         let next = try s.backup()
         #expect(next["kind"] as? String == "incremental")
@@ -82,14 +95,8 @@ import TestSupport
     /// QEMU quits mid-backup and the VM stays off: the offline backup of the file merges the
     /// stored NAME.frozen back, so its incremental misses nothing.
     @Test func offlineBackupAfterQuitMidBackup() throws {
-        let s = try LiveScenario("live-quit-offline")
-        try s.write(0x75, at: 0, length: 1 << 20)
-        try s.startVM()
-        try s.backup()
-        try s.write(0x76, at: 2 << 20, length: 128 << 10)
-        let run = try Self.startHeldBackup(s, pause: "3")
-        s.quitVM()
-        #expect(run.wait().status == 1)
+        let s = try Self.interruptedBackup("live-quit-offline", first: 0x75,
+                                           changed: (0x76, at: 2 << 20, length: 128 << 10)) { s, _ in s.quitVM() }
         let info = try Tools.qemuImg("info", "--output=json", s.disk).stdout
         #expect(info.contains(".frozen"), "QEMU stored no frozen bitmap: the test proves nothing")
         try s.write(0x77, at: 6 << 20, length: 64 << 10)
@@ -104,16 +111,8 @@ import TestSupport
 
     /// QEMU killed mid-backup: its bitmaps are lost or stay in_use in the file, so the next backup is a full one.
     @Test func qemuKilledMidBackup() throws {
-        let s = try LiveScenario("live-qemu-killed")
-        try s.write(0x81, at: 0, length: 1 << 20)
-        try s.startVM()
-        try s.backup()
-        try s.write(0x82, at: 2 << 20, length: 64 << 10)
-        try s.vm?.flush()
-        let run = try Self.startHeldBackup(s, pause: "3")
-        s.vm?.stop()
-        let failed = run.wait()
-        #expect(failed.status == 1)
+        let s = try Self.interruptedBackup("live-qemu-killed", first: 0x81,
+                                           changed: (0x82, at: 2 << 20, length: 64 << 10)) { _, vm in vm.stop() }
         waitForImageLocksToClear(s.disk)
         try s.startVM()
         let next = try s.backup()
@@ -132,19 +131,12 @@ import TestSupport
     /// The NBD connection dropped (the export deleted under it): a clear error, the bits merged
     /// back, the next backup incremental and complete.
     @Test func nbdConnectionDropped() throws {
-        let s = try LiveScenario("live-drop")
-        try s.write(0x91, at: 0, length: 1 << 20)
-        try s.startVM()
-        let vm = try #require(s.vm)
-        try s.backup()
-        try s.write(0x92, at: 3 << 20, length: 64 << 10)
-        let run = try Self.startHeldBackup(s, pause: "1")
-        let exports = try vm.monitor.execute("query-block-exports") as? [[String: Any]] ?? []
-        let id = try #require(exports.first?["id"] as? String)
-        try vm.monitor.execute("block-export-del", ["id": id, "mode": "hard"])
-        let failed = run.wait()
-        #expect(failed.status == 1)
-        #expect(failed.stderr.contains("qbackup: error:"), "\(failed.stderr)")
+        let s = try Self.interruptedBackup("live-drop", first: 0x91, changed: (0x92, at: 3 << 20, length: 64 << 10),
+                                           pause: "1") { _, vm in
+            let exports = try vm.monitor.execute("query-block-exports") as? [[String: Any]] ?? []
+            let id = try #require(exports.first?["id"] as? String)
+            try vm.monitor.execute("block-export-del", ["id": id, "mode": "hard"])
+        }
         let next = try s.backup()
         #expect(next["kind"] as? String == "incremental")
         #expect(next["bytes-copied"] as? Int == 64 << 10)

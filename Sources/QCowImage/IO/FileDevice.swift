@@ -63,17 +63,25 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
         return fd
     }
 
-    /// What a file of `mode` is when it is neither a regular file nor a block device, or nil.
-    public static func unsupportedKind(_ mode: mode_t) -> String? {
+    /// What a file of `mode` is, in words ("a FIFO", "a block device", ...), for the errors
+    /// that refuse it (images, outputs and repository files alike).
+    public static func kind(_ mode: mode_t) -> String {
         switch mode & S_IFMT {
-        case S_IFREG, S_IFBLK: nil
+        case S_IFREG: "a regular file"
+        case S_IFBLK: "a block device"
         case S_IFIFO: "a FIFO"
         case S_IFSOCK: "a socket"
         case S_IFCHR: "a character device"
         case S_IFDIR: "a folder"
         case S_IFLNK: "a symbolic link"
-        default: "not a regular file"
+        default: "a special file"
         }
+    }
+
+    /// What a file of `mode` is when it is neither a regular file nor a block device, or nil.
+    static func unsupportedKind(_ mode: mode_t) -> String? {
+        let type = mode & S_IFMT
+        return type == S_IFREG || type == S_IFBLK ? nil : kind(mode)
     }
 
     static func notStorage(_ path: String, _ kind: String) -> QCowError {

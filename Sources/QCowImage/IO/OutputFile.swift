@@ -170,8 +170,7 @@ public final class OutputFile {
         guard overwrite else { throw exists(path) }
         let type = st.st_mode & S_IFMT
         guard type == S_IFREG || type == S_IFLNK else {
-            let kind = FileDevice.unsupportedKind(st.st_mode) ?? "a block device"
-            throw QCowError(.refused, "is \(kind); only a regular file is replaced", path: path)
+            throw QCowError(.refused, "is \(FileDevice.kind(st.st_mode)); only a regular file is replaced", path: path)
         }
     }
 
