@@ -21,6 +21,10 @@ import TestSupport
         /// Where qemu-img's own repair fails (exit 1: its metadata overlap check stops its writes),
         /// ours must finish (exit 2: the snapshot's loss is reported, the leaks are freed).
         var qemuRepairFails = false
+        /// A deliberate divergence: qemu-img's repair fails (exit 1, its overlap check marks the image
+        /// corrupt) where ours finishes (exit 0) with the result qemu-img's own successful repair
+        /// gives for the same kind of damage, and qemu-img check finds it clean.
+        var oursRepairsWhereQemuImgFails = false
         var testDescription: String { name }
     }
 
@@ -46,7 +50,11 @@ import TestSupport
         func u64(_ path: String, at offset: UInt64) throws -> UInt64 {
             try peek(path, at: offset, count: 8).reduce(0) { $0 << 8 | UInt64($1) }
         }
+        if let write = iotest026[name] { return try write.make(path, dir) }
         switch name {
+        case "060 L2 reference into the L1 table":
+            try withData()
+            try poke(path, at: l1, be(UInt64(0x8000_0000_0000_0000) | l1))
         case "060 cluster data reference into refcount block":
             try fresh()
             // An L2 table at 0x40000 whose first entry points at the refcount block.
@@ -151,6 +159,67 @@ import TestSupport
         Scenario(name: "060 data reference into the L1 table"),
         Scenario(name: "L1 entry with reserved bits", repairable: false),
         Scenario(name: "L2 entry with reserved bits", repairable: false),
+        // The lead's decision: keep our repair (the L2 table is the L1 table itself; COPIED cleared,
+        // the refcount raised, as qemu-img's successful repair of "data reference into L1" does).
+        Scenario(name: "060 L2 reference into the L1 table", oursRepairsWhereQemuImgFails: true),
+    ] + iotest026.keys.sorted().map { Scenario(name: $0) }
+
+    /// iotest 026 (qcow2 error paths): qemu-io writes through QEMU's blkdebug driver, which fails the
+    /// I/O at `event` with `errno`, once or from then on; the image is left as QEMU's error path left it
+    /// (leaked clusters at worst). 1 GiB image, 1 KiB clusters (512 bytes and a 64 MiB write for
+    /// refcount table growth), as 026 does.
+    struct BlkdebugWrite: Sendable {
+        var event: String, errno: Int, once: Bool, background = false, clusterSize = 1024, length = "128k"
+
+        func make(_ path: String, _ dir: TempDir) throws {
+            try Tools.qemuImg("create", "-q", "-f", "qcow2", "-o", "cluster_size=\(clusterSize)", path, "1G")
+            let config = dir.file("blkdebug.conf")
+            try """
+                [inject-error]
+                event = "\(event)"
+                errno = "\(errno)"
+                immediately = "off"
+                once = "\(once ? "on" : "off")"
+
+                """.write(toFile: config, atomically: true, encoding: .utf8)
+            let mode = background ? "-b " : ""
+            // 026 catches a plain L2 update, not the first L2 table's allocation.
+            if event == "l2_update" { try Tools.qemuIO(path, format: "qcow2", ["write \(mode)0 512"]) }
+            var commands = ["write \(mode)0 \(length)"]
+            // l2_load is not reached on allocation: 026 writes again and reads.
+            if event == "l2_load" { commands += ["write \(mode)0 \(length)", "read \(mode)0 \(length)"] }
+            var failed = false
+            for command in commands {
+                let io = try Tools.run("qemu-io", ["-c", command, "blkdebug:\(config):\(path)"])
+                #expect(!io.stderr.contains("can't open"), "blkdebug refused the rule: \(io.stderr)")
+                failed = failed || (io.stdout + io.stderr).contains("failed")
+            }
+            #expect(failed, "the injected error never happened: the image is not damaged by an error path")
+        }
+    }
+
+    /// A representative subset of 026's matrix (every event of its first loop, both errnos, once on
+    /// and off, with and without -b; one refcount-table-growth and two L1-growth events), chosen
+    /// to keep the test short: the full 104-case matrix gave qemu-img's verdicts, counts and repair
+    /// results on this machine (see the issue 12 note).
+    static let iotest026: [String: BlkdebugWrite] = [
+        "026 l1_update EIO from then on": BlkdebugWrite(event: "l1_update", errno: 5, once: false),
+        "026 l1_update ENOSPC once -b": BlkdebugWrite(event: "l1_update", errno: 28, once: true, background: true),
+        "026 l2_load EIO from then on": BlkdebugWrite(event: "l2_load", errno: 5, once: false),
+        "026 l2_update EIO from then on": BlkdebugWrite(event: "l2_update", errno: 5, once: false),
+        "026 l2_update ENOSPC once -b": BlkdebugWrite(event: "l2_update", errno: 28, once: true, background: true),
+        "026 l2_alloc_write EIO from then on -b": BlkdebugWrite(event: "l2_alloc_write", errno: 5, once: false, background: true),
+        "026 write_aio ENOSPC from then on": BlkdebugWrite(event: "write_aio", errno: 28, once: false),
+        "026 refblock_load EIO from then on -b": BlkdebugWrite(event: "refblock_load", errno: 5, once: false, background: true),
+        "026 refblock_update_part ENOSPC from then on": BlkdebugWrite(event: "refblock_update_part", errno: 28, once: false),
+        "026 refblock_alloc EIO once": BlkdebugWrite(event: "refblock_alloc", errno: 5, once: true),
+        "026 cluster_alloc ENOSPC from then on -b": BlkdebugWrite(event: "cluster_alloc", errno: 28, once: false, background: true),
+        "026 refblock_alloc_write_table ENOSPC from then on": BlkdebugWrite(event: "refblock_alloc_write_table", errno: 28,
+                                                                           once: false, clusterSize: 512, length: "64M"),
+        "026 l1_grow_activate_table EIO from then on -b": BlkdebugWrite(event: "l1_grow_activate_table", errno: 5, once: false,
+                                                                       background: true, length: "64k"),
+        "026 l1_grow_write_table ENOSPC once -b": BlkdebugWrite(event: "l1_grow_write_table", errno: 28, once: true,
+                                                               background: true, length: "64k"),
     ]
 
     static func counts(_ text: String) -> (corruptions: Int, leaks: Int) {
@@ -196,8 +265,25 @@ import TestSupport
 
         let qemuRepair = try Tools.run("qemu-img", ["check", "-r", "all", theirs])
         let ourRepair = try QBackupBinary.run(["check", "--repair", "all", ours])
-        #expect(scenario.qemuRepairFails ? qemuRepair.status == 1 && ourRepair.status == 2 : ourRepair.status == qemuRepair.status, "qemu-img: \(qemuRepair.stdout)\(qemuRepair.stderr)\nours: \(ourRepair.stdout)\(ourRepair.stderr)")
+        #expect(scenario.oursRepairsWhereQemuImgFails || (scenario.qemuRepairFails ? qemuRepair.status == 1 && ourRepair.status == 2 : ourRepair.status == qemuRepair.status), "qemu-img: \(qemuRepair.stdout)\(qemuRepair.stderr)\nours: \(ourRepair.stdout)\(ourRepair.stderr)")
         let afterwards = try Tools.run("qemu-img", ["check", ours])
+        if scenario.oursRepairsWhereQemuImgFails {
+            #expect(qemuRepair.status == 1 && ourRepair.status == 0, "qemu-img: \(qemuRepair.stdout)\(qemuRepair.stderr)\nours: \(ourRepair.stdout)\(ourRepair.stderr)")
+            #expect(afterwards.status == 0, "qemu-img check of our repair: \(afterwards.stdout)\(afterwards.stderr)")
+            #expect(try Self.corruptBit(theirs) && !Self.corruptBit(ours), "qemu-img marked its copy corrupt, ours is clean")
+            // The mapping stays as it was (qemu-img map), and guest cluster 0 still reads the L1 table
+            // (with COPIED now clear in its first entry), as qemu-img's own repair of 060's "data
+            // reference into L1" leaves the guest reading the L1 table's bytes.
+            let mapBefore = try Tools.run("qemu-img", ["map", "--output=json", made]).stdout
+            let mapAfter = try Tools.run("qemu-img", ["map", "--output=json", ours]).stdout
+            #expect(JSONHelpers.canonical(try JSONHelpers.mergedMap(mapAfter)) == JSONHelpers.canonical(try JSONHelpers.mergedMap(mapBefore)))
+            let raw = dir.file("ours.raw")
+            try Tools.qemuImg("convert", "-O", "raw", ours, raw)
+            #expect(try peek(raw, at: 0, count: 65536) == peek(ours, at: Self.l1, count: 65536), "guest cluster 0 is the L1 table")
+            try Tools.qemuIO(ours, format: "qcow2", ["write -P 0x2a 64k 512"])
+            #expect(try Tools.run("qemu-img", ["check", ours]).status == 0)
+            return
+        }
         guard scenario.repairable else {
             // What qemu-img's repair cannot fix, ours leaves the same: same verdict on both, same guest data.
             let theirsAfter = try Tools.run("qemu-img", ["check", "--output=json", theirs])
