@@ -473,4 +473,53 @@ import TestSupport
         #expect(try QBackupBinary.run(["flatten", "--format", "raw", adjacent, flat]).status == 0)
         try Tools.qemuIO(flat, format: "raw", ["read -P 0xAB 0 64k", "read -P 0xAC 64K 64k", "read -P 0xAD 128K 64k"])
     }
+
+    /// Issue 12 item 7 (map's zero flag over host holes): the images iotest 061 makes with `qemu-img
+    /// amend` (zero clusters expanded on a downgrade to compat 0.10, with a snapshot, over a backing
+    /// file, on a fully preallocated image) and a data cluster whose host range is punched: `map
+    /// --output json` says what qemu-img map says. (Not reproducible on QEMU 7.2: a regression case.)
+    @Test(arguments: ["zero expansion", "zero expansion with a snapshot", "zero expansion over a backing file",
+                      "zero expansion on a fully preallocated image", "punched host cluster"])
+    func mapAsQemuImgOnAmendImagesAsIotest061(_ name: String) throws {
+        let dir = TempDir()
+        let image = dir.file("t.qcow2")
+        let writes = ["write -P 0x2a 0 128k", "write -z 64k 64k", "write -z 1M 64k"]
+        switch name {
+        case "zero expansion with a snapshot":
+            try Tools.qemuImg("create", "-q", "-f", "qcow2", "-o", "compat=1.1", image, "8M")
+            try Tools.qemuIO(image, format: "qcow2", writes)
+            try Tools.qemuImg("snapshot", "-c", "s1", image)
+            try Tools.qemuIO(image, format: "qcow2", ["write -z 0 64k", "write -P 0x3b 2M 64k"])
+            try Tools.qemuImg("amend", "-o", "compat=0.10", image)
+        case "zero expansion over a backing file":
+            let base = dir.file("base.qcow2")
+            try Tools.qemuImg("create", "-q", "-f", "qcow2", base, "8M")
+            try Tools.qemuIO(base, format: "qcow2", ["write -P 0x11 0 4M"])
+            try Tools.qemuImg("create", "-q", "-f", "qcow2", "-o", "compat=1.1", "-b", base, "-F", "qcow2", image)
+            try Tools.qemuIO(image, format: "qcow2", writes)
+            try Tools.qemuImg("amend", "-o", "compat=0.10", image)
+        case "zero expansion on a fully preallocated image":
+            try Tools.qemuImg("create", "-q", "-f", "qcow2", "-o", "compat=1.1,preallocation=full", image, "8M")
+            try Tools.qemuIO(image, format: "qcow2", writes)
+            try Tools.qemuImg("amend", "-o", "compat=0.10", image)
+        case "punched host cluster":
+            try Tools.qemuImg("create", "-q", "-f", "qcow2", image, "8M")
+            try Tools.qemuIO(image, format: "qcow2", ["write -P 0x2a 0 256k"])
+            let map = try JSONHelpers.parse(try Tools.qemuImg("map", "--output=json", image).stdout) as? [[String: Any]]
+            let host = try #require(map?.first?["offset"] as? Int)
+            try Tools.run("fallocate", ["-p", "-o", String(host + 65536), "-l", "65536", image])
+        default:
+            try Tools.qemuImg("create", "-q", "-f", "qcow2", "-o", "compat=1.1", image, "8M")
+            try Tools.qemuIO(image, format: "qcow2", writes)
+            try Tools.qemuImg("amend", "-o", "compat=0.10", image)
+        }
+        let theirs = try Tools.qemuImg("map", "--output=json", image).stdout
+        if name == "punched host cluster" {
+            #expect(theirs.contains(#""zero": true, "data": true"#), "the punched cluster is not an allocated zero extent: \(theirs)")
+        }
+        let ours = try QBackupBinary.run(["map", "--output", "json", image])
+        #expect(ours.status == 0, "\(ours.stderr)")
+        #expect(JSONHelpers.canonical(try JSONHelpers.mergedMap(ours.stdout)) == JSONHelpers.canonical(try JSONHelpers.mergedMap(theirs)),
+                "qemu-img: \(theirs)\nours: \(ours.stdout)")
+    }
 }
