@@ -3,13 +3,14 @@
 # links (zlib, zstd, lz4), libnbd's header (live backups dlopen libnbd.so.0 from
 # libnbd0, which libnbd-dev pulls in) and QEMU's tools and emulator, the
 # reference peers of the tests (the live tests run qemu-system-x86_64);
-# libvirtd and virsh for the offline nightly script's tests (their fixture starts
-# libvirtd itself, no systemd needed), systemd-analyze for the units' check,
-# certtool (gnutls-bin) for the certificates of the nbds:// (TLS) test, binutils
+# libvirtd and virsh for the offline nightly script's and backup --libvirt's tests (their
+# fixture starts libvirtd itself, no systemd needed), libvirt's headers (backup --libvirt
+# dlopens libvirt.so.0 from libvirt0, which libvirt-dev pulls in), systemd-analyze for the
+# units' check, certtool (gnutls-bin) for the certificates of the nbds:// (TLS) test, binutils
 # (objdump, strip) for scripts/package-deb.sh and man-db for the man page's test.
 set -euo pipefail
 packages=(pkg-config git zlib1g-dev libzstd-dev liblz4-dev qemu-utils libnbd-bin libnbd-dev qemu-system-x86
-          libvirt-daemon-system libvirt-clients systemd gnutls-bin binutils man-db)
+          libvirt-daemon-system libvirt-clients libvirt-dev systemd gnutls-bin binutils man-db)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -189,16 +189,28 @@ public enum LibvirtBackup {
         var incremental = why == nil
         let checkpoint = target.checkpointPrefix + String(target.manifest?.nextIndex ?? 0)
 
-        let dir = try job.privateFolder(near: target.disk, id: target.id)
-        let socket = dir + "/nbd.sock"
-        let scratch = dir + "/scratch-\(target.disk.target).qcow2"
+        // Locally a unix socket (and the scratch file) in a private folder beside the disk; for
+        // another host, TCP on that host (libvirt picks the port; the scratch file is its default,
+        // beside the disk there).
+        let exportName = "\(target.checkpointPrefix)\(target.disk.target)"
+        let server: String
+        var scratchXML = ""
+        var socket = ""
+        if let host = domain.connection.host {
+            server = "<server transport='tcp' name='\(LibvirtXML.escape(host))'/>"
+        } else {
+            let dir = try job.privateFolder(near: target.disk, id: target.id)
+            socket = dir + "/nbd.sock"
+            server = "<server transport='unix' socket='\(LibvirtXML.escape(socket))'/>"
+            scratchXML = "<scratch file='\(LibvirtXML.escape(dir + "/scratch-\(target.disk.target).qcow2"))'/>"
+        }
         func backupXML(incremental: Bool) -> String { """
             <domainbackup mode='pull'>
               \(incremental ? "<incremental>\(LibvirtXML.escape(base ?? ""))</incremental>" : "")
-              <server transport='unix' socket='\(LibvirtXML.escape(socket))'/>
+              \(server)
               <disks>
-                <disk name='\(LibvirtXML.escape(target.disk.target))' backup='yes' type='file'>
-                  <scratch file='\(LibvirtXML.escape(scratch))'/>
+                <disk name='\(LibvirtXML.escape(target.disk.target))' backup='yes' type='file' exportname='\(LibvirtXML.escape(exportName))'>
+                  \(scratchXML)
                 </disk>
               </disks>
             </domainbackup>
@@ -238,7 +250,16 @@ public enum LibvirtBackup {
 
         engine.tracking = .checkpoint(checkpoint)
         engine.mode = incremental ? .incremental : .full
-        let export = "nbd+unix:///\(target.disk.target)?socket=\(socket)"
+        let export: String
+        if let host = domain.connection.host {
+            let serverXML = LibvirtXML.elements("server", in: domain.backupXML() ?? "").first?.attributes
+            guard let port = serverXML?["port"].flatMap({ UInt16($0) }) else {
+                throw LiveError(.io, "domain '\(domain.name)': libvirt did not say which port the backup's NBD server listens on")
+            }
+            export = "nbd://\(host.contains(":") ? "[\(host)]" : host):\(port)/\(exportName)"
+        } else {
+            export = "nbd+unix:///\(exportName)?socket=\(socket)"
+        }
         let source = try NBDSource(uri: export, name: target.label,
                                    tracking: incremental
                                        ? NBDSource.Tracking(name: target.trackingName, exported: "backup-\(target.disk.target)")
@@ -350,12 +371,12 @@ final class LiveJob {
     init(logger: Logger) { self.logger = logger }
 
     /// A backup job already on the domain: one a killed run of this repository left (its
-    /// export lives in this repository's folder, named after `marker`) is aborted; any other is
+    /// export and checkpoints are named after `marker`) is aborted; any other is
     /// refused at once (exit 75), rather than waiting out libvirt's 30 s state lock.
     func takeOver(marker: String) throws {
         guard let domain, try domain.currentJob() != nil else { return }
         let xml = domain.backupXML() ?? ""
-        guard xml.contains(".\(marker)") else {
+        guard xml.contains(marker) else {
             throw LiveError(.locked, "domain '\(domain.name)' is busy with another job (\(xml.isEmpty ? "not a backup" : "a backup qbackup did not start for this repository")); try again when it has finished")
         }
         try domain.abortJob()

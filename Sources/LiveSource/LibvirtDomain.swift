@@ -29,6 +29,19 @@ final class LibvirtConnection {
         return !authority.isEmpty || uri[..<schemeEnd.lowerBound].contains("+")
     }
 
+    /// The host of a remote URI (`qemu+ssh://root@host:22/system` → `host`), where its NBD
+    /// exports listen; nil for a local one.
+    var host: String? {
+        guard isRemote, let schemeEnd = uri.range(of: "://") else { return nil }
+        var authority = String(uri[schemeEnd.upperBound...].prefix { $0 != "/" && $0 != "?" })
+        if let at = authority.lastIndex(of: "@") { authority = String(authority[authority.index(after: at)...]) }
+        if authority.hasPrefix("["), let close = authority.firstIndex(of: "]") {
+            return String(authority[authority.index(after: authority.startIndex)..<close])
+        }
+        if let colon = authority.firstIndex(of: ":") { authority = String(authority[..<colon]) }
+        return authority.isEmpty ? nil : authority
+    }
+
     /// The domain named `name` (or with that UUID); when it is not found and the repository
     /// records a UUID, the domain with that UUID (a renamed domain is followed).
     func domain(_ name: String, recordedUUID: String?) throws -> LibvirtDomain {

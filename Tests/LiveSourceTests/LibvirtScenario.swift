@@ -18,6 +18,8 @@ final class LibvirtScenario {
     /// Each layer's point in time, per disk target, by layer index.
     var points: [String: [Int: [UInt8]]] = [:]
     var running = false
+    /// The URI qbackup connects with (default: the daemon's own).
+    var connect: String?
     private var defined = false
 
     init(_ libvirt: LibvirtDaemon, _ name: String, targets: [String] = ["vda"], size: Int = 8 << 20) throws {
@@ -71,7 +73,7 @@ final class LibvirtScenario {
     func backup(_ extra: [String] = [], expectStatus: Int32 = 0, during: (() throws -> Void)? = nil,
                 sourceLocation: SourceLocation = #_sourceLocation) throws -> [String: Any] {
         let before = model
-        let arguments = ["backup", "--libvirt", domain, "--connect", libvirt.uri, "--repo", repo, "--output", "json"] + extra
+        let arguments = ["backup", "--libvirt", domain, "--connect", connect ?? libvirt.uri, "--repo", repo, "--output", "json"] + extra
         let result: Tools.Result
         if let during {
             let run = try RunningQBackup(arguments, environment: ["QBACKUP_DEBUG_LIVE_PAUSE": "1"], directory: dir)

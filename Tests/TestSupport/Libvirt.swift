@@ -206,3 +206,4 @@ public final class LibvirtDaemon: @unchecked Sendable {
         _ = try? virsh(["undefine", domain, "--checkpoints-metadata"])
     }
 }
+
