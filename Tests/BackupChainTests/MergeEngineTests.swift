@@ -97,9 +97,11 @@ import Glibc
         if shared { try Tools.run("cp", ["-al", timed, timed + "-snap"]) }
         let started = Date()
         try template.qbackup(["merge", timed, "--keep", "1"])
-        let window = UInt64(max(Date().timeIntervalSince(started) * 0.9, 0.02) * 1_000_000)
+        // One timing is a guess on a busy machine: a merge that finished before its kill halves
+        // the window for the next rounds, and rounds go on (at most 10) until 3 were killed.
+        var window = UInt64(max(Date().timeIntervalSince(started) * 0.9, 0.02) * 1_000_000)
         var killed = 0
-        for round in 0..<6 {
+        for round in 0..<10 where round < 6 || killed < 3 {
             let repo = work.file("repo-\(round)")
             let snap = work.file("snap-\(round)")
             try Tools.run("cp", ["-a", "--sparse=always", template.repo, repo])
@@ -114,7 +116,7 @@ import Glibc
             usleep(UInt32(rng.next() % window))
             kill(process.processIdentifier, SIGKILL)
             process.waitUntilExit()
-            if process.terminationReason == .uncaughtSignal { killed += 1 }
+            if process.terminationReason == .uncaughtSignal { killed += 1 } else { window = max(window / 2, 20_000) }
             try template.qbackup(["merge", repo, "--keep", "1"])
             let out = work.file("restore-\(round).raw")
             try template.qbackup(["restore", repo, "--to", out, "--at", "2", "--format", "raw"])
@@ -127,8 +129,8 @@ import Glibc
             try FileManager.default.removeItem(atPath: out)
             try FileManager.default.removeItem(atPath: repo)
         }
-        print("merge kill test (shared: \(shared)): \(killed) of 6 merges killed before they finished")
-        #expect(killed >= 3, "only \(killed) of 6 merges were killed before they finished")
+        print("merge kill test (shared: \(shared)): \(killed) merges killed before they finished")
+        #expect(killed >= 3, "only \(killed) of at most 10 merges were killed before they finished")
     }
 
     /// Issue 11 item 13: a point mounted with `qemu-nbd -r` makes merge refuse, and the
