@@ -2,10 +2,13 @@
 import Glibc
 #endif
 import Dispatch
+import Synchronization
 
 /// Compresses the clusters of a chunk on every core: one thread per worker, each
 /// with its own compressor (its deflate stream or zstd context kept between
-/// clusters), each taking every `workers`-th cluster. The threads are the pool's own
+/// clusters). Worker w starts with cluster w, then each takes the next cluster nobody
+/// has taken yet, so a worker the scheduler holds back (a busy machine) delays the
+/// chunk by one cluster, not by its whole share. The threads are the pool's own
 /// for the whole copy, so "every core compressed" is a fact it can report
 /// (`threadsThatCompressed`), not a hope about a shared thread pool.
 final class CompressionPool: @unchecked Sendable {
@@ -39,6 +42,8 @@ final class CompressionPool: @unchecked Sendable {
     private var pool: [Worker] = []
     private let done = DispatchSemaphore(value: 0)
     private var job: Job?
+    /// The next cluster of the job (past each worker's first) that nobody has taken.
+    private let next = Atomic<Int>(0)
     private var stopping = false
     private var threads: [pthread_t] = []
 
@@ -80,6 +85,7 @@ final class CompressionPool: @unchecked Sendable {
     /// Runs `job` on every worker; returns when all are done.
     func run(_ job: Job) {
         self.job = job
+        next.store(workers, ordering: .sequentiallyConsistent)
         var waiting = 0
         for worker in pool {
             if worker.compressed < 0 { share(of: worker, job) } else {
@@ -102,7 +108,9 @@ final class CompressionPool: @unchecked Sendable {
     }
 
     private func share(of worker: Worker, _ job: Job) {
-        for t in stride(from: worker.index, to: job.todo.count, by: workers) {
+        var t = worker.index
+        while t < job.todo.count {
+            defer { t = next.wrappingAdd(1, ordering: .relaxed).oldValue }
             let i = job.todo[t]
             let piece = job.pieces[i]
             let src = UnsafeRawBufferPointer(rebasing: job.input[piece.start..<(piece.start + piece.length)])
