@@ -291,11 +291,13 @@ import Glibc
         try Tools.run("cp", ["-a", "--sparse=always", s.repo, timed])
         let started = Date()
         try s.qbackup(["repair", timed, "--yes", "--source", s.disk])
-        let window = UInt64(max(Date().timeIntervalSince(started) * 1.1, 0.02) * 1_000_000)
+        // One timing is a guess on a busy machine: a repair that finished before its kill halves
+        // the window for the next rounds, and rounds go on (at most 10) until 3 were killed.
+        var window = UInt64(max(Date().timeIntervalSince(started) * 1.1, 0.02) * 1_000_000)
         let expected = try Self.chain(s, timed)
         var rng = SeededRandom(seed: 1093)
         var killed = 0
-        for round in 0..<6 {
+        for round in 0..<10 where round < 6 || killed < 3 {
             let repo = s.dir.file("repo-\(round)")
             try Tools.run("cp", ["-a", "--sparse=always", s.repo, repo])
             let running = try RunningQBackup(["repair", repo, "--yes", "--source", s.disk], directory: s.dir)
@@ -303,13 +305,14 @@ import Glibc
             running.kill()
             let result = running.wait()
             if running.process.terminationReason == .uncaughtSignal { killed += 1 } else {
+                window = max(window / 2, 20_000)
                 #expect(result.status == 0, "round \(round): \(result.stderr)")
             }
             try Self.expectRepairedOrRepairable(s, repo, layerDigests: layerDigests, expected: expected,
                                                 step: "round \(round)")
             try FileManager.default.removeItem(atPath: repo)
         }
-        print("repair kill test: \(killed) of 6 repairs killed before they finished")
-        #expect(killed >= 3, "only \(killed) of 6 repairs were killed before they finished")
+        print("repair kill test: \(killed) repairs killed before they finished")
+        #expect(killed >= 3, "only \(killed) of at most 10 repairs were killed before they finished")
     }
 }
