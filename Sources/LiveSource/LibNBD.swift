@@ -50,17 +50,10 @@ struct LibNBD: @unchecked Sendable {
     }
 
     private static func load() throws -> LibNBD {
-        guard let lib = dlopen(soname, RTLD_NOW | RTLD_LOCAL) else {
-            let why = dlerror().map { String(cString: $0) } ?? "not found"
-            throw LiveError(.unsupported,
-                            "live backups need libnbd (\(why)); install it with: apt-get install -y libnbd0")
-        }
-        func sym<T>(_ name: String, _: T.Type) throws -> T {
-            guard let p = dlsym(lib, name) else {
-                throw LiveError(.unsupported, "\(soname) has no \(name); qbackup needs libnbd 1.14 or later")
-            }
-            return unsafeBitCast(p, to: T.self)
-        }
+        let lib = try SharedLibrary(soname, needed: { why in
+            "live backups need libnbd (\(why)); install it with: apt-get install -y libnbd0"
+        }, minimum: "libnbd 1.14")
+        func sym<T>(_ name: String, _ type: T.Type) throws -> T { try lib.symbol(name, type) }
         return LibNBD(
             create: try sym("nbd_create", (@convention(c) () -> Handle?).self),
             close: try sym("nbd_close", (@convention(c) (Handle?) -> Void).self),

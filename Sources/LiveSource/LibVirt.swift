@@ -57,17 +57,10 @@ struct LibVirt: @unchecked Sendable {
     }
 
     private static func load() throws -> LibVirt {
-        guard let lib = dlopen(soname, RTLD_NOW | RTLD_LOCAL) else {
-            let why = dlerror().map { String(cString: $0) } ?? "not found"
-            throw LiveError(.unsupported,
-                            "--libvirt needs libvirt (\(why)); install it with: apt-get install -y libvirt0")
-        }
-        func sym<T>(_ name: String, _: T.Type) throws -> T {
-            guard let p = dlsym(lib, name) else {
-                throw LiveError(.unsupported, "\(soname) has no \(name); qbackup needs libvirt 7.2 or later")
-            }
-            return unsafeBitCast(p, to: T.self)
-        }
+        let lib = try SharedLibrary(soname, needed: { why in
+            "--libvirt needs libvirt (\(why)); install it with: apt-get install -y libvirt0"
+        }, minimum: "libvirt 7.2")
+        func sym<T>(_ name: String, _ type: T.Type) throws -> T { try lib.symbol(name, type) }
         let table = LibVirt(
             connectOpen: try sym("virConnectOpen", (@convention(c) (UnsafePointer<CChar>?) -> Connection?).self),
             connectClose: try sym("virConnectClose", (@convention(c) (Connection?) -> Int32).self),
