@@ -152,6 +152,8 @@ public enum ChainVerifier {
         guard let file = image as? QCowFile else {
             throw ChainError(.invalidArgument, "\(path) is not a qcow2 image; it has no bitmaps")
         }
+        // A damaged image is still compared (DESIGN "Damaged images": read-only work goes on), with one warning.
+        if let line = BitmapCatalog.damageWarning(for: file) { report.warnings.append(line) }
         // A 0-byte disk holds no bitmap (QEMU cannot store one) and nothing a bitmap could miss.
         guard image.virtualSize > 0 else {
             report.imageChecked = true

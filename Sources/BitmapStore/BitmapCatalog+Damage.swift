@@ -37,6 +37,13 @@ extension BitmapCatalog {
                          region: finding.region)
     }
 
+    /// DESIGN "Damaged images": the one warning a read-only command prints when `file`'s
+    /// metadata is damaged (its first problem, as `check` finds it), or nil when it is not.
+    public static func damageWarning(for file: QCowFile) -> String? {
+        guard let damage = (try? firstDamage(in: file)) ?? nil else { return nil }
+        return "\(damage); run 'qbackup check'"
+    }
+
     /// Refuses, before anything is written, an image whose metadata is damaged
     /// anywhere: every command that writes an image calls this first, so bad
     /// input is never written (`check --repair` is the one writer of a damaged image).

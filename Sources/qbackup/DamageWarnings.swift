@@ -12,8 +12,7 @@ enum DamageWarnings {
         var out: [String] = []
         for image in images {
             for case let file as QCowFile in image.chain where seen.insert(file.filename).inserted {
-                guard let damage = (try? BitmapCatalog.firstDamage(in: file)) ?? nil else { continue }
-                out.append("\(damage); run 'qbackup check'")
+                if let line = BitmapCatalog.damageWarning(for: file) { out.append(line) }
             }
         }
         return out

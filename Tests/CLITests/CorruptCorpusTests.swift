@@ -133,6 +133,46 @@ import TestSupport
     /// damage (exit 1 or 2), each refuses with one error line and leaves the image and its
     /// backing file byte-identical (DESIGN "Damaged images"); where it finds none, a
     /// command may succeed, and one that fails still writes nothing.
+    /// `verify REPO --image IMAGE` is read-only on the image too: backed up while intact, then
+    /// damaged, the image is compared with the chain and the run ends with a status verify
+    /// allows — 0 with the one damage warning when check finds the metadata damaged, or 1 with
+    /// one error line or a listed problem — and neither the image nor the repository changes.
+    @Test(arguments: damages.filter { $0.base != .v2 })
+    func verifyImageWarnsOfDamage(_ damage: Damage) throws {
+        let bases = try Self.bases.get()
+        let dir = TempDir("qbackup-corrupt-verify")
+        let folder = bases.folder(damage.base)
+        for name in try FileManager.default.contentsOfDirectory(atPath: folder) {
+            try FileManager.default.copyItem(atPath: "\(folder)/\(name)", toPath: dir.file(name))
+        }
+        let image = dir.file("image.qcow2"), repo = dir.file("repo")
+        let binary = try QBackupBinary.path()
+        let backup = try Bounded.run([binary, "backup", image, "--repo", repo, "--quiet"], mebibytes: 1024, seconds: 20)
+        try #require(backup.status == 0, "\(damage.name): backup of the intact image: \(backup.stderr)")
+        try damage.apply(try CorruptImageLayout(image))
+        let damaged = try Data.contents(of: image)
+        let manifest = try Data.contents(of: "\(repo)/manifest.json")
+        let check = try Bounded.run([binary, "check", image], mebibytes: 1024, seconds: 10)
+        let damagedMetadata = check.status == 2 || (check.status == 1 && !check.stderr.contains("not a qcow2"))
+        let result = try Bounded.run([binary, "verify", repo, "--image", image], mebibytes: 1024, seconds: 10)
+        let lines = result.stderr.split(separator: "\n")
+        let errors = lines.filter { $0.hasPrefix("qbackup: error:") }
+        #expect([0, 1].contains(result.status), "\(damage.name): verify exit \(result.status): \(result.stderr)")
+        if result.status == 0, damagedMetadata {
+            let warnings = lines.filter { $0.hasPrefix("qbackup: warning: ") && $0.hasSuffix("; run 'qbackup check'") }
+            #expect(warnings.count == 1, "\(damage.name): check exits \(check.status), want one damage warning: \(result.stderr)")
+            #expect(warnings.allSatisfy { $0.contains(dir.path) }, "\(damage.name): the warning names no file: \(result.stderr)")
+        }
+        if result.status == 1 {
+            #expect(errors.count == 1 || (errors.isEmpty && !result.stdout.isEmpty), "\(damage.name): \(result.stdout)\(result.stderr)")
+        } else {
+            #expect(errors.isEmpty, "\(damage.name): exit 0 with an error line: \(result.stderr)")
+        }
+        #expect(try Data.contents(of: image) == damaged, "\(damage.name): verify changed the image")
+        #expect(try Data.contents(of: "\(repo)/manifest.json") == manifest, "\(damage.name): verify changed the manifest")
+        print("corrupt corpus verify: \(damage.name): check=\(check.status) verify=\(result.status)")
+    }
+
     @Test(arguments: damages)
     func writingCommandsRefuseDamage(_ damage: Damage) throws {
         let bases = try Self.bases.get()

@@ -477,9 +477,13 @@ import TestSupport
     /// Issue 12 item 7 (map's zero flag over host holes): the images iotest 061 makes with `qemu-img
     /// amend` (zero clusters expanded on a downgrade to compat 0.10, with a snapshot, over a backing
     /// file, on a fully preallocated image) and a data cluster whose host range is punched: `map
-    /// --output json` says what qemu-img map says. (Not reproducible on QEMU 7.2: a regression case.)
+    /// --output json` says what qemu-img map says. The amend downgrades do not reproduce the item's
+    /// zero flag on QEMU 7.2 (regression cases); 061's external-data-file images (a data file, and
+    /// `data_file_raw` set again and cleared by `qemu-img amend`) do: the code the issue was filed
+    /// against mapped them as unallocated, since map opened the image without its data file.
     @Test(arguments: ["zero expansion", "zero expansion with a snapshot", "zero expansion over a backing file",
-                      "zero expansion on a fully preallocated image", "punched host cluster"])
+                      "zero expansion on a fully preallocated image", "punched host cluster",
+                      "external data file", "raw data file set again by amend", "raw data file cleared by amend"])
     func mapAsQemuImgOnAmendImagesAsIotest061(_ name: String) throws {
         let dir = TempDir()
         let image = dir.file("t.qcow2")
@@ -508,6 +512,13 @@ import TestSupport
             let map = try JSONHelpers.parse(try Tools.qemuImg("map", "--output=json", image).stdout) as? [[String: Any]]
             let host = try #require(map?.first?["offset"] as? Int)
             try Tools.run("fallocate", ["-p", "-o", String(host + 65536), "-l", "65536", image])
+        case "external data file", "raw data file set again by amend", "raw data file cleared by amend":
+            let raw = name == "external data file" ? "" : ",data_file_raw=on"
+            try Tools.qemuImg("create", "-q", "-f", "qcow2", "-o", "compat=1.1,data_file=\(dir.file("t.data"))\(raw)", image, "8M")
+            try Tools.qemuIO(image, format: "qcow2", writes)
+            if name != "external data file" {
+                try Tools.qemuImg("amend", "-o", name.contains("cleared") ? "data_file_raw=off" : "data_file_raw=on", image)
+            }
         default:
             try Tools.qemuImg("create", "-q", "-f", "qcow2", "-o", "compat=1.1", image, "8M")
             try Tools.qemuIO(image, format: "qcow2", writes)
