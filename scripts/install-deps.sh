@@ -7,10 +7,13 @@
 # fixture starts libvirtd itself, no systemd needed), libvirt's headers (backup --libvirt
 # dlopens libvirt.so.0 from libvirt0, which libvirt-dev pulls in), systemd-analyze for the
 # units' check, certtool (gnutls-bin) for the certificates of the nbds:// (TLS) test, binutils
-# (objdump, strip) for scripts/package-deb.sh and man-db for the man page's test.
+# (objdump, strip) for scripts/package-deb.sh, man-db for the man page's test, and
+# openssh-server, openssh-client and rsync for replication over ssh (the tests start their
+# own sshd on 127.0.0.1, Tests/TestSupport/SSHServer.swift; the benchmark compares with rsync).
 set -euo pipefail
 packages=(pkg-config git zlib1g-dev libzstd-dev liblz4-dev qemu-utils libnbd-bin libnbd-dev qemu-system-x86
-          libvirt-daemon-system libvirt-clients libvirt-dev systemd gnutls-bin binutils man-db)
+          libvirt-daemon-system libvirt-clients libvirt-dev systemd gnutls-bin binutils man-db
+          openssh-server openssh-client rsync)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
