@@ -41,7 +41,7 @@ let package = Package(
         .target(
             name: "BackupChain",
             dependencies: [
-                "QCowImage", "BitmapStore",
+                "QCowImage", "BitmapStore", "CZlib", "CLZ4",
                 .product(name: "Crypto", package: "swift-crypto"),
             ]
         ),

@@ -116,6 +116,7 @@ public enum BackupEngine {
         let repo = try BackupRepository(path: request.repository, create: !request.dryRun, exclusive: !request.dryRun,
                                         allowMissing: request.dryRun)
         do {
+            try repo.refuseReplica("backup")
             if !request.dryRun {
                 try repo.requireIntact()
                 try MergeEngine.recover(repo, logger: logger)

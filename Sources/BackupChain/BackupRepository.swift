@@ -217,6 +217,14 @@ public final class BackupRepository {
         }
     }
 
+    /// A replica mirrors its source's points (DESIGN.md, Replication): `what` (backup, merge)
+    /// is refused on it — it is changed only by `receive`.
+    public func refuseReplica(_ what: String) throws {
+        guard let origin = manifest?.replicaOf else { return }
+        throw ChainError(.refused, "the repository is a replica of \(origin): \(what) is refused (run it on the source and replicate; a replica follows its source's retention)",
+                         path: path)
+    }
+
     /// Names in the folder that are not the repository's: neither a layer, a layer's sidecar, a
     /// journaled file nor the manifest, its temporary file or the lock. They are never touched.
     public func foreignFiles() -> [String] {

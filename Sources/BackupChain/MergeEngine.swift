@@ -65,6 +65,7 @@ public enum MergeEngine {
         }
         guard counts.allSatisfy({ $0 >= 1 }) else { throw ChainError(.invalidArgument, "every --keep count must be at least 1") }
         let repo = try BackupRepository(path: repository, exclusive: !dryRun)
+        try repo.refuseReplica("merge")
         try repo.requireIntact()
         if dryRun {
             if repo.manifest?.pendingMerge != nil {

@@ -30,6 +30,8 @@ struct QBackup: ParsableCommand {
             MergeCommand.self,
             RepairCommand.self,
             VerifyCommand.self,
+            SendCommand.self,
+            ReceiveCommand.self,
             BitmapCommand.self,
         ]
     )
