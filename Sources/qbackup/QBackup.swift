@@ -32,6 +32,7 @@ struct QBackup: ParsableCommand {
             VerifyCommand.self,
             SendCommand.self,
             ReceiveCommand.self,
+            ReplicateCommand.self,
             BitmapCommand.self,
         ]
     )

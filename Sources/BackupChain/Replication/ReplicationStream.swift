@@ -156,6 +156,8 @@ public protocol StreamOutput: AnyObject {
 
 /// A stream on a file descriptor (stdin, stdout, a pipe); not closed by this type.
 public final class DescriptorStream: StreamInput, StreamOutput {
+    /// How a failed write's message begins (the reader went away).
+    static let writeFailure = "cannot write the stream"
     public let fd: Int32
     let name: String
     public init(fd: Int32, name: String) {
@@ -179,7 +181,7 @@ public final class DescriptorStream: StreamInput, StreamOutput {
             if n < 0 && errno == EINTR { continue }
             guard n > 0 else {
                 let reason = errno == EPIPE ? "the reader went away (broken pipe)" : String(cString: strerror(errno))
-                throw ChainError(.io, "cannot write the stream to \(name): \(reason)")
+                throw ChainError(.io, "\(Self.writeFailure) to \(name): \(reason)")
             }
             done += n
         }
