@@ -19,6 +19,7 @@ let package = Package(
         .executableTarget(name: "FuzzManifest", dependencies: ["CFuzzerDriver", .product(name: "FuzzTargets", package: "qbackup")]),
         .executableTarget(name: "FuzzRepair", dependencies: ["CFuzzerDriver", .product(name: "FuzzTargets", package: "qbackup")]),
         .executableTarget(name: "FuzzRepository", dependencies: ["CFuzzerDriver", .product(name: "FuzzTargets", package: "qbackup")]),
+        .executableTarget(name: "FuzzStream", dependencies: ["CFuzzerDriver", .product(name: "FuzzTargets", package: "qbackup")]),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -6,12 +6,13 @@
 # refcount widths, lazy refcounts, an external data file reference),
 # OUTDIR/bitmaps/* (the images that carry bitmaps), OUTDIR/manifest/*.json and
 # OUTDIR/repository/* (small repositories made by qbackup itself, each packed as
-# one file: records of u16 name length, name, u32 length, bytes; big-endian).
+# one file: records of u16 name length, name, u32 length, bytes; big-endian) and
+# OUTDIR/stream/* (replication streams of those repositories, `qbackup send`).
 # The repositories need the qbackup binary: $QBACKUP, else a debug build.
 # Virtual sizes are small so every seed stays at most a few hundred KB.
 set -euo pipefail
 out="${1:?usage: fuzz-corpus.sh OUTDIR}"
-mkdir -p "$out/image" "$out/bitmaps" "$out/write" "$out/manifest" "$out/repository"
+mkdir -p "$out/image" "$out/bitmaps" "$out/write" "$out/manifest" "$out/repository" "$out/stream"
 work="$(mktemp -d /tmp/qbackup-seeds.XXXXXX)"
 trap 'rm -rf "$work"' EXIT
 
@@ -142,8 +143,15 @@ qemu-io -f qcow2 -c "write -P 0x41 8k 4k" "$work/two-segments-disk.qcow2" >/dev/
 pack "$work/two-segments-repo" "$out/repository/two-segments"
 # Version 2 manifests as qbackup writes them (the version 1 ones above are still read).
 for r in three-layers zstd merged two-segments; do cp "$work/$r-repo/manifest.json" "$out/manifest/v2-$r.json"; done
-for f in "$out/repository"/*; do
+# Replication streams of them: the whole repository, lz4 and plain, and one point after the first.
+for r in three-layers zstd merged two-segments; do
+    "$qbackup" send "$work/$r-repo" > "$out/stream/$r"
+    "$qbackup" send "$work/$r-repo" --compress none > "$out/stream/$r-plain"
+done
+first="$("$qbackup" list "$work/three-layers-repo" --output json | python3 -c 'import json,sys; print(json.load(sys.stdin)["layers"][0]["index"])')"
+"$qbackup" send "$work/three-layers-repo" --after "$first" > "$out/stream/three-layers-after-first"
+for f in "$out/repository"/* "$out/stream"/*; do
     size=$(stat -c %s "$f")
     if [ "$size" -gt $((512 * 1024)) ]; then echo "fuzz-corpus: $f is $size bytes, too big for a seed" >&2; exit 1; fi
 done
-echo "fuzz-corpus: $(ls "$out/image" | wc -l) images, $(ls "$out/bitmaps" | wc -l) with bitmaps, $(ls "$out/manifest" | wc -l) manifests, $(ls "$out/repository" | wc -l) repositories in $out"
+echo "fuzz-corpus: $(ls "$out/image" | wc -l) images, $(ls "$out/bitmaps" | wc -l) with bitmaps, $(ls "$out/manifest" | wc -l) manifests, $(ls "$out/repository" | wc -l) repositories, $(ls "$out/stream" | wc -l) streams in $out"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds and runs one libFuzzer target for SECONDS:
 #   scripts/fuzz.sh TARGET SECONDS [extra libFuzzer flags...]
-# TARGET is one of: image, bitmaps, write, manifest, repository, repair (see Tests/FuzzTargets). Builds Fuzz/ with
+# TARGET is one of: image, bitmaps, write, manifest, repository, repair, stream (see Tests/FuzzTargets). Builds Fuzz/ with
 # -sanitize=fuzzer,address into .build-fuzz, generates the seed corpus
 # (scripts/fuzz-corpus.sh) if missing, and fuzzes with nice -n 19. Exits
 # non-zero on any crash, sanitizer report, leak, timeout (10 s per input) or
@@ -20,7 +20,8 @@ case "$target" in
     manifest) product=FuzzManifest ;;
     repository) product=FuzzRepository ;;
     repair) product=FuzzRepair ;;
-    *) echo "fuzz.sh: unknown target '$target' (image, bitmaps, write, manifest, repository, repair)" >&2; exit 2 ;;
+    stream) product=FuzzStream ;;
+    *) echo "fuzz.sh: unknown target '$target' (image, bitmaps, write, manifest, repository, repair, stream)" >&2; exit 2 ;;
 esac
 scratch="$PWD/.build-fuzz"
 # SwiftPM does not notice files added to a path dependency (the main package) once

@@ -16,6 +16,7 @@ public enum FuzzTargets {
         "manifest": manifest,
         "repository": repository,
         "repair": repair,
+        "stream": stream,
     ]
 
     /// Guest bytes read per input, at most: fuzzed virtual sizes reach 2^61.
