@@ -50,29 +50,9 @@ public final class LibvirtDaemon: @unchecked Sendable {
         (try? Tools.run("virsh", ["-c", uri, "version"]).status) == 0
     }
 
-    /// Starts `path` in the foreground as a child with an empty signal mask (the test runner's
-    /// threads block SIGTERM, which a child would inherit and then never stop on).
+    /// Starts `path` in the foreground as a child (ChildProcess: an empty signal mask, output to /dev/null).
     private func spawn(_ path: String) throws {
-        var attributes = posix_spawnattr_t()
-        posix_spawnattr_init(&attributes)
-        defer { posix_spawnattr_destroy(&attributes) }
-        var none = sigset_t()
-        sigemptyset(&none)
-        var all = sigset_t()
-        sigfillset(&all)
-        posix_spawnattr_setsigmask(&attributes, &none)
-        posix_spawnattr_setsigdefault(&attributes, &all)
-        posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        for fd in [Int32(0), 1, 2] { posix_spawn_file_actions_addopen(&actions, fd, "/dev/null", fd == 0 ? O_RDONLY : O_WRONLY, 0) }
-        var pid = pid_t()
-        let argv: [UnsafeMutablePointer<CChar>?] = [strdup(path), nil]
-        defer { for arg in argv { free(arg) } }
-        let rc = posix_spawn(&pid, path, &actions, &attributes, argv, environ)
-        guard rc == 0 else { throw Tools.MissingTool(name: "\(path) (posix_spawn: \(rc))", package: "libvirt-daemon-system") }
-        children.append(pid)
+        children.append(try ChildProcess.spawn(path, [], output: "/dev/null"))
     }
 
     private func isRunning(_ pid: pid_t) -> Bool {
