@@ -56,7 +56,9 @@ def build_runner(work):
     swift = shutil.which("swift")
     candidates = ["cc", "gcc", "clang"] + ([os.path.join(os.path.dirname(os.path.realpath(swift)), "clang")] if swift else [])
     for c in candidates:
-        if shutil.which(c) and subprocess.run([c, "-O2", "-o", out, src], capture_output=True).returncode == 0:
+        # Built under a name of its own and renamed: another bench run may be executing the old one.
+        if shutil.which(c) and subprocess.run([c, "-O2", "-o", f"{out}.{os.getpid()}", src], capture_output=True).returncode == 0:
+            os.replace(f"{out}.{os.getpid()}", out)
             RUNNER = out
             return
     raise SystemExit("bench: no C compiler (cc, gcc or the Swift toolchain's clang) to build bench/runner.c")
@@ -129,7 +131,7 @@ def first_line(path, limit=200):
 def disk_speed(directory, size):
     """Raw sequential write (page cache, then fdatasync) and read (O_DIRECT, cold)
     speed of the file system holding the workloads, in MiB/s."""
-    path = os.path.join(directory, "disk-speed.tmp")
+    path = os.path.join(directory, f"disk-speed.{os.getpid()}.tmp")
     rng = random.Random(1)
     chunk = 4 * MiB
     bufs = [rng.randbytes(chunk) for _ in range(8)]
@@ -206,8 +208,9 @@ class Ctx:
         self.info = info
         self.W = os.path.join(work, "workloads", f"{'quick' if args.quick else 'full'}-seed{args.seed}")
         self.work = work
-        self.scratch = os.path.join(work, "scratch")
-        self.setup_dir = os.path.join(work, "setup")
+        # Per run, so that two runs sharing the workloads (--only of different pairs) do not wipe each other's files.
+        self.scratch = os.path.join(work, f"scratch.{os.getpid()}")
+        self.setup_dir = os.path.join(work, f"setup.{os.getpid()}")
         self._help = {}
         self._cache = {}
 
@@ -1182,6 +1185,7 @@ def main():
         shutil.copyfile(md_path, args.markdown)
     print(f"\nMarkdown: {md_path}  (took {time.time() - t_start:.0f} s)")
     shutil.rmtree(ctx.scratch, ignore_errors=True)
+    shutil.rmtree(ctx.setup_dir, ignore_errors=True)
     return 0
 
 
