@@ -846,6 +846,181 @@ def live_pair():
              "qbackup's (overlay, job, export, clean-up) timed")
 
 
+# ---------------------------------------------------------------- replication pairs (over ssh)
+
+class BenchSSHD:
+    """An OpenSSH server on a free port of 127.0.0.1 for the replication pairs, as the
+    tests' SSHServer fixture starts it: host and client keys made by ssh-keygen in its own
+    folder, a private config, `sshd -D -e -f CONFIG` by its absolute path, ready once a real
+    `ssh … true` logs in, stopped by its PID."""
+
+    def __init__(self, directory):
+        import getpass
+        import socket
+        sshd = shutil.which("sshd") or "/usr/sbin/sshd"
+        if not os.path.exists(sshd) or not shutil.which("ssh") or not shutil.which("rsync"):
+            raise NotAvailable("n/a: sshd, ssh or rsync missing (run: bash scripts/install-deps.sh)")
+        self.dir = fresh_dir(directory)
+        self.user = getpass.getuser()
+        host_key, self.key = os.path.join(self.dir, "host_key"), os.path.join(self.dir, "client_key")
+        for k in (host_key, self.key):
+            sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", k], stdout=subprocess.DEVNULL)
+        shutil.copyfile(self.key + ".pub", os.path.join(self.dir, "authorized_keys"))
+        os.makedirs("/run/sshd", exist_ok=True)
+        self.proc, last = None, ""
+        for _ in range(5):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                self.port = s.getsockname()[1]
+            config = os.path.join(self.dir, "sshd_config")
+            with open(config, "w") as f:
+                f.write("\n".join([
+                    f"Port {self.port}", "ListenAddress 127.0.0.1", f"HostKey {host_key}",
+                    f"AuthorizedKeysFile {self.dir}/authorized_keys", "StrictModes no",
+                    f"PidFile {self.dir}/sshd.pid", "UsePAM no", "UseDNS no", "PermitRootLogin prohibit-password",
+                    "PubkeyAuthentication yes", "PasswordAuthentication no", "KbdInteractiveAuthentication no",
+                    "MaxStartups 100:30:200"]) + "\n")
+            log_path = os.path.join(self.dir, "sshd.log")
+            with open(log_path, "w") as logf:
+                self.proc = subprocess.Popen([sshd, "-D", "-e", "-f", config], stdin=subprocess.DEVNULL,
+                                             stdout=logf, stderr=subprocess.STDOUT)
+            for _ in range(50):
+                if self.proc.poll() is not None:
+                    break
+                r = subprocess.run(self.command().split() + [f"{self.user}@127.0.0.1", "true"],
+                                   capture_output=True, timeout=10)
+                if r.returncode == 0:
+                    return
+                time.sleep(0.1)
+            last = first_line(log_path, 300)
+            self.stop()
+            if "Address already in use" not in open(log_path).read():
+                break
+        raise NotAvailable(f"setup: sshd did not start: {last}")
+
+    def command(self, port=True, log_file=None):
+        """The ssh client command line (rsync's -e, qbackup's --ssh-command); with log_file,
+        ssh logs its "Transferred: sent N, received M bytes" line there."""
+        words = ["ssh"] + (["-p", str(self.port)] if port else []) + [
+            "-i", self.key, "-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=no",
+            "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o", "ConnectTimeout=5"]
+        words += ["-o", "LogLevel=VERBOSE", "-E", log_file] if log_file else ["-o", "LogLevel=ERROR"]
+        return " ".join(words)
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()  # by PID
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def wire_bytes(log_file):
+    """Bytes that crossed the network (both directions, encrypted, all of a side's ssh
+    sessions): the sum of ssh's "Transferred: sent N, received M bytes" lines."""
+    import re
+    total = 0
+    with open(log_file) as f:
+        for m in re.finditer(r"Transferred: sent (\d+), received (\d+) bytes", f.read()):
+            total += int(m.group(1)) + int(m.group(2))
+    return total
+
+
+def layers_equal(src, dst):
+    """None when every layer file of repository src is in dst with the same bytes."""
+    import filecmp
+    for path in manifest_layers(src):
+        other = os.path.join(dst, os.path.basename(path))
+        if not os.path.exists(other) or not filecmp.cmp(path, other, shallow=False):
+            return f"{os.path.basename(path)} differs at the other end"
+    return None
+
+
+def drop_last_point(repo):
+    """Yesterday's state of a repository copy: its last layer (file, sidecar, manifest entry) removed."""
+    path = os.path.join(repo, "manifest.json")
+    with open(path) as f:
+        m = json.load(f)
+    last = m["layers"].pop()
+    for name in (last["file"], last["file"] + ".json"):
+        if os.path.exists(os.path.join(repo, name)):
+            os.unlink(os.path.join(repo, name))
+    with open(path, "w") as f:
+        json.dump(m, f, indent=1)
+
+
+def replicate_pair(night):
+    """qbackup replicate of the 6-layer repository to ssh://127.0.0.1 (a private sshd) against
+    `rsync -a --sparse` of the folder over the same ssh followed by `sync -f` at the other end.
+    first: into a folder that does not exist yet; night: the other end holds the first 5 points
+    (qbackup: a replica of them; rsync: a copy of that folder) and gets the 6th. Bytes on the
+    wire: ssh's own count of each side's sessions (qbackup's includes its `list`)."""
+    name = "replicate-night" if night else "replicate-first"
+
+    def setup(ctx):
+        ctx.need("replicate")
+        source = chain_repo(ctx)[0]
+        env = dict(source=source, wire={})
+        env["sshd"] = BenchSSHD(os.path.join(ctx.setup_dir, f"{name}-sshd"))
+        try:
+            if night:
+                d = fresh_dir(os.path.join(ctx.setup_dir, name))
+                env["yesterday"] = os.path.join(d, "yesterday")
+                clone_tree(source, env["yesterday"])
+                drop_last_point(env["yesterday"])
+                env["base_qb"] = os.path.join(d, "replica")
+                qb_run(ctx, "replicate", env["yesterday"], env["base_qb"], "--quiet", "--no-progress")
+                env["base_peer"] = env["yesterday"]
+                env["data"] = os.path.getsize(manifest_layers(source)[-1])
+            else:
+                env["data"] = sum(os.path.getsize(p) for p in manifest_layers(source))
+        except BaseException:
+            env["sshd"].stop()
+            raise
+        return env
+
+    def reset(ctx, env, side, rundir):
+        if night:
+            src, dst = env["base_qb" if side == "qb" else "base_peer"], os.makedirs(os.path.join(rundir, "dest")) \
+                or os.path.join(rundir, "dest")
+            for f in os.listdir(src):  # layer files hard-linked (both sides only add files), the rest copied
+                (os.link if f.endswith(".qcow2") else shutil.copy2)(os.path.join(src, f), os.path.join(dst, f))
+
+    def qb(ctx, env, rd):
+        s = env["sshd"]
+        return [ctx.qb, "replicate", env["source"], f"ssh://{s.user}@127.0.0.1:{s.port}{rd}/dest",
+                "--ssh-command", s.command(port=False, log_file=os.path.join(rd, "ssh.log")),
+                "--remote-qbackup", ctx.qb, "--quiet", "--no-progress"]
+
+    def peer(ctx, env, rd):
+        s = env["sshd"]
+        ssh = s.command(log_file=os.path.join(rd, "ssh.log"))
+        return ["sh", "-c", 'rsync -a --sparse -e "$0" "$1/" "$2:$3/" && $0 "$2" sync -f "$3/manifest.json"',
+                ssh, env["source"], f"{s.user}@127.0.0.1", os.path.join(rd, "dest")]
+
+    def verify(ctx, env, side, rundir):
+        dest = os.path.join(rundir, "dest")
+        env["wire"][side] = wire_bytes(os.path.join(rundir, "ssh.log"))
+        if len(env["wire"]) == 2:
+            env["note"] = (f"bytes on the wire (ssh's count, both ways): qbackup {env['wire']['qb']:,}, "
+                           f"rsync {env['wire']['peer']:,}; qbackup's stream is lz4, rsync runs without -z")
+        bad = layers_equal(env["source"], dest)
+        if bad or side == "peer":
+            return bad
+        r = subprocess.run([ctx.qb, "verify", dest], capture_output=True, text=True)
+        return None if r.returncode == 0 else f"qbackup verify: {(r.stderr or r.stdout).strip()[:150]}"
+
+    def teardown(ctx, env):
+        env["sshd"].stop()
+
+    title = ("one more night (6th point) to a replica of 5" if night else "first copy of the 6-layer repository") \
+        + " over ssh vs rsync -a --sparse + sync -f"
+    return Pair(name, title, qb=qb, peer=peer, target=1.0, limit="write", needs=(("replicate",),),
+                setup=setup, reset=reset, verify=verify, teardown=teardown)
+
+
 def all_pairs():
     return [
         # targets: issue 13's table
@@ -861,6 +1036,7 @@ def all_pairs():
         map_pair("chain", ("chain", "top.qcow2"), 1.0), map_pair("1t", ("big.qcow2",), 0.5),
         bitmap_add_pair(), bitmap_merge_pair(), bitmap_dump_pair(),
         live_pair(),
+        replicate_pair(night=False), replicate_pair(night=True),
     ]
 
 
@@ -919,8 +1095,6 @@ def run_pair(ctx, pair):
 def timed_pair(ctx, pair, env, res, qb_missing):
     data = pair.data(ctx) if pair.data else (env.get("data") if isinstance(env, dict) else None)
     res["data_bytes"] = data
-    if isinstance(env, dict) and env.get("note"):
-        res["note"] = "; ".join(x for x in (res["note"], env["note"]) if x)
     sides = {"qb": Side(), "peer": Side()}
     if qb_missing:
         sides["qb"].failed = qb_missing
@@ -944,6 +1118,8 @@ def timed_pair(ctx, pair, env, res, qb_missing):
                 sides[s].wrong = f"verify failed: {e}"
             if sides[s].wrong:
                 log(f"{pair.name}: {s} output WRONG: {sides[s].wrong}")
+    if isinstance(env, dict) and env.get("note"):  # after the warm-up: its verify may add what it measured
+        res["note"] = "; ".join(x for x in (res["note"], env["note"]) if x)
     for cache in ctx.args.cache:
         row = dict(cache=cache, qb=Side(), peer=Side())
         for s in ("qb", "peer"):
