@@ -846,6 +846,173 @@ def live_pair():
              "qbackup's (overlay, job, export, clean-up) timed")
 
 
+# ---------------------------------------------------------------- libvirt pair
+
+class BenchLibvirt:
+    """libvirt for the libvirt pair (live-backup.md part 2): qemu:///system when a libvirtd
+    answers already, else virtlogd and libvirtd started here in the foreground and stopped by
+    their PIDs (as the tests' LibvirtDaemon does); one paused TCG domain with no guest OS."""
+    URI = "qemu:///system"
+
+    def __init__(self):
+        self.children = []
+        if self.answers():
+            return
+        for daemon in ("virtlogd", "libvirtd"):
+            if daemon == "virtlogd" and subprocess.run(["pgrep", "-x", "virtlogd"], capture_output=True).returncode == 0:
+                continue
+            self.children.append(subprocess.Popen([shutil.which(daemon) or f"/usr/sbin/{daemon}"],
+                                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                                  stderr=subprocess.DEVNULL))
+        deadline = time.time() + 60  # the first start probes QEMU's capabilities
+        while not self.answers():
+            if time.time() > deadline or any(c.poll() is not None for c in self.children):
+                self.stop()
+                raise NotAvailable("setup: libvirtd did not start")
+            time.sleep(0.2)
+
+    def answers(self):
+        return subprocess.run(["virsh", "-c", self.URI, "version"], capture_output=True).returncode == 0
+
+    def virsh(self, *args, check=True):
+        r = subprocess.run(["virsh", "-q", "-c", self.URI, *args], capture_output=True, text=True)
+        if check and r.returncode != 0:
+            raise RuntimeError(f"virsh {' '.join(args)}: {r.stderr.strip()[:200]}")
+        return r
+
+    def stop(self):
+        for c in reversed(self.children):  # by PID, newest first
+            if c.poll() is None:
+                c.terminate()
+                try:
+                    c.wait(15)
+                except subprocess.TimeoutExpired:
+                    c.kill()
+                    c.wait()
+        self.children = []
+
+
+def libvirt_pair():
+    """qbackup backup --libvirt of a running (paused, TCG, no guest OS) libvirt domain, full,
+    against nbdcopy of the same kind of pull-mode export: `virsh backup-begin` (mode pull, unix
+    socket, scratch file, no checkpoint) set up untimed by the bench. qbackup's run includes
+    its whole libvirt work (checkpoint with the job, export, abort, checkpoint clean-up) and the
+    fsync of its layer; the peer runs `nbdcopy URI FILE && sync -f FILE`."""
+    def setup(ctx):
+        ctx.need("backup")
+        for tool in ("virsh", "libvirtd", "virtlogd", "qemu-system-x86_64", "nbdcopy"):
+            if not shutil.which(tool) and not os.path.exists(f"/usr/sbin/{tool}"):
+                raise NotAvailable(f"n/a: {tool} missing (run: bash scripts/install-deps.sh)")
+        r = subprocess.run([ctx.qb, "backup", "--help"], capture_output=True, text=True)
+        if "--libvirt" not in r.stdout:
+            raise NotAvailable("n/a: qbackup backup has no --libvirt yet")
+        d = fresh_dir(os.path.join(ctx.setup_dir, "libvirt"))
+        env = dict(dir=d, disk=os.path.join(d, "disk.qcow2"), base=ctx.p("chain", "base.qcow2"),
+                   sock_dir=os.path.join(d, "sock"), domain=f"qbackup-bench-{os.getpid()}", exported=False)
+        env["sock"] = os.path.join(env["sock_dir"], "nbd.sock")
+        # the guest's disk: an empty overlay on base (4 GiB, ~2 GiB of data), as the live pair's
+        sh(["qemu-img", "create", "-q", "-f", "qcow2", "-b", env["base"], "-F", "qcow2", env["disk"]])
+        env["lv"] = lv = BenchLibvirt()
+        xml = os.path.join(d, "domain.xml")
+        with open(xml, "w") as f:
+            f.write(f"""<domain type='qemu'>
+  <name>{env['domain']}</name>
+  <memory unit='MiB'>64</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='q35'>hvm</type><boot dev='hd'/></os>
+  <features><acpi/></features>
+  <on_poweroff>destroy</on_poweroff><on_reboot>destroy</on_reboot><on_crash>destroy</on_crash>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source file='{env['disk']}'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <controller type='usb' model='none'/>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+""")
+        try:
+            lv.virsh("define", xml)
+            lv.virsh("start", env["domain"], "--paused")
+            # the pull export's socket: in a folder the QEMU user (libvirt's DAC label) can write
+            os.makedirs(env["sock_dir"], mode=0o750)
+            label = lv.virsh("dumpxml", env["domain"]).stdout
+            import re
+            m = re.search(r"<seclabel type='dynamic' model='dac'[^>]*>\s*<label>\+?(\d+):\+?(\d+)</label>", label)
+            if m:
+                os.chown(env["sock_dir"], int(m.group(1)), int(m.group(2)))
+            backup_xml = os.path.join(d, "backup.xml")
+            with open(backup_xml, "w") as f:
+                f.write(f"""<domainbackup mode='pull'>
+  <server transport='unix' socket='{env['sock']}'/>
+  <disks><disk name='vda' backup='yes' type='file' exportname='bench'>
+    <scratch file='{os.path.join(d, "scratch-vda.qcow2")}'/>
+  </disk></disks>
+</domainbackup>
+""")
+            env["backup_xml"] = backup_xml
+        except BaseException:
+            teardown(ctx, env)
+            raise
+        return env
+
+    def end_job(env):
+        lv = env["lv"]
+        if env["exported"]:
+            lv.virsh("domjobabort", env["domain"], check=False)
+            for _ in range(200):  # the job ends asynchronously
+                if "Backup" not in lv.virsh("domjobinfo", env["domain"], check=False).stdout:
+                    break
+                time.sleep(0.05)
+            env["exported"] = False
+        # every run starts from a disk with no checkpoint (qbackup's full backup makes one)
+        names = lv.virsh("checkpoint-list", env["domain"], "--name", "--topological", check=False).stdout.split()
+        for name in reversed(names):
+            lv.virsh("checkpoint-delete", env["domain"], name)
+
+    def reset(ctx, env, side, rundir):
+        fresh_dir(rundir)
+        end_job(env)
+        if side == "peer":
+            env["lv"].virsh("backup-begin", env["domain"], env["backup_xml"])
+            env["exported"] = True
+
+    def verify(ctx, env, side, rundir):
+        if side == "qb":
+            out, fmt = manifest_layers(os.path.join(rundir, "repo"))[-1], "qcow2"
+        else:
+            out, fmt = os.path.join(rundir, "out.raw"), "raw"
+        r = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", fmt, env["base"], out],
+                           capture_output=True, text=True)
+        return None if r.returncode == 0 else f"qemu-img compare: {(r.stdout + r.stderr).strip()[:150]}"
+
+    def teardown(ctx, env):
+        lv = env.get("lv")
+        if not lv:
+            return
+        try:
+            end_job(env)
+        except RuntimeError as e:
+            log(f"libvirt: clean-up: {e}")
+        lv.virsh("destroy", env["domain"], check=False)
+        lv.virsh("undefine", env["domain"], "--checkpoints-metadata", check=False)
+        lv.stop()
+
+    return Pair(
+        "backup-libvirt-full", "libvirt live full backup of a running domain (pull mode) vs nbdcopy",
+        qb=lambda ctx, env, rd: [ctx.qb, "backup", "--libvirt", env["domain"], "--connect", BenchLibvirt.URI,
+                                 "--repo", os.path.join(rd, "repo"), "--full", "--compress", "none"],
+        peer=lambda ctx, env, rd: ["sh", "-c", 'nbdcopy "$0" "$1" && sync -f "$1"',
+                                   f"nbd+unix:///bench?socket={env['sock']}", os.path.join(rd, "out.raw")],
+        target=1.25, data=lambda ctx: ctx.info["data_bytes_base"], limit="write",
+        needs=(("backup",),), setup=setup, reset=reset, verify=verify, teardown=teardown,
+        note="target 1.25 = qbackup at least 0.8x nbdcopy's throughput; peer's pull export set up untimed "
+             "(virsh backup-begin), qbackup's (checkpoint, job, export, abort, checkpoint clean-up) timed")
+
+
 # ---------------------------------------------------------------- replication pairs (over ssh)
 
 class BenchSSHD:
@@ -1035,7 +1202,7 @@ def all_pairs():
         compare_pair(),
         map_pair("chain", ("chain", "top.qcow2"), 1.0), map_pair("1t", ("big.qcow2",), 0.5),
         bitmap_add_pair(), bitmap_merge_pair(), bitmap_dump_pair(),
-        live_pair(),
+        live_pair(), libvirt_pair(),
         replicate_pair(night=False), replicate_pair(night=True),
     ]
 

@@ -5,7 +5,7 @@
 # (--quick, --only PATTERN, --runs N, --cache warm,cold, --dir DIR, ...).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-for t in qemu-img qemu-io qemu-nbd nbdinfo nbdcopy qemu-system-x86_64 pkg-config; do
+for t in qemu-img qemu-io qemu-nbd nbdinfo nbdcopy qemu-system-x86_64 virsh libvirtd pkg-config; do
     if ! command -v "$t" >/dev/null 2>&1; then
         bash scripts/install-deps.sh
         break
