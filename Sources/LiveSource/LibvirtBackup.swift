@@ -52,7 +52,12 @@ public enum LibvirtBackup {
         public var reason: String?
         /// The checkpoint the layer records (nil: none).
         public var checkpoint: String?
+        /// Routine things done besides the layer (informational: a shut-off domain read from its
+        /// file, a checkpoint the repository did not need deleted).
         public var notes: [String]
+        /// What the user should know of (a job or checkpoints an interrupted run or a crash left,
+        /// a cleanup that failed, the next live backup being full).
+        public var warnings: [String]
     }
 
     public static func backup(_ request: Request, logger: Logger = Logger(label: "qbackup.libvirt"),
@@ -82,7 +87,8 @@ public enum LibvirtBackup {
             throw error
         }
         job.finish(committed: true)
-        return Outcome(result: result, reason: plan?.reason, checkpoint: plan?.checkpoint, notes: (plan?.notes ?? []) + job.notes)
+        return Outcome(result: result, reason: plan?.reason, checkpoint: plan?.checkpoint,
+                       notes: (plan?.notes ?? []) + job.notes, warnings: (plan?.warnings ?? []) + job.warnings)
     }
 
     // MARK: - The domain and disk
@@ -145,6 +151,7 @@ public enum LibvirtBackup {
         let reason: String?
         let checkpoint: String?
         var notes: [String] = []
+        var warnings: [String] = []
         init(source: BackupSource, incremental: Bool, reason: String?, checkpoint: String?) {
             self.source = source
             self.incremental = incremental
@@ -190,24 +197,34 @@ public enum LibvirtBackup {
         let checkpoint = target.checkpointPrefix + String(target.manifest?.nextIndex ?? 0)
 
         // Locally a unix socket (and the scratch file) in a private folder beside the disk; for
-        // another host, TCP on that host (libvirt picks the port; the scratch file is its default,
-        // beside the disk there).
+        // another host, TCP on that host and the scratch file beside the disk there (qbackup
+        // cannot make a folder on that host; libvirt creates the file and removes it with the
+        // job). libvirt 9.0 needs the TCP port named: the first free one from 10809 (NBD's).
         let exportName = "\(target.checkpointPrefix)\(target.disk.target)"
-        let server: String
-        var scratchXML = ""
+        let host = domain.connection.host
+        var port = Self.firstNBDPort
+        var scratch: String
         var socket = ""
-        if let host = domain.connection.host {
-            server = "<server transport='tcp' name='\(LibvirtXML.escape(host))'/>"
+        if host != nil {
+            guard let file = target.disk.file else {
+                throw LiveError(.unsupported, "disk \(target.disk.target) is not a file; qbackup needs its folder for the backup's scratch file")
+            }
+            scratch = URL(fileURLWithPath: file).deletingLastPathComponent().path
+                + "/.\(target.checkpointPrefix)scratch-\(target.disk.target).qcow2"
         } else {
             let dir = try job.privateFolder(near: target.disk, id: target.id)
             socket = dir + "/nbd.sock"
-            server = "<server transport='unix' socket='\(LibvirtXML.escape(socket))'/>"
-            scratchXML = "<scratch file='\(LibvirtXML.escape(dir + "/scratch-\(target.disk.target).qcow2"))'/>"
+            scratch = dir + "/scratch-\(target.disk.target).qcow2"
         }
+        func server() -> String {
+            host.map { "<server transport='tcp' name='\(LibvirtXML.escape($0))' port='\(port)'/>" }
+                ?? "<server transport='unix' socket='\(LibvirtXML.escape(socket))'/>"
+        }
+        let scratchXML = "<scratch file='\(LibvirtXML.escape(scratch))'/>"
         func backupXML(incremental: Bool) -> String { """
             <domainbackup mode='pull'>
               \(incremental ? "<incremental>\(LibvirtXML.escape(base ?? ""))</incremental>" : "")
-              \(server)
+              \(server())
               <disks>
                 <disk name='\(LibvirtXML.escape(target.disk.target))' backup='yes' type='file' exportname='\(LibvirtXML.escape(exportName))'>
                   \(scratchXML)
@@ -223,8 +240,19 @@ public enum LibvirtBackup {
               <disks><disk name='\(LibvirtXML.escape(target.disk.target))' checkpoint='bitmap'/></disks>
             </domaincheckpoint>
             """
+        /// Begins the job; over TCP, a port another server holds moves on to the next one.
+        func begin(incremental: Bool) throws {
+            while true {
+                do {
+                    return try domain.beginBackup(backupXML(incremental: incremental), checkpointXML: checkpointXML)
+                } catch let error as LiveError where host != nil && error.message.contains("Address already in use")
+                    && port < Self.firstNBDPort + Self.nbdPorts - 1 {
+                    port += 1
+                }
+            }
+        }
         do {
-            try domain.beginBackup(backupXML(incremental: incremental), checkpointXML: checkpointXML)
+            try begin(incremental: incremental)
         } catch let error as LiveError where error.message.contains("inconsistent") || error.message.contains("broken bitmap") {
             // QEMU did not close the disk cleanly (it crashed): the checkpoints' bitmaps cannot be
             // trusted. libvirt's records go (leaf first, metadata only: deleting a damaged tree's
@@ -236,8 +264,8 @@ public enum LibvirtBackup {
             }
             incremental = false
             why = "the checkpoints were inconsistent (QEMU did not close the disk cleanly): \(error.message)"
-            job.notes.append("deleted the inconsistent checkpoint(s) \(stale.joined(separator: ", ")) (libvirt metadata only); their bitmaps stay in the running disk (qbackup sends no QMP behind libvirt's back) until a backup of the shut-off domain removes them")
-            try domain.beginBackup(backupXML(incremental: false), checkpointXML: checkpointXML)
+            job.warnings.append("deleted the inconsistent checkpoint(s) \(stale.joined(separator: ", ")) (libvirt metadata only); their bitmaps stay in the running disk (qbackup sends no QMP behind libvirt's back) until a backup of the shut-off domain removes them")
+            try begin(incremental: false)
         }
         job.started = true
         job.created = checkpoint
@@ -251,11 +279,7 @@ public enum LibvirtBackup {
         engine.tracking = .checkpoint(checkpoint)
         engine.mode = incremental ? .incremental : .full
         let export: String
-        if let host = domain.connection.host {
-            let serverXML = LibvirtXML.elements("server", in: domain.backupXML() ?? "").first?.attributes
-            guard let port = serverXML?["port"].flatMap({ UInt16($0) }) else {
-                throw LiveError(.io, "domain '\(domain.name)': libvirt did not say which port the backup's NBD server listens on")
-            }
+        if let host {
             export = "nbd://\(host.contains(":") ? "[\(host)]" : host):\(port)/\(exportName)"
         } else {
             export = "nbd+unix:///\(exportName)?socket=\(socket)"
@@ -268,6 +292,10 @@ public enum LibvirtBackup {
         source.disk = target.record
         return Plan(source: source, incremental: incremental, reason: why, checkpoint: checkpoint)
     }
+
+    /// The TCP ports a remote job's NBD server may take: 10809 (NBD's) and the next ones.
+    static let firstNBDPort = 10809
+    static let nbdPorts = 64
 
     // MARK: - Shut-off domain
 
@@ -305,7 +333,7 @@ public enum LibvirtBackup {
             source.close()
             throw LiveError(.refused, "cannot take an incremental backup: \(why); only --full is allowed")
         }
-        var notes: [String] = []
+        var warnings: [String] = []
         if why != nil {
             // The chain starts again: checkpoints of this repository that cannot be trusted go
             // (metadata only: libvirt cannot delete a shut-off domain's bitmaps), and so do the
@@ -314,8 +342,8 @@ public enum LibvirtBackup {
             let dropped = try LibvirtRecovery.dropCheckpoints(domain, prefix: target.checkpointPrefix)
             let removed = try LibvirtRecovery.removeStaleBitmaps(file, prefix: target.checkpointPrefix,
                                                                   keep: Set(try domain.checkpoints().map(\.name)))
-            if !dropped.isEmpty { notes.append("deleted checkpoint(s) \(dropped.joined(separator: ", ")) (libvirt metadata only)") }
-            if !removed.isEmpty { notes.append("removed stale bitmap(s) \(removed.joined(separator: ", ")) from \(file)") }
+            if !dropped.isEmpty { warnings.append("deleted checkpoint(s) \(dropped.joined(separator: ", ")) (libvirt metadata only)") }
+            if !removed.isEmpty { warnings.append("removed stale bitmap(s) \(removed.joined(separator: ", ")) from \(file)") }
             source = try LibvirtOfflineSource(path: file, name: target.label, disk: target.record, bitmaps: [],
                                               trackingName: target.trackingName)
         }
@@ -326,9 +354,9 @@ public enum LibvirtBackup {
         engine.mode = incremental ? .incremental : .full
         engine.image = file
         let plan = Plan(source: source, incremental: incremental, reason: why, checkpoint: checkpoint)
-        plan.notes = notes
-        plan.notes.append("domain '\(domain.name)' is shut off: backed up from its disk file \(file)"
-                          + (checkpoint == nil ? "; no checkpoint could be made, so the next live backup is a full one" : ""))
+        plan.notes = ["domain '\(domain.name)' is shut off: backed up from its disk file \(file)"]
+        plan.warnings = warnings
+        if checkpoint == nil { plan.warnings.append("no checkpoint could be made (domain '\(domain.name)' is shut off), so the next live backup is a full one") }
         return plan
     }
 
@@ -353,7 +381,7 @@ public enum LibvirtBackup {
         let result = BackupEngine.Result.dryRun(kind: incremental ? .incremental : .full,
                                                 index: target.manifest?.nextIndex ?? 0, bitmap: target.trackingName,
                                                 bytes: incremental ? changed ?? size : size, virtualSize: size)
-        return Outcome(result: result, reason: why, checkpoint: base, notes: [])
+        return Outcome(result: result, reason: why, checkpoint: base, notes: [], warnings: [])
     }
 }
 
@@ -366,7 +394,10 @@ final class LiveJob {
     /// The checkpoint this run created (with the job).
     var created: String?
     var folder: String?
+    /// Routine (a checkpoint the repository did not need, deleted).
     var notes: [String] = []
+    /// What the user should know of (an interrupted run's job aborted, a cleanup that failed).
+    var warnings: [String] = []
 
     init(logger: Logger) { self.logger = logger }
 
@@ -380,7 +411,7 @@ final class LiveJob {
             throw LiveError(.locked, "domain '\(domain.name)' is busy with another job (\(xml.isEmpty ? "not a backup" : "a backup qbackup did not start for this repository")); try again when it has finished")
         }
         try domain.abortJob()
-        notes.append("aborted the backup job an interrupted run of this repository left on domain '\(domain.name)'")
+        warnings.append("aborted the backup job an interrupted run of this repository left on domain '\(domain.name)'")
     }
 
     /// `.<prefix>d` beside the disk: the job's NBD socket and scratch file, owned by the user
@@ -416,7 +447,7 @@ final class LiveJob {
             let stats = try domain.abortJob()
             logger.info("backup job ended", metadata: stats.mapValues { "\($0)" })
         } catch {
-            notes.append("ending the backup job failed (the next backup aborts it): \(error)")
+            warnings.append("ending the backup job failed (the next backup aborts it): \(error)")
         }
         do {
             if committed {
@@ -427,9 +458,9 @@ final class LiveJob {
                 try domain.deleteCheckpoint(created)
             }
         } catch {
-            notes.append("deleting checkpoints failed (the next backup deletes what the repository does not need): \(error)")
+            warnings.append("deleting checkpoints failed (the next backup deletes what the repository does not need): \(error)")
         }
-        for note in notes { logger.info("\(note)") }
+        for note in notes + warnings { logger.info("\(note)") }
     }
 }
 

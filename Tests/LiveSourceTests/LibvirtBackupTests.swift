@@ -12,6 +12,65 @@ import TestSupport
         defer { libvirt.stop() }
         try fullAndIncrementalsWithWritesDuringEachBackup(libvirt)
         try aShutOffDomainIsBackedUpFromItsDiskIntoTheSameChain(libvirt)
+        try routineMessagesAreNotesNotWarnings(libvirt)
+    }
+
+    /// A remote host: `qemu+ssh://root@127.0.0.1:PORT/system` through a real sshd (SSHServer), the
+    /// export read over TCP on 127.0.0.1 (libvirt picks the port). libvirt's plain ssh transport
+    /// takes `keyfile` (ssh -i) and `no_verify`, not `known_hosts` (libssh/libssh2 only): the host
+    /// key is checked against the fixture's known_hosts by a `command=` wrapper, and nothing is
+    /// written to ~/.ssh. A full and an incremental with writes during each job restore
+    /// byte-exact; a shut-off remote domain is refused clearly (its file is on the other host).
+    @Test func aRemoteHostThroughSSHWithNBDOverTCP() throws {
+        let libvirt = try LibvirtDaemon()
+        defer { libvirt.stop() }
+        let sshd = try SSHServer()
+        defer { sshd.stop() }
+        let s = try LibvirtScenario(libvirt, "lv-remote")
+        let wrapper = s.dir.file("ssh-checked")
+        try """
+            #!/bin/sh
+            exec ssh -o UserKnownHostsFile=\(sshd.knownHostsFile) -o StrictHostKeyChecking=yes -o IdentitiesOnly=yes \\
+                -o BatchMode=yes -o ConnectTimeout=10 "$@"
+
+            """.write(toFile: wrapper, atomically: true, encoding: .utf8)
+        chmod(wrapper, 0o755)
+        let uri = "qemu+ssh://\(sshd.user)@\(sshd.host):\(sshd.port)/system?keyfile=\(sshd.keyFile)&command=\(wrapper)"
+        s.connect = uri
+        try s.write(0x71, at: 0, length: 1 << 20)
+        try s.start()
+        var jobXML = ""
+        let full = try s.backup(during: {
+            try s.write(0x72, at: 128 << 10, length: 64 << 10)
+            jobXML = try libvirt.must(["backup-dumpxml", s.domain]).stdout
+        })
+        #expect(full["kind"] as? String == "full", "\(full) \(s.stderr)")
+        // The export was NBD over TCP on the URI's host, on the port libvirt picked.
+        #expect(jobXML.contains("transport='tcp'") && jobXML.contains("name='127.0.0.1'") && jobXML.contains("port='"),
+                "\(jobXML)")
+        #expect(full["mode"] as? String == "libvirt", "\(full)")
+        let incremental = try s.backup(during: { try s.write(0x73, at: 6 << 20, length: 64 << 10) })
+        #expect(incremental["kind"] as? String == "incremental", "\(incremental) \(s.stderr)")
+        // The write of the full backup's window (the incremental's own is in the next layer).
+        #expect(incremental["bytes-copied"] as? Int == 64 << 10, "\(incremental)")
+        let newest = try #require(try s.layers().last?["checkpoint"] as? String)
+        #expect(try libvirt.checkpoints(s.domain) == [newest])
+        let listed = try JSONHelpers.parse(try QBackupBinary.run(["list", s.repo, "--output", "json"]).stdout)
+            as? [String: Any] ?? [:]
+        #expect((listed["source"] as? [String: Any])?["uri"] as? String == uri, "\(listed)")
+        try s.checkEveryPoint()
+        try s.checkNothingLeft()
+        // libvirt really went through the sshd, with the key given by keyfile=.
+        let log = (try? String(contentsOfFile: sshd.logFile, encoding: .utf8)) ?? ""
+        #expect(log.contains("Accepted publickey for \(sshd.user)"), "\(log)")
+
+        try s.destroy()
+        let refused = try QBackupBinary.run(["backup", "--libvirt", s.domain, "--connect", uri, "--repo", s.repo])
+        #expect(refused.status == 1, "\(refused.stderr)")
+        #expect(refused.stderr.contains("qbackup: error: domain '\(s.domain)' is shut off and its disk file is on the host of"),
+                "\(refused.stderr)")
+        #expect(refused.stderr.contains("not reachable from here"), "\(refused.stderr)")
+        #expect(try s.layers().count == 2, "the refusal wrote no layer")
     }
 
     func fullAndIncrementalsWithWritesDuringEachBackup(_ libvirt: LibvirtDaemon) throws {
@@ -80,6 +139,9 @@ import TestSupport
         #expect(offline["bytes-copied"] as? Int == (64 + 128 + 64) << 10, "\(offline)")
         #expect(try s.layers().last?["checkpoint"] as? String == first, "the offline layer records the same checkpoint")
         #expect(try libvirt.checkpoints(s.domain) == [first], "no checkpoint is made for a shut-off domain")
+        // Backing up a shut-off domain from its file is routine: no warning (JSON or stderr).
+        #expect((offline["warnings"] as? [String] ?? []).isEmpty, "\(offline)")
+        #expect(!s.stderr.contains("qbackup: warning:"), "\(s.stderr)")
 
         try s.start()
         try s.write(0x25, at: 7 << 20, length: 64 << 10)
@@ -93,6 +155,47 @@ import TestSupport
         let last = try s.backup()
         #expect(last["kind"] as? String == "incremental")
         #expect(try s.layers().map { $0["mode"] as? String } == ["libvirt", "offline", "libvirt", "libvirt"])
+        try s.checkEveryPoint()
+        try s.checkNothingLeft()
+    }
+
+    /// Routine things a run does besides its layer are `qbackup: note:` lines (none with --quiet
+    /// or --output json), not warnings: deleting a checkpoint of the repository that it does not
+    /// need, and reading a shut-off domain from its disk file.
+    func routineMessagesAreNotesNotWarnings(_ libvirt: LibvirtDaemon) throws {
+        let s = try LibvirtScenario(libvirt, "lv-notes")
+        try s.write(0x61, at: 0, length: 1 << 20)
+        try s.start()
+        try s.backup()
+        let first = try #require(try s.layers().last?["checkpoint"] as? String)
+        // A checkpoint of this repository that it does not need (as a failed run leaves one).
+        let prefix = String(first[..<(try #require(first.lastIndex(of: "-")))])
+        let stray = "\(prefix)-stray"
+        try libvirt.must(["checkpoint-create-as", s.domain, "--name", stray, "--diskspec", "vda,checkpoint=bitmap"])
+        #expect(try libvirt.checkpoints(s.domain) == [first, stray])
+        try s.write(0x62, at: 2 << 20, length: 64 << 10)
+
+        func human(_ extra: [String] = []) throws -> Tools.Result {
+            let result = try QBackupBinary.run(["backup", "--libvirt", s.domain, "--connect", libvirt.uri, "--repo", s.repo] + extra)
+            #expect(result.status == 0, "\(result.stderr)")
+            #expect(!result.stderr.contains("qbackup: warning:"), "\(result.stderr)")
+            if let index = try s.layers().last?["index"] as? Int { s.points["vda", default: [:]][index] = s.model["vda"] }
+            return result
+        }
+        let live = try human()
+        #expect(live.stderr.contains("qbackup: note: deleted checkpoint '\(stray)' that the repository does not need"),
+                "\(live.stderr)")
+        #expect(try libvirt.checkpoints(s.domain).count == 1)
+
+        try s.destroy()
+        try s.write(0x63, at: 4 << 20, length: 64 << 10)
+        let offline = try human()
+        #expect(offline.stderr.contains("qbackup: note: domain '\(s.domain)' is shut off: backed up from its disk file"),
+                "\(offline.stderr)")
+        try s.write(0x64, at: 5 << 20, length: 64 << 10)
+        let quiet = try human(["--quiet"])
+        #expect(quiet.stderr.isEmpty, "--quiet prints no notes: \(quiet.stderr)")
+        #expect(try s.layers().map { $0["mode"] as? String } == ["libvirt", "libvirt", "offline", "offline"])
         try s.checkEveryPoint()
         try s.checkNothingLeft()
     }

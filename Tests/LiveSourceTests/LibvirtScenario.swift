@@ -20,6 +20,8 @@ final class LibvirtScenario {
     var running = false
     /// The URI qbackup connects with (default: the daemon's own).
     var connect: String?
+    /// The last backup's stderr.
+    var stderr = ""
     private var defined = false
 
     init(_ libvirt: LibvirtDaemon, _ name: String, targets: [String] = ["vda"], size: Int = 8 << 20) throws {
@@ -77,14 +79,19 @@ final class LibvirtScenario {
         let result: Tools.Result
         if let during {
             let run = try RunningQBackup(arguments, environment: ["QBACKUP_DEBUG_LIVE_PAUSE": "1"], directory: dir)
-            #expect(waitForJob(while: run), "the backup job never appeared", sourceLocation: sourceLocation)
-            try during()
-            #expect(try hasJob(), "the writes came after the backup job; the test proves nothing",
-                    sourceLocation: sourceLocation)
+            // Without a job, the run's own status and stderr (below) say why.
+            if waitForJob(while: run) {
+                try during()
+                #expect(try hasJob(), "the writes came after the backup job; the test proves nothing",
+                        sourceLocation: sourceLocation)
+            } else {
+                Issue.record("the backup job never appeared", sourceLocation: sourceLocation)
+            }
             result = run.wait()
         } else {
             result = try QBackupBinary.run(arguments)
         }
+        stderr = result.stderr
         #expect(result.status == expectStatus, "qbackup backup: \(result.stderr)", sourceLocation: sourceLocation)
         let json = (try? JSONHelpers.parse(result.stdout) as? [String: Any]) ?? [:]
         if result.status == 0, let index = json["index"] as? Int, json["dry-run"] as? Bool != true {

@@ -132,6 +132,7 @@ struct BackupCommand: ParsableCommand {
             // Why a full layer was taken (the live modes decide it before the engine runs).
             var reason: String?
             var checkpoint: String?
+            var notes: [String] = []
             if let libvirt {
                 let outcome = try LibvirtBackup.backup(
                     LibvirtBackup.Request(domain: libvirt, uri: connect ?? "qemu:///system", disk: disk, repository: repo,
@@ -141,8 +142,11 @@ struct BackupCommand: ParsableCommand {
                 result = outcome.result
                 reason = full || result.index == 0 ? nil : outcome.reason
                 checkpoint = dryRun ? nil : outcome.checkpoint
-                // What it did besides the layer (a job or checkpoints left by an interrupted run, a shut-off domain).
-                for note in outcome.notes { warning(note) }
+                // What it did besides the layer: routine notes (a shut-off domain, a checkpoint not needed) are
+                // informational like the checkpoint line below; warnings (a job or checkpoints an interrupted run
+                // or a crash left, a failed cleanup) are warnings.
+                notes = outcome.notes
+                for message in outcome.warnings { warning(message) }
             } else if let qmp {
                 // Its warnings (cleanup in QEMU failed, bits merged back) come through the logger: warning().
                 let outcome = try QMPBackup.backup(
@@ -187,7 +191,10 @@ struct BackupCommand: ParsableCommand {
                 if let reason { options.inform("taking a full backup: \(reason)\n") }
                 options.inform("\(result.kind.rawValue) backup: layer \(result.index) \(layer.file), \(humanSize(result.bytesCopied)) copied in \(result.extents) extent(s), file \(humanSize(layer.fileSize))\n")
             }
-            if let checkpoint, !options.json && !options.quiet { standardError("qbackup: note: checkpoint '\(checkpoint)'\n") }
+            if !options.json && !options.quiet {
+                for note in notes { standardError("qbackup: note: \(note.replacing("\n", with: " "))\n") }
+                if let checkpoint { standardError("qbackup: note: checkpoint '\(checkpoint)'\n") }
+            }
             // An export's bitmap belongs to its exporter: say that it was left as it was ("bitmap-reset" in JSON).
             if nbd != nil && bitmap != nil && !result.dryRun && !options.json && !options.quiet {
                 standardError("qbackup: note: bitmap '\(result.bitmap)' of the export was not reset; the exporter owns it\n")
