@@ -172,4 +172,74 @@ import TestSupport
             #expect(compare.status == 0, "point \(i): \(compare.stdout)\(compare.stderr)")
         }
     }
+
+    /// nbds://127.0.0.1:PORT/ (TLS over TCP) to a qemu-nbd that asks for a client certificate
+    /// (verify-peer=on) and allows multi-conn: a client showing one signed by the server's CA
+    /// (tls-certificates=DIR with client-cert.pem/client-key.pem) makes a full and an
+    /// incremental layer, by IP and by host name, that restore byte-exact. Refused, each with
+    /// one clear error and nothing recorded: no client certificate, a client certificate of
+    /// another CA, a server whose certificate names another host, and plain nbd://.
+    @Test func tlsOverTCPWithClientCertificates() throws {
+        let dir = TempDir("nbd-backup-tls-tcp")
+        let disk = dir.file("disk.qcow2")
+        let repo = dir.file("repo")
+        let good = try TLSCertificates.make(in: dir, client: true)
+        let rogue = try TLSCertificates.make(in: dir, name: "rogue", client: true)
+        let noClient = try TLSCertificates.folder(in: dir, name: "no-client", files: [(good, "ca-cert.pem")])
+        let otherCA = try TLSCertificates.folder(in: dir, name: "other-ca", files: [
+            (good, "ca-cert.pem"), (rogue, "client-cert.pem"), (rogue, "client-key.pem")])
+        let elsewhere = try TLSCertificates.make(in: dir, name: "elsewhere", server: "backup.invalid", client: true)
+        try Tools.qemuImg("create", "-q", "-f", "qcow2", disk, "8M")
+        try Tools.qemuIO(disk, format: "qcow2", ["write -P 0x71 0 1M", "write -P 0x72 5M 512k"])
+        try Tools.qemuImg("bitmap", "--add", disk, "b0")
+        try Tools.qemuIO(disk, format: "qcow2", ["write -P 0x73 2M 64k"])
+        func tcpURI(_ server: QemuNBD, host: String = "127.0.0.1", tls certificates: String?) -> String {
+            guard let certificates else { return "nbd://\(host):\(server.port ?? 0)/" }
+            return "nbds://\(host):\(server.port ?? 0)/?tls-certificates=\(certificates)"
+        }
+        func refusedCleanly(_ result: Tools.Result, _ why: String, sourceLocation: SourceLocation = #_sourceLocation) {
+            #expect(result.status == 1, "\(why): \(result.stderr)", sourceLocation: sourceLocation)
+            let lines = result.stderr.split(separator: "\n")
+            #expect(lines.count == 1 && lines.first?.hasPrefix("qbackup: error:") == true, "\(why): \(result.stderr)",
+                    sourceLocation: sourceLocation)
+            #expect(!FileManager.default.fileExists(atPath: dir.file("repo/manifest.json")), "\(why)",
+                    sourceLocation: sourceLocation)
+        }
+        func backup(_ uri: String) throws -> Tools.Result {
+            try QBackupBinary.run(["backup", "--nbd", uri, "--repo", repo, "--bitmap", "b0", "--source-name", "tcp-disk",
+                                   "--output", "json"])
+        }
+        do {
+            let server = try QemuNBD(image: disk, bitmap: "b0", directory: dir, shared: 2, tls: good, verifyPeer: true, tcp: true)
+            defer { server.stop() }
+            refusedCleanly(try backup(tcpURI(server, tls: noClient)), "no client certificate")
+            refusedCleanly(try backup(tcpURI(server, tls: otherCA)), "a client certificate of another CA")
+            refusedCleanly(try backup(tcpURI(server, tls: nil)), "plain nbd://")
+        }
+        do {
+            let server = try QemuNBD(image: disk, bitmap: "b0", directory: dir, tls: elsewhere, verifyPeer: true, tcp: true)
+            defer { server.stop() }
+            refusedCleanly(try backup(tcpURI(server, tls: elsewhere)), "a server certificate for another host")
+        }
+
+        var points: [String] = []
+        for (round, host) in ["127.0.0.1", "localhost"].enumerated() {
+            if round == 1 { try Tools.qemuIO(disk, format: "qcow2", ["write -P 0x74 6M 1M"]) }
+            let point = dir.file("point\(round).raw")
+            try Tools.qemuImg("convert", "-f", "qcow2", "-O", "raw", disk, point)
+            points.append(point)
+            let server = try QemuNBD(image: disk, bitmap: "b0", directory: dir, shared: 2, tls: good, verifyPeer: true, tcp: true)
+            defer { server.stop() }
+            let result = try Self.json(try backup(tcpURI(server, host: host, tls: good)))
+            #expect(result["kind"] as? String == (round == 0 ? "full" : "incremental"))
+            #expect(result["bytes-copied"] as? Int == (round == 0 ? 1 << 20 + 512 << 10 + 64 << 10 : 64 << 10 + 1 << 20))
+        }
+        for (i, point) in points.enumerated() {
+            let out = dir.file("restored\(i).raw")
+            let restored = try QBackupBinary.run(["restore", repo, "--to", out, "--at", "\(i)", "--format", "raw"])
+            #expect(restored.status == 0, "\(restored.stderr)")
+            let compare = try Tools.run(try Tools.which("qemu-img"), ["compare", "-f", "raw", "-F", "raw", out, point])
+            #expect(compare.status == 0, "point \(i): \(compare.stdout)\(compare.stderr)")
+        }
+    }
 }

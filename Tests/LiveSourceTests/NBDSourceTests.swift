@@ -250,6 +250,32 @@ import TestSupport
         }
     }
 
+    /// Over TLS on TCP with a client certificate (nbds://127.0.0.1:PORT/?tls-certificates=DIR,
+    /// the server verifying peers and allowing multi-conn) the read-ahead's second connection
+    /// makes its own TLS handshake with the same certificates: the server sees 2 clients and
+    /// the plan read through both equals qemu-img convert's bytes.
+    @Test func readAheadOverTLSOnTCPUsesTwoConnections() throws {
+        let dir = TempDir("nbdsrc-tls-tcp")
+        let disk = try Self.makeDisk(dir, size: "20M", before: (0..<20).map { "write -P \($0 + 0x61) \($0)M 1M" }, after: [])
+        let raw = dir.file("disk.raw")
+        try Tools.qemuImg("convert", "-f", "qcow2", "-O", "raw", disk, raw)
+        let certificates = try TLSCertificates.make(in: dir, client: true)
+        let server = try QemuNBD(image: disk, bitmap: nil, directory: dir, shared: 2, tls: certificates, verifyPeer: true,
+                                 tcp: true)
+        defer { server.stop() }
+        let port = try #require(server.port)
+        let source = try NBDSource(uri: "nbds://127.0.0.1:\(port)/?tls-certificates=\(certificates)", tracking: nil, timeout: 10)
+        defer { source.close() }
+        #expect(source.connection.canMultiConn)
+        source.connection.readAheadBytes = 4 << 20
+        try source.willRead([0..<(20 << 20)])
+        #expect(source.connection.readAheadStats?.connections == 2)
+        #expect(server.openSockets == 3)  // listening + 2 clients
+        if try Self.readAll(source) != Data.contents(of: raw) {
+            Issue.record("the plan read over TLS on two TCP connections differs from qemu-img convert's bytes")
+        }
+    }
+
     @Test func refusesABitmapTheExportLacks() throws {
         let dir = TempDir("nbdsrc-nobitmap")
         let disk = try Self.makeDisk(dir, size: "4M", before: [], after: [])

@@ -19,7 +19,10 @@ public final class QemuNBD {
         public var description: String { "\(start)+\(length) \(dirty ? "dirty" : "clean")" }
     }
 
+    /// The unix socket (a path in the temp dir; no file when the server listens on TCP).
     public let socket: String
+    /// The port on 127.0.0.1 of a server started with `tcp` (the kernel picks it), else nil.
+    public let port: Int?
     private let pid: pid_t
 
     /// Starts `qemu-nbd -r -t -B BITMAP -k SOCKET -f qcow2 IMAGE` as a daemon
@@ -27,9 +30,11 @@ public final class QemuNBD {
     /// `readOnly` false the export is writable, so QEMU holds the image's write lock. `shared`
     /// is qemu-nbd's `-e`: how many clients at once (a read-only export with more than one
     /// advertises multi-conn). With `tls` (a folder of `TLSCertificates.make`) the server
-    /// takes TLS clients only (x509, no client certificate asked for).
+    /// takes TLS clients only (x509); with `verifyPeer` also only those showing a client
+    /// certificate signed by that folder's CA. With `tcp` it listens on 127.0.0.1 at a port
+    /// the kernel picks (`port`) instead of the unix socket.
     public init(image: String, bitmap: String?, directory: TempDir, readOnly: Bool = true, shared: Int = 1,
-                tls: String? = nil) throws {
+                tls: String? = nil, verifyPeer: Bool = false, tcp: Bool = false) throws {
         let tag = UUID().uuidString.prefix(6)
         socket = directory.file("nbd-\(tag).sock")
         let pidFile = directory.file("nbd-\(tag).pid")
@@ -41,18 +46,42 @@ public final class QemuNBD {
         if readOnly { args.append("-r") }
         if shared != 1 { args += ["-e", String(shared)] }
         if let tls {
-            args += ["--object", "tls-creds-x509,id=tls0,dir=\(tls),endpoint=server,verify-peer=off", "--tls-creds", "tls0"]
+            args += ["--object", "tls-creds-x509,id=tls0,dir=\(tls),endpoint=server,verify-peer=\(verifyPeer ? "on" : "off")",
+                     "--tls-creds", "tls0"]
         }
         if let bitmap { args += ["-B", bitmap] }
-        try Tools.qemu("bash", args + ["-k", socket, "-f", "qcow2", image])
+        args += tcp ? ["-b", "127.0.0.1", "-p", "0"] : ["-k", socket]
+        try Tools.qemu("bash", args + ["-f", "qcow2", image])
         let text = (try? String(contentsOfFile: pidFile, encoding: .utf8)) ?? ""
-        guard let pid = pid_t(text.trimmingCharacters(in: .whitespacesAndNewlines)), pid > 0,
-              FileManager.default.fileExists(atPath: socket)
-        else {
-            throw Tools.ToolFailure(command: "qemu-nbd --fork (no pid file or socket)",
+        let pid = pid_t(text.trimmingCharacters(in: .whitespacesAndNewlines)) ?? 0
+        let port = pid > 0 && tcp ? Self.listeningPort(of: pid) : nil
+        guard pid > 0, tcp ? port != nil : FileManager.default.fileExists(atPath: socket) else {
+            if pid > 0 { kill(pid, SIGKILL) }
+            throw Tools.ToolFailure(command: "qemu-nbd --fork (no pid file, socket or listening port)",
                                     result: Tools.Result(status: -1, stdout: "", stderr: text, stdoutData: Data()))
         }
         self.pid = pid
+        self.port = port
+    }
+
+    /// The port of the TCP socket `pid` listens on: the inode of one of its socket
+    /// descriptors in a LISTEN (0A) row of /proc/net/tcp, whose local address ends in the port (hex).
+    static func listeningPort(of pid: pid_t) -> Int? {
+        let fds = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd")) ?? []
+        let inodes = Set(fds.compactMap { fd -> String? in
+            let link = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/fd/\(fd)")) ?? ""
+            guard link.hasPrefix("socket:[") else { return nil }
+            return String(link.dropFirst("socket:[".count).dropLast())
+        })
+        let table = (try? String(contentsOfFile: "/proc/net/tcp", encoding: .utf8)) ?? ""
+        for row in table.split(separator: "\n").dropFirst() {
+            let fields = row.split(separator: " ")
+            guard fields.count > 9, fields[3] == "0A", inodes.contains(String(fields[9])),
+                  let hex = fields[1].split(separator: ":").last, let port = Int(hex, radix: 16)
+            else { continue }
+            return port
+        }
+        return nil
     }
 
     deinit { stop() }
@@ -139,31 +168,50 @@ public func imageLocked(_ path: String) -> Bool {
     return false
 }
 
-/// A throw-away certificate authority and a server certificate for `localhost`, made with
-/// GnuTLS's certtool, in the file names QEMU's tls-creds-x509 and libnbd's
-/// tls-certificates=DIR read (ca-cert.pem, server-cert.pem, server-key.pem).
+/// A throw-away certificate authority, a server certificate for `server` (localhost and
+/// 127.0.0.1 by default) and, with `client`, a client certificate, made with GnuTLS's
+/// certtool in folder `name` of `directory`, in the file names QEMU's tls-creds-x509 and
+/// libnbd's tls-certificates=DIR read (ca-cert.pem, server-cert.pem, server-key.pem,
+/// client-cert.pem, client-key.pem). Each call makes its own CA. ECDSA keys: certtool makes
+/// one in milliseconds, an RSA key takes it about a second.
 public enum TLSCertificates {
-    public static func make(in directory: TempDir) throws -> String {
-        let dir = directory.file("tls")
+    public static func make(in directory: TempDir, name: String = "tls", server: String = "localhost",
+                            client: Bool = false) throws -> String {
+        let dir = directory.file(name)
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         let certtool = try Tools.which("certtool", hint: "gnutls-bin")
         func file(_ name: String) -> String { "\(dir)/\(name)" }
+        let serverNames = server == "localhost" ? "dns_name = localhost\nip_address = 127.0.0.1\n" : "dns_name = \(server)\n"
         try "cn = qbackup test CA\nca\ncert_signing_key\nexpiration_days = 2\n"
             .write(toFile: file("ca.info"), atomically: true, encoding: .utf8)
-        try "cn = localhost\ndns_name = localhost\nip_address = 127.0.0.1\ntls_www_server\nencryption_key\nsigning_key\nexpiration_days = 2\n"
+        try "cn = \(server)\n\(serverNames)tls_www_server\nencryption_key\nsigning_key\nexpiration_days = 2\n"
             .write(toFile: file("server.info"), atomically: true, encoding: .utf8)
+        try "cn = qbackup test client\ntls_www_client\nencryption_key\nsigning_key\nexpiration_days = 2\n"
+            .write(toFile: file("client.info"), atomically: true, encoding: .utf8)
+        func signed(_ role: String) -> [[String]] {
+            [["--generate-privkey", "--key-type", "ecdsa", "--outfile", file("\(role)-key.pem")],
+             ["--generate-certificate", "--load-ca-certificate", file("ca-cert.pem"), "--load-ca-privkey", file("ca-key.pem"),
+              "--load-privkey", file("\(role)-key.pem"), "--template", file("\(role).info"),
+              "--outfile", file("\(role)-cert.pem")]]
+        }
         let steps: [[String]] = [
-            ["--generate-privkey", "--outfile", file("ca-key.pem")],
+            ["--generate-privkey", "--key-type", "ecdsa", "--outfile", file("ca-key.pem")],
             ["--generate-self-signed", "--load-privkey", file("ca-key.pem"), "--template", file("ca.info"),
              "--outfile", file("ca-cert.pem")],
-            ["--generate-privkey", "--outfile", file("server-key.pem")],
-            ["--generate-certificate", "--load-ca-certificate", file("ca-cert.pem"), "--load-ca-privkey", file("ca-key.pem"),
-             "--load-privkey", file("server-key.pem"), "--template", file("server.info"), "--outfile", file("server-cert.pem")],
-        ]
+        ] + signed("server") + (client ? signed("client") : [])
         for step in steps {
             let result = try Tools.run(certtool, step)
             guard result.status == 0 else { throw Tools.ToolFailure(command: "certtool \(step.joined(separator: " "))", result: result) }
         }
+        return dir
+    }
+
+    /// A client's tls-certificates folder `name` made of files of other folders
+    /// (for instance one CA's ca-cert.pem with another CA's client certificate).
+    public static func folder(in directory: TempDir, name: String, files: [(from: String, file: String)]) throws -> String {
+        let dir = directory.file(name)
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        for (from, file) in files { try FileManager.default.copyItem(atPath: "\(from)/\(file)", toPath: "\(dir)/\(file)") }
         return dir
     }
 }
