@@ -41,6 +41,10 @@ public enum BackupEngine {
         /// How the source tracks changes: its dirty bitmap, or (libvirt) checkpoints, where the
         /// manifest names no bitmap and the layer records the checkpoint it began (if any).
         public var tracking: Tracking = .bitmap
+        /// The repository's recorded source that this one may continue (an offline repository
+        /// of the same disk file continuing as a libvirt one): its next layer must be full, and
+        /// from it on the manifest records the new source (and, tracking checkpoints, no bitmap).
+        public var continues: BackupManifest.Source? = nil
         public init(image: String, repository: String, bitmap: String? = nil, mode: Mode = .auto,
                     compression: CompressionType? = nil, dryRun: Bool = false, clusterSize: Int? = nil,
                     takeOverBitmap: Bool = false) {
@@ -143,7 +147,7 @@ public enum BackupEngine {
     {
         let sourceRecord = request.source ?? disk ?? .localFile(request.image)
         if let m = repo.manifest {
-            if m.source != sourceRecord {
+            if m.source != sourceRecord && m.source != request.continues {
                 throw ChainError(.refused, "the repository belongs to another disk (\(m.source.summary)), not \(sourceRecord.summary)",
                                  path: repo.path)
             }
@@ -177,6 +181,11 @@ public enum BackupEngine {
         // Decide the kind of backup: incremental only when the chain and the bitmap can be trusted.
         let (kind, reason) = try decide(request.mode, existing, repo: repo, source: source, bitmap: bitmap)
         if let reason { logger.info("taking a full backup", metadata: ["reason": "\(reason)"]) }
+        let takesOver = existing.map { $0.source != sourceRecord } ?? false
+        if takesOver && kind != .full {
+            throw ChainError(.refused, "the repository's backups are of \(existing?.source.summary ?? "another source"); continuing them as \(sourceRecord.summary) needs a full backup first",
+                             path: repo.path)
+        }
 
         let clusterSize = existing?.clusterSize ?? request.clusterSize ?? 65536
         let plan = try copyPlan(kind, source: source, bitmap: bitmap, clusterSize: UInt64(clusterSize))
@@ -216,6 +225,10 @@ public enum BackupEngine {
                                          fileSize: digest.size, virtualSize: source.virtualSize, digest: digest,
                                          identity: identity, checkpoint: request.tracking.checkpoint)
         manifest.virtualSize = source.virtualSize
+        if takesOver {
+            manifest.source = sourceRecord
+            if request.tracking != .bitmap { manifest.bitmap = nil }
+        }
         // A full layer stands alone (no backing file) and starts a new segment of the chain;
         // older points stay restorable until merge folds them away.
         manifest.layers.append(layer)

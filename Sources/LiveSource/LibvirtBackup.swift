@@ -72,10 +72,14 @@ public enum LibvirtBackup {
 
         let job = LiveJob(logger: logger)
         var plan: Plan?
+        var continued: String?
         let result: BackupEngine.Result
         do {
             result = try BackupEngine.backup(engine, logger: logger, progress: progress) { repo, engineRequest in
                 let target = try Target(request, connection: connection, repo: repo, engine: &engineRequest)
+                if let old = target.offlineBitmap, let file = target.disk.file {
+                    continued = "the repository continues from offline backups of \(file); its bitmap '\(old)' stays in that file (QEMU keeps it recording): remove it while the domain is shut off, with qbackup bitmap remove \(file) \(old)"
+                }
                 let settled = try target.isActive
                     ? try live(request, target: target, repo: repo, job: job, engine: &engineRequest)
                     : try offline(request, target: target, repo: repo, engine: &engineRequest)
@@ -88,7 +92,8 @@ public enum LibvirtBackup {
         }
         job.finish(committed: true)
         return Outcome(result: result, reason: plan?.reason, checkpoint: plan?.checkpoint,
-                       notes: (plan?.notes ?? []) + job.notes, warnings: (plan?.warnings ?? []) + job.warnings)
+                       notes: (plan?.notes ?? []) + job.notes,
+                       warnings: (plan?.warnings ?? []) + job.warnings + (continued.map { [$0] } ?? []))
     }
 
     // MARK: - The domain and disk
@@ -103,6 +108,8 @@ public enum LibvirtBackup {
         let manifest: BackupManifest?
         /// The disk as the manifest records it: the domain's UUID, the disk target and the URI.
         let record: BackupManifest.Source
+        /// The tracking bitmap of the offline repository this one continues (nil: none).
+        let offlineBitmap: String?
 
         /// Finds the domain (the repository's UUID when the name is gone: a renamed domain is
         /// followed) and disk, and refuses a repository of another domain or disk before
@@ -130,6 +137,15 @@ public enum LibvirtBackup {
             record = BackupManifest.Source(kind: .libvirt, domainUUID: domain.uuid, disk: disk.target, uri: connection.uri)
             engine.source = record
             engine.repositoryID = id
+            // An offline repository of this very disk file continues as a libvirt one (its
+            // first libvirt layer is full: there is no checkpoint yet).
+            if let m = manifest, m.source.kind == .file, !connection.isRemote, let file = disk.file,
+               m.source == .localFile(file) {
+                engine.continues = m.source
+                offlineBitmap = m.bitmap
+            } else {
+                offlineBitmap = nil
+            }
             // Another domain's (or disk's) repository is refused before a job or checkpoint exists.
             try BackupEngine.preflight(engine, repo: repo, virtualSize: .max)
         }
@@ -185,6 +201,8 @@ public enum LibvirtBackup {
             why = "--full was asked for"
         } else if !target.hasChain {
             why = "the repository holds no backup yet"
+        } else if target.offlineBitmap != nil || target.manifest?.source.kind == .file {
+            why = "the repository's backups so far are offline ones of the disk file: there is no checkpoint yet"
         } else if let needed = target.needed, base == nil {
             why = "checkpoint '\(needed)' of the last layer is gone from libvirt, so changes since it are unknown"
         } else if base == nil {

@@ -13,6 +13,7 @@ import TestSupport
         try fullAndIncrementalsWithWritesDuringEachBackup(libvirt)
         try aShutOffDomainIsBackedUpFromItsDiskIntoTheSameChain(libvirt)
         try routineMessagesAreNotesNotWarnings(libvirt)
+        try anOfflineRepositoryOfTheDiskContinuesAsALibvirtOne(libvirt)
     }
 
     /// A remote host: `qemu+ssh://root@127.0.0.1:PORT/system` through a real sshd (SSHServer), the
@@ -197,6 +198,53 @@ import TestSupport
         #expect(quiet.stderr.isEmpty, "--quiet prints no notes: \(quiet.stderr)")
         #expect(try s.layers().map { $0["mode"] as? String } == ["libvirt", "libvirt", "offline", "offline"])
         try s.checkEveryPoint()
+        try s.checkNothingLeft()
+    }
+
+    /// An offline repository (`qbackup backup FILE`) of the domain's disk file continues as a
+    /// libvirt one: the first libvirt layer is full (no checkpoint yet), says why and names the
+    /// offline bitmap left in the file; then incrementals; the manifest records the domain from
+    /// then on. Every point, offline ones included, restores. Another file's repository is refused.
+    func anOfflineRepositoryOfTheDiskContinuesAsALibvirtOne(_ libvirt: LibvirtDaemon) throws {
+        let s = try LibvirtScenario(libvirt, "lv-adopt")
+        func offline() throws {
+            let run = try QBackupBinary.run(["backup", s.disk("vda"), "--repo", s.repo, "--output", "json"])
+            #expect(run.status == 0, "\(run.stderr)")
+            let json = try JSONHelpers.parse(run.stdout) as? [String: Any] ?? [:]
+            if let index = json["index"] as? Int { s.points["vda", default: [:]][index] = s.model["vda"] }
+        }
+        try s.write(0x81, at: 0, length: 1 << 20)
+        try offline()
+        try s.write(0x82, at: 2 << 20, length: 128 << 10)
+        try offline()
+        #expect(try s.layers().map { $0["kind"] as? String } == ["full", "incremental"])
+
+        try s.start()
+        let first = try s.backup(during: { try s.write(0x83, at: 4 << 20, length: 64 << 10) })
+        #expect(first["kind"] as? String == "full", "\(first) \(s.stderr)")
+        #expect(first["mode"] as? String == "libvirt", "\(first)")
+        #expect((first["reason"] as? String)?.contains("offline ones of the disk file") == true, "\(first)")
+        let warnings = (first["warnings"] as? [String] ?? []).joined(separator: "\n")
+        #expect(warnings.contains("stays in that file") && warnings.contains("qbackup bitmap remove"), "\(first)")
+        let next = try s.backup()
+        #expect(next["kind"] as? String == "incremental", "\(next) \(s.stderr)")
+        #expect(next["bytes-copied"] as? Int == 64 << 10, "\(next)")
+        #expect(try s.layers().map { $0["mode"] as? String } == ["offline", "offline", "libvirt", "libvirt"])
+        let listed = try JSONHelpers.parse(try QBackupBinary.run(["list", s.repo, "--output", "json"]).stdout)
+            as? [String: Any] ?? [:]
+        #expect((listed["source"] as? [String: Any])?["kind"] as? String == "libvirt", "\(listed)")
+        #expect(listed["bitmap"] is NSNull, "\(listed)")
+        try s.checkEveryPoint()
+        try s.checkNothingLeft()
+
+        // A repository of another file stays another disk's.
+        let other = s.dir.file("other.qcow2")
+        try Tools.qemuImg("create", "-q", "-f", "qcow2", other, "\(s.size)")
+        let otherRepo = s.dir.file("other-repo")
+        #expect(try QBackupBinary.run(["backup", other, "--repo", otherRepo]).status == 0)
+        let refused = try QBackupBinary.run(["backup", "--libvirt", s.domain, "--connect", libvirt.uri, "--repo", otherRepo])
+        #expect(refused.status == 1, "\(refused.stderr)")
+        #expect(refused.stderr.contains("belongs to another disk"), "\(refused.stderr)")
         try s.checkNothingLeft()
     }
 }
