@@ -123,33 +123,6 @@ public struct LayerDigest: Equatable, Sendable {
         return buffer.withUnsafeBytes { hex(SHA256.hash(data: UnsafeRawBufferPointer(rebasing: $0[0..<got]))) }
     }
 
-    /// Hashes the file at `path` on another thread while `work` runs (an fsync of the same,
-    /// already final file: the hash reads the page cache while the disk writes).
-    static func compute(path: String, during work: () throws -> Void) throws -> (LayerDigest, BackupManifest.Identity) {
-        final class Outcome: @unchecked Sendable { var digest: Result<LayerDigest, Error>? }
-        let outcome = Outcome()
-        let done = DispatchSemaphore(value: 0)
-        DispatchQueue.global().async {
-            outcome.digest = Result { try compute(path: path).0 }
-            done.signal()
-        }
-        let failure: Error?
-        do {
-            try work()
-            failure = nil
-        } catch {
-            failure = error
-        }
-        done.wait()
-        if let failure { throw failure }
-        guard let digest = try outcome.digest?.get() else { throw ChainError(.io, "the layer was not hashed", path: path) }
-        // The identity after the work (its last write) is the one to record.
-        let device = FileDevice(adopting: FileDescriptor(rawValue: try RepositoryFiles.openRegular(path, flags: O_RDONLY)),
-                                name: path, writable: false)
-        defer { device.close() }
-        return (digest, try identity(of: device))
-    }
-
     /// The chunks (by number) of `device` whose digests differ from `layer`'s record — only
     /// those in `numbers` are read. A layer without recorded chunks (version 1) has every
     /// asked chunk reported. A chunk past the end of the file counts as differing.

@@ -12,7 +12,7 @@ enum LayerWriter {
         var digest: (LayerDigest, BackupManifest.Identity)
     }
 
-    /// Creates `path`, fills it, fsyncs it and hashes it.
+    /// Creates `path`, fills it, fsyncs it and hashes it (`LayerHasher`).
     static func write(plan: CopyPlan, from source: GuestReader, to path: String, clusterSize: Int, backing: String?,
                       compression: CompressionType?, progress: ((UInt64, UInt64) -> Void)?) throws -> Written {
         var options = QCowCreateOptions(size: source.virtualSize)
@@ -27,9 +27,17 @@ enum LayerWriter {
         // The file is new and thrown away if we die before it is complete: one fsync at the end will do.
         layer.syncBarriers = false
         let copy = CopyOptions(zeros: backing == nil ? .skip : .hide, compress: compression != nil)
-        let result = try Copier.copy(plan, from: source, to: .image(layer), options: copy, progress: progress)
-        try layer.writeBack()
-        let digest = try LayerDigest.compute(path: path) { try layer.flush() }
+        // The chunks are hashed behind the copy, so the digest costs little after the last write.
+        let hasher = try LayerHasher(layer)
+        let result: CopyResult
+        do {
+            result = try Copier.copy(plan, from: source, to: .image(layer), options: copy, progress: progress)
+            try layer.writeBack()
+        } catch {
+            hasher.cancel()
+            throw error
+        }
+        let digest = try hasher.finish { try layer.flush() }
         return Written(bytes: result.dataBytes, digest: digest)
     }
 }

@@ -145,6 +145,8 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws {
         try CrashSeam.shared.beforeWrite()
         writeLog?.wrote(at: offset, length: buffer.count)
+        // Again once done: a reader that took the log meanwhile must learn of this write (`WriteLog.take`).
+        defer { writeLog?.wrote(at: offset, length: buffer.count) }
         var done = 0
         while done < buffer.count {
             let chunk = UnsafeRawBufferPointer(rebasing: buffer[done...])
@@ -160,6 +162,7 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
     public func resize(to size: UInt64) throws {
         try CrashSeam.shared.beforeWrite()
         writeLog?.resized(to: size)
+        defer { writeLog?.resized(to: size) }
         if ftruncate(descriptor.rawValue, off_t(size)) != 0 {
             throw QCowError(.io, "cannot resize: \(Errno(rawValue: errno).description)", path: name)
         }

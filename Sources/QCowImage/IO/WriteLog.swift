@@ -30,6 +30,16 @@ public final class WriteLog: Sendable {
         state.withLock { $0.smallestResize = min($0.smallestResize ?? size, size) }
     }
 
+    /// The chunks written and the smallest resize since the last `take` (or since the log was
+    /// attached), and forgets them. A device notes each write again once it has completed, so a
+    /// chunk read after a `take` that does not list it holds every write noted before that take.
+    public func take() -> (chunks: Set<Int>, smallestResize: UInt64?) {
+        state.withLock { s in
+            defer { s = State() }
+            return (s.chunks, s.smallestResize)
+        }
+    }
+
     /// The chunks of a file that had `oldSize` bytes and now has `newSize` whose bytes may
     /// differ: those written, and from the first chunk the size changes (or a resize reached) on.
     public func changedChunks(oldSize: UInt64, newSize: UInt64) -> Set<Int> {
