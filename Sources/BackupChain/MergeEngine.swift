@@ -45,6 +45,9 @@ public enum MergeEngine {
         /// The 4 MiB chunks of the merged layer files hashed for their new checksums: an in-place
         /// merge hashes only the chunks it wrote (the others keep the digests checked before).
         public var chunksHashed = 0
+        /// The 4 MiB chunks of in-place merges' base files read to check them before the merge
+        /// wrote (only those it may write; the newer layers are checked whole).
+        public var chunksChecked = 0
     }
 
     public static func merge(repository: String, keep: Int, logger: Logger = Logger(label: "qbackup.merge"),
@@ -93,6 +96,7 @@ public enum MergeEngine {
             let folded = try fold(repo, current, from: start, into: target, logger: logger, progress: progress)
             result.bytesWritten += folded.bytes
             result.chunksHashed += folded.chunksHashed
+            result.chunksChecked += folded.chunksChecked ?? 0
             result.folded += target - start
         }
         result.remaining = repo.manifest?.layers.count ?? 0
@@ -133,13 +137,17 @@ public enum MergeEngine {
             try repo.saveDropping(manifest, files: dropped)
             return Folded(bytes: 0, chunksHashed: 0)
         }
-        try checkDigests(repo, manifest, base...k, held: Array(held[(base - from)...]))
         let sameSize = manifest.layers[base...k].allSatisfy { $0.virtualSize == manifest.layers[base].virtualSize }
         // In place only when no other name shares the base layer's file (a `cp -al` copy).
         let shared = (RepositoryFiles.linkCount(held[base - from]) ?? 1) > 1
         if sameSize && !shared {
-            return try commitInPlace(repo, manifest, from: from, k, logger: logger, progress: progress, recovering: false)
+            // The newer layers are read whole; of the base file, only the chunks the commit may write.
+            try checkDigests(repo, manifest, (base + 1)...k, held: Array(held[(base + 1 - from)...]))
+            let checked = try checkChunksToWrite(repo, manifest, base: base, k, device: held[base - from])
+            return try commitInPlace(repo, manifest, from: from, k, checked: checked, logger: logger, progress: progress,
+                                     recovering: false)
         }
+        try checkDigests(repo, manifest, base...k, held: Array(held[(base - from)...]))
         // A new standalone file reads point k through its whole chain: the older layers it
         // reads (kept, so not locked for change) must hold what the manifest says too.
         let segment = manifest.segmentStart(of: k)
@@ -158,6 +166,86 @@ public enum MergeEngine {
     struct Folded {
         var bytes: UInt64
         var chunksHashed: Int
+        /// Chunks of the base file read to check them before the merge (nil: the whole file).
+        var chunksChecked: Int? = nil
+    }
+
+    /// Checks, before an in-place merge writes the base layer's file, the 4 MiB chunks of it that
+    /// the commit of the newer layers may write, against their recorded digests, and returns
+    /// them (nil when the record has no chunks and the whole file was checked). A chunk is left
+    /// out only when every cluster in it is a data cluster of a guest cluster that no newer layer
+    /// allocates (the commit writes a guest cluster's own data cluster, metadata, and clusters it
+    /// allocates: those are free or past the end): it keeps its digest, and verify still covers it.
+    static func checkChunksToWrite(_ repo: BackupRepository, _ manifest: BackupManifest, base: Int, _ k: Int,
+                                   device: FileDevice) throws -> Set<Int>? {
+        let layer = manifest.layers[base]
+        guard layer.chunks != nil else {
+            try checkDigests(repo, manifest, base...base, held: [device])
+            return nil
+        }
+        let damaged = { (why: String) in
+            ChainError(.corrupt, "layer \(layer.index) (\(layer.file)) does not match its checksum in the manifest (\(why)): damaged or changed since it was written; merge refuses to fold it — run 'qbackup verify'",
+                       path: repo.file(layer.file))
+        }
+        let size = try device.size()
+        guard size == layer.fileSize else { throw damaged("file is \(size) bytes, the manifest says \(layer.fileSize)") }
+        let files = RepositoryFiles(directory: repo.path, takesLocks: false)
+        let image = try ImageOpener.openQCow(repo.file(layer.file), files: files)
+        defer { image.close() }
+        let clusterSize = UInt64(image.clusterSize)
+        // The guest clusters the newer layers allocate (data or zeros), in base clusters.
+        var written = CopyPlan(size: image.virtualSize, grain: clusterSize)
+        var ranges: [Range<UInt64>] = []
+        for newer in manifest.layers[(base + 1)...k] {
+            let top = try ImageOpener.openQCow(repo.file(newer.file), files: files)
+            defer { top.close() }
+            ranges += try CopyPlan.allocated(in: LayerReader(top), grain: clusterSize, zeros: true).ranges
+        }
+        for range in ranges.sorted(by: { $0.lowerBound < $1.lowerBound }) { written.add(range) }
+        let chunkSize = UInt64(BackupManifest.chunkSize)
+        let count = LayerDigest.chunkCount(of: size)
+        // Per chunk, the clusters that are data of a guest cluster left alone; a host cluster met
+        // twice (from different guest clusters) is never counted.
+        var untouched = [Int](repeating: 0, count: count)
+        var seen = [UInt64](repeating: 0, count: Int((size + clusterSize - 1) / clusterSize + 63) / 64)
+        var mustCheck = Set<Int>()
+        var next = 0
+        try LayerReader(image).forEachExtent(in: 0..<image.virtualSize) { status in
+            guard let host = status.hostOffset else { return }
+            // Guest cluster by guest cluster: each maps to one host cluster.
+            var guest = status.start
+            let end = status.start + status.length
+            while guest < end {
+                let piece = guest..<min(end, (guest / clusterSize + 1) * clusterSize)
+                while next < written.ranges.count, written.ranges[next].upperBound <= piece.lowerBound { next += 1 }
+                let touched = next < written.ranges.count && written.ranges[next].lowerBound < piece.upperBound
+                let cluster = (host + (guest - status.start)) / clusterSize
+                let chunk = Int(cluster * clusterSize / chunkSize)
+                if chunk < count {
+                    let (word, bit) = (Int(cluster / 64), UInt64(1) << (cluster % 64))
+                    if touched || word >= seen.count || seen[word] & bit != 0 {
+                        mustCheck.insert(chunk)
+                    } else {
+                        seen[word] |= bit
+                        untouched[chunk] += 1
+                    }
+                }
+                guest = piece.upperBound
+            }
+        }
+        var check = Set<Int>()
+        for chunk in 0..<count {
+            let bytes = min(chunkSize, size - UInt64(chunk) * chunkSize)
+            let clusters = Int((bytes + clusterSize - 1) / clusterSize)
+            if mustCheck.contains(chunk) || untouched[chunk] < clusters { check.insert(chunk) }
+        }
+        // Clusters the commit appends may start in the last chunk.
+        if count > 0 { check.insert(count - 1) }
+        let bad = try LayerDigest.mismatchedChunks(check.sorted(), of: device, layer: layer)
+        if let first = bad.first {
+            throw damaged("checksum mismatch in \(bad.count) chunk(s) of 4 MiB, the first at file offset 0x\(String(UInt64(first) * chunkSize, radix: 16))")
+        }
+        return check
     }
 
     /// Takes a writer's image locks on each layer file (on descriptors of their own, held
@@ -203,7 +291,8 @@ public enum MergeEngine {
     /// opened (the full layer for writing) before step 1 records anything. `recovering`: an
     /// earlier attempt, already recorded, may have died midway, leaving leaked clusters to free.
     private static func commitInPlace(_ repo: BackupRepository, _ manifest: BackupManifest, from: Int, _ k: Int,
-                                      logger: Logger, progress: ((UInt64, UInt64) -> Void)?, recovering: Bool) throws -> Folded {
+                                      checked: Set<Int>? = nil, logger: Logger, progress: ((UInt64, UInt64) -> Void)?,
+                                      recovering: Bool) throws -> Folded {
         var manifest = manifest
         let base = max(from, manifest.segmentStart(of: k))
         let into = manifest.layers[base].file
@@ -262,8 +351,18 @@ public enum MergeEngine {
         let identity: BackupManifest.Identity
         let hashed: Int
         if logged, let recorded {
+            let oldSize = manifest.layers[base].fileSize
+            if let checked {
+                // What `checkChunksToWrite` left out must be what the commit left alone.
+                let unchecked = log.changedChunks(oldSize: oldSize, newSize: oldSize)
+                    .filter { $0 < LayerDigest.chunkCount(of: oldSize) && !checked.contains($0) }
+                guard unchecked.isEmpty else {
+                    throw ChainError(.corrupt, "internal error: the merge wrote chunk(s) \(unchecked.sorted()) of the base layer that it had not checked first",
+                                     path: basePath)
+                }
+            }
             (digest, identity, hashed) = try LayerDigest.update(path: basePath, recorded: recorded,
-                                                                oldSize: manifest.layers[base].fileSize, writes: log)
+                                                                oldSize: oldSize, writes: log)
         } else {
             (digest, identity) = try LayerDigest.compute(path: basePath)
             hashed = digest.chunks.count
@@ -275,7 +374,7 @@ public enum MergeEngine {
         try repo.save(manifest)
         try DurableFiles.rename(basePath, to: repo.file(manifest.layers[k].file))
         try finish(repo, logger: logger)
-        return Folded(bytes: written, chunksHashed: hashed)
+        return Folded(bytes: written, chunksHashed: hashed, chunksChecked: checked?.count)
     }
 
     /// Writes point k as a new standalone file and swaps it in (layers of different sizes, or

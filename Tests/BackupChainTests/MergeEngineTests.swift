@@ -225,4 +225,65 @@ import Glibc
         let verify = try QBackupBinary.run(["verify", s.repo])
         #expect(verify.status == 1 && verify.stdout.contains("checksum mismatch"), "\(verify.stdout)\(verify.stderr)")
     }
+
+    /// The host offset in `image` of guest byte `guest` (from qemu-img map).
+    private func hostOffset(of guest: UInt64, in image: String) throws -> UInt64 {
+        let map = try Tools.qemuImg("map", "--output=json", "-f", "qcow2", image)
+        let extents = try JSONHelpers.parse(map.stdout) as? [[String: Any]] ?? []
+        let ext = try #require(extents.first {
+            guard let start = $0["start"] as? Int, let length = $0["length"] as? Int else { return false }
+            return UInt64(start) <= guest && guest < UInt64(start + length) && $0["offset"] is Int
+        })
+        return UInt64(try #require(ext["offset"] as? Int)) + guest - UInt64(try #require(ext["start"] as? Int))
+    }
+
+    /// A 24 MiB full layer of data and a night that rewrote one cluster at 12 MiB.
+    private func fullAndOneCluster(seed: UInt64) throws -> BackupScenario {
+        let s = try BackupScenario(size: "24M", seed: seed)
+        try Tools.run("qemu-io", ["-f", "qcow2", "-c", "write -P 0x11 0 24M", s.disk])
+        try s.backup()
+        try Tools.run("qemu-io", ["-f", "qcow2", "-c", "write -P 0x22 12M 64K", s.disk])
+        try s.backup()
+        return s
+    }
+
+    /// Issue 13 item 4: before an in-place merge writes the full layer's file it checks only the
+    /// chunks the commit may write (metadata, the data clusters of the guest clusters the newer
+    /// layers allocate, the last chunk), not the whole file.
+    @Test func inPlaceMergeChecksOnlyTheChunksItMayWrite() throws {
+        let s = try fullAndOneCluster(seed: 70)
+        let full = s.layerPath(try s.layers()[0])
+        let chunks = Int((try FileManager.default.attributesOfItem(atPath: full)[.size] as? UInt64 ?? 0) + (4 << 20) - 1) >> 22
+        #expect(chunks >= 6)
+        let result = try MergeEngine.merge(repository: s.repo, keep: 1)
+        #expect(result.folded == 1)
+        #expect(result.chunksChecked >= 2 && result.chunksChecked <= 3, "checked \(result.chunksChecked) of \(chunks) chunks")
+        try s.expectRestore(1, equals: s.references[1])
+        try s.qbackup(["verify", s.repo])
+    }
+
+    /// A byte flipped in the full layer's data cluster that the merge overwrites: the merge
+    /// refuses before it writes (it would hide the damage under a fresh digest).
+    @Test func mergeRefusesDamageInAChunkItWrites() throws {
+        let s = try fullAndOneCluster(seed: 71)
+        let full = s.layerPath(try s.layers()[0])
+        let at = try hostOffset(of: (12 << 20) + 4096, in: full)
+        try poke(full, at: at, [try peek(full, at: at, count: 1)[0] ^ 0x5a])
+        let before = try BackupScenario.digests(s.repo)
+        let result = try QBackupBinary.run(["merge", s.repo, "--keep", "1"])
+        #expect(result.status == 1 && result.stderr.contains("does not match its checksum"), "\(result.stdout)\(result.stderr)")
+        #expect(try BackupScenario.digests(s.repo) == before, "the refused merge changed the repository")
+    }
+
+    /// A byte flipped in a chunk of the full layer that the merge neither reads nor writes: the
+    /// merge goes on, the chunk keeps its recorded digest, and verify finds the damage after it.
+    @Test func damageTheMergeLeavesAloneIsStillFoundByVerify() throws {
+        let s = try fullAndOneCluster(seed: 72)
+        let full = s.layerPath(try s.layers()[0])
+        let at = try hostOffset(of: 4 << 20, in: full)
+        try poke(full, at: at, [try peek(full, at: at, count: 1)[0] ^ 0x5a])
+        try s.qbackup(["merge", s.repo, "--keep", "1"])
+        let verify = try QBackupBinary.run(["verify", s.repo])
+        #expect(verify.status == 1 && verify.stdout.contains("checksum mismatch"), "\(verify.stdout)\(verify.stderr)")
+    }
 }
