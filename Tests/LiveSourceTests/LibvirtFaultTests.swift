@@ -3,7 +3,8 @@ import Testing
 import TestSupport
 
 /// Faults of `qbackup backup --libvirt` against a real libvirtd: a second job on the domain,
-/// qbackup killed mid-backup, QEMU killed. Nothing is lost: every point restores byte-exact.
+/// qbackup killed mid-backup, QEMU killed, libvirtd restarted. Nothing is lost: every point
+/// restores byte-exact.
 @Suite(.serialized) struct LibvirtFaultTests {
     @Test func faultsThroughLibvirt() throws {
         let libvirt = try LibvirtDaemon()
@@ -11,6 +12,7 @@ import TestSupport
         try aSecondJobOnTheDomainIsRefusedAtOnce(libvirt)
         try aKilledBackupIsFinishedByTheNextRun(libvirt)
         try aKilledQEMUIsRecoveredWithAFullLayer(libvirt)
+        try aLibvirtdRestartedMidJobLosesNothing(libvirt)
     }
 
     /// While one backup's job runs, a backup of the same domain into another repository exits
@@ -113,6 +115,46 @@ import TestSupport
         let incremental = try s.backup()
         #expect(incremental["kind"] as? String == "incremental", "\(incremental)")
         #expect(incremental["bytes-copied"] as? Int == 64 << 10, "\(incremental)")
+        try s.checkEveryPoint()
+        try s.checkNothingLeft()
+    }
+
+    /// libvirtd restarted (stopped by its PID, started again) while the job runs: QEMU, the
+    /// export and the job live on, so the run records its layer and exits 0 with a warning that
+    /// it could not end the job (it died of SIGPIPE, exit 141 and no output, before); the next
+    /// run aborts that job, still ours, and goes on incrementally from the layer's checkpoint.
+    func aLibvirtdRestartedMidJobLosesNothing(_ libvirt: LibvirtDaemon) throws {
+        let s = try LibvirtScenario(libvirt, "lv-restart")
+        try s.write(0x61, at: 0, length: 1 << 20)
+        try s.start()
+        // No other suite may use libvirtd while it restarts.
+        let (run, point) = try libvirt.alone {
+            let run = try RunningQBackup(["backup", "--libvirt", s.domain, "--connect", libvirt.uri, "--repo", s.repo,
+                                          "--output", "json"],
+                                         environment: ["QBACKUP_DEBUG_LIVE_PAUSE": "8"], directory: s.dir)
+            #expect(s.waitForJob(while: run), "the backup job never appeared")
+            let point = s.model["vda"]
+            try libvirt.restartDaemon()
+            #expect(run.isRunning, "the run ended before libvirtd was restarted; the test proves nothing")
+            #expect(try s.hasJob(), "the job should outlive libvirtd")
+            return (run, point)
+        }
+        let first = run.wait()
+        #expect(first.status == 0, "status \(first.status): \(first.stderr)")
+        let json = (try? JSONHelpers.parse(first.stdout) as? [String: Any]) ?? [:]
+        #expect(json["kind"] as? String == "full", "\(first.stdout)")
+        #expect((json["warnings"] as? [String] ?? []).contains { $0.contains("ending the backup job failed") }, "\(json)")
+        if let index = json["index"] as? Int { s.points["vda", default: [:]][index] = point }
+        #expect(try s.layers().count == 1)
+
+        try s.write(0x62, at: 2 << 20, length: 64 << 10)
+        let next = try s.backup()
+        #expect(next["kind"] as? String == "incremental", "\(next)")
+        #expect(next["bytes-copied"] as? Int == 64 << 10, "\(next)")
+        #expect((next["warnings"] as? [String] ?? []).contains { $0.contains("aborted the backup job an interrupted run") },
+                "\(next)")
+        let newest = try #require(try s.layers().last?["checkpoint"] as? String)
+        #expect(try libvirt.checkpoints(s.domain) == [newest])
         try s.checkEveryPoint()
         try s.checkNothingLeft()
     }

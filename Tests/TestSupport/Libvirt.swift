@@ -13,7 +13,7 @@ public final class LibvirtDaemon: @unchecked Sendable {
     private var stopped = false
 
     /// The daemons this process started, and how many fixtures use them.
-    private static let shared = NSLock()
+    private static let shared = NSRecursiveLock()
     nonisolated(unsafe) private static var users = 0
     nonisolated(unsafe) private static var started: [pid_t] = []
 
@@ -71,6 +71,58 @@ public final class LibvirtDaemon: @unchecked Sendable {
         children = Self.started
         Self.started = []
         stopChildren()
+    }
+
+    /// Runs `body` with the daemon to the caller alone: waits until no other suite of this
+    /// process uses it (a restart would cut their connections) and holds the fixture's lock
+    /// meanwhile, so that none starts using it.
+    public func alone<T>(_ body: () throws -> T) throws -> T {
+        let deadline = Date().addingTimeInterval(300)
+        Self.shared.lock()
+        defer { Self.shared.unlock() }
+        while Self.users > 1 {
+            Self.shared.unlock()
+            usleep(100_000)
+            Self.shared.lock()
+            guard Date() < deadline else {
+                throw Tools.MissingTool(name: "libvirtd to one suite (others of this process still use it after 300 s)",
+                                        package: "libvirt-daemon-system")
+            }
+        }
+        return try body()
+    }
+
+    /// Restarts libvirtd as an admin would (call it inside `alone`): the running one is stopped
+    /// (SIGTERM) by the PID in its pid file, and a new one is started as a child of this
+    /// process, which the last `stop()` stops by its PID. QEMU and its jobs outlive it
+    /// (libvirtd reconnects to them).
+    public func restartDaemon() throws {
+        let libvirtd = try Tools.which("libvirtd", hint: "libvirt-daemon-system")
+        Self.shared.lock()
+        defer { Self.shared.unlock() }
+        let text = (try? String(contentsOfFile: "/run/libvirtd.pid", encoding: .utf8)) ?? ""
+        guard let pid = pid_t(text.trimmingCharacters(in: .whitespacesAndNewlines)), pid > 0 else {
+            throw Tools.MissingTool(name: "a libvirtd pid file (/run/libvirtd.pid: '\(text)')", package: "libvirt-daemon-system")
+        }
+        kill(pid, SIGTERM)
+        let deadline = Date().addingTimeInterval(15)
+        if let ours = Self.started.firstIndex(of: pid) {
+            while isRunning(pid) && Date() < deadline { usleep(50_000) }
+            Self.started.remove(at: ours)
+        } else {
+            while kill(pid, 0) == 0 && Date() < deadline { usleep(50_000) }
+        }
+        guard kill(pid, 0) != 0 else {
+            throw Tools.MissingTool(name: "a libvirtd that stops on SIGTERM (pid \(pid) still runs)", package: "libvirt-daemon-system")
+        }
+        let child = try ChildProcess.spawn(libvirtd, [], output: "/dev/null")
+        Self.started.append(child)
+        while !answers() {
+            guard Date() < deadline.addingTimeInterval(45), isRunning(child) else {
+                throw Tools.MissingTool(name: "a libvirtd that answers after a restart", package: "libvirt-daemon-system")
+            }
+            usleep(100_000)
+        }
     }
 
     private func stopChildren() {

@@ -1,5 +1,6 @@
 import ArgumentParser
 import FoundationEssentials
+import Glibc
 import BackupChain
 import LiveSource
 import QCowImage
@@ -134,6 +135,10 @@ struct BackupCommand: ParsableCommand {
             var checkpoint: String?
             var notes: [String] = []
             if let libvirt {
+                // libvirt's client writes to the daemon's socket: a libvirtd restarted mid-job must
+                // give a warning line (the next run aborts the job), not a silent death by SIGPIPE
+                // after the layer was recorded.
+                signal(SIGPIPE, SIG_IGN)
                 let outcome = try LibvirtBackup.backup(
                     LibvirtBackup.Request(domain: libvirt, uri: connect ?? "qemu:///system", disk: disk, repository: repo,
                                           mode: request.mode, compression: compress.type, dryRun: dryRun,
