@@ -174,10 +174,7 @@ final class FleeceSession {
         exportAdded = true
         logger.debug("fleecing export ready", metadata: ["uri": "\(uri)"])
         #if DEBUG
-        // Tests only (debug builds): hold the point-in-time window open.
-        if let pause = ProcessInfo.processInfo.environment["QBACKUP_DEBUG_LIVE_PAUSE"], let seconds = Double(pause) {
-            usleep(UInt32(seconds * 1_000_000))
-        }
+        DebugHold.here()
         #endif
     }
 

@@ -288,10 +288,7 @@ public enum LibvirtBackup {
         job.started = true
         job.created = checkpoint
         #if DEBUG
-        // Tests only (debug builds): hold the point-in-time window open.
-        if let pause = ProcessInfo.processInfo.environment["QBACKUP_DEBUG_LIVE_PAUSE"], let seconds = Double(pause) {
-            usleep(UInt32(seconds * 1_000_000))
-        }
+        DebugHold.here()
         #endif
 
         engine.tracking = .checkpoint(checkpoint)

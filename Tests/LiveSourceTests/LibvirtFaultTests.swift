@@ -49,7 +49,7 @@ import TestSupport
         try s.write(0x42, at: 2 << 20, length: 64 << 10)
 
         let run = try RunningQBackup(["backup", "--libvirt", s.domain, "--connect", libvirt.uri, "--repo", s.repo],
-                                     environment: ["QBACKUP_DEBUG_LIVE_PAUSE": "30"], directory: s.dir)
+                                     held: true, directory: s.dir)
         #expect(s.waitForJob(while: run), "the backup job never appeared")
         run.kill()
         _ = run.wait()
@@ -131,12 +131,13 @@ import TestSupport
         let (run, point) = try libvirt.alone {
             let run = try RunningQBackup(["backup", "--libvirt", s.domain, "--connect", libvirt.uri, "--repo", s.repo,
                                           "--output", "json"],
-                                         environment: ["QBACKUP_DEBUG_LIVE_PAUSE": "8"], directory: s.dir)
+                                         held: true, directory: s.dir)
             #expect(s.waitForJob(while: run), "the backup job never appeared")
             let point = s.model["vda"]
             try libvirt.restartDaemon()
             #expect(run.isRunning, "the run ended before libvirtd was restarted; the test proves nothing")
             #expect(try s.hasJob(), "the job should outlive libvirtd")
+            run.release()
             return (run, point)
         }
         let first = run.wait()

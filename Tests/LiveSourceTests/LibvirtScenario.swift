@@ -78,7 +78,7 @@ final class LibvirtScenario {
         let arguments = ["backup", "--libvirt", domain, "--connect", connect ?? libvirt.uri, "--repo", repo, "--output", "json"] + extra
         let result: Tools.Result
         if let during {
-            let run = try RunningQBackup(arguments, environment: ["QBACKUP_DEBUG_LIVE_PAUSE": "1"], directory: dir)
+            let run = try RunningQBackup(arguments, held: true, directory: dir)
             // Without a job, the run's own status and stderr (below) say why.
             if waitForJob(while: run) {
                 try during()

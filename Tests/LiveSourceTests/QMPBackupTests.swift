@@ -6,8 +6,8 @@ import TestSupport
 /// offline/live chains, bitmap states and refusals. Every point restores byte-exact to a model.
 @Suite struct QMPBackupTests {
     /// Writes made while a backup runs are not in that layer but in the next one. The test
-    /// watches its own monitor and writes once the export exists; the debug-build pause
-    /// keeps the window open long enough.
+    /// watches its own monitor and writes once the export exists; the run is held (debug
+    /// builds) until the writes are done, so the window does not depend on the machine's speed.
     @Test func writesDuringABackupLandInTheNextLayer() throws {
         let s = try LiveScenario("live-pit")
         try s.write(0x11, at: 0, length: 3 << 20)
@@ -18,7 +18,7 @@ import TestSupport
         for round in 0..<2 {
             let before = s.model
             let run = try RunningQBackup(["backup", "--qmp", vm.qmpSocket, "--repo", s.repo, "--output", "json"],
-                                         environment: ["QBACKUP_DEBUG_LIVE_PAUSE": "1"], directory: s.dir)
+                                         held: true, directory: s.dir)
             // Wait for the export, then write over data the backup has not read yet.
             let deadline = Date().addingTimeInterval(30)
             var exported = false
@@ -118,7 +118,7 @@ import TestSupport
         try FileManager.default.createDirectory(atPath: fleece, withIntermediateDirectories: true)
         let run = try RunningQBackup(["backup", "--qmp", vm.qmpSocket, "--repo", s.repo, "--output", "json",
                                       "--fleece-dir", fleece, "--nbd-server", "unix:\(socket)"],
-                                     environment: ["QBACKUP_DEBUG_LIVE_PAUSE": "1"], directory: s.dir)
+                                     held: true, directory: s.dir)
         let before = s.model
         let deadline = Date().addingTimeInterval(30)
         var overlays: [String] = []

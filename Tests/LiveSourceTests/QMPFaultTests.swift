@@ -7,11 +7,11 @@ import TestSupport
 /// (incremental when the bitmaps survived, full otherwise), nothing of qbackup's is left
 /// in QEMU, and every point restores to the model: no tracked change is lost.
 @Suite struct QMPFaultTests {
-    /// Starts a backup held open by the debug-build pause, and waits until its export exists.
-    static func startHeldBackup(_ s: LiveScenario, pause: String) throws -> RunningQBackup {
+    /// Starts a backup held open (debug builds) until it is released, and waits until its export exists.
+    static func startHeldBackup(_ s: LiveScenario) throws -> RunningQBackup {
         let vm = try #require(s.vm)
         let run = try RunningQBackup(["backup", "--qmp", vm.qmpSocket, "--repo", s.repo, "--output", "json"],
-                                     environment: ["QBACKUP_DEBUG_LIVE_PAUSE": pause], directory: s.dir)
+                                     held: true, directory: s.dir)
         let deadline = Date().addingTimeInterval(30)
         while run.isRunning && Date() < deadline {
             if !((try vm.monitor.execute("query-block-exports") as? [Any]) ?? []).isEmpty { return run }
@@ -22,10 +22,10 @@ import TestSupport
     }
 
     /// A VM with one backup taken and then `changed` (pattern, offset, length) written and flushed;
-    /// the next backup is held open (the debug-build pause) while `fault` strikes, and must fail
+    /// the next backup is held open (debug builds) while `fault` strikes, then released, and must fail
     /// (exit 1, a `qbackup: error:` line). Returns the scenario for what comes after.
     static func interruptedBackup(_ name: String, first: UInt8, changed: (UInt8, at: Int, length: Int),
-                                  pause: String = "3", sourceLocation: SourceLocation = #_sourceLocation,
+                                  sourceLocation: SourceLocation = #_sourceLocation,
                                   fault: (LiveScenario, QemuVM) throws -> Void) throws -> LiveScenario {
         let s = try LiveScenario(name)
         try s.write(first, at: 0, length: 1 << 20)
@@ -34,9 +34,9 @@ import TestSupport
         try s.backup()
         try s.write(changed.0, at: changed.at, length: changed.length)
         try vm.flush()
-        let run = try Self.startHeldBackup(s, pause: pause)
+        let run = try Self.startHeldBackup(s)
         try fault(s, vm)
-        let failed = run.wait()
+        let failed = run.wait()  // releases it
         #expect(failed.status == 1, "\(failed.stderr)", sourceLocation: sourceLocation)
         #expect(failed.stderr.contains("qbackup: error:"), "\(failed.stderr)", sourceLocation: sourceLocation)
         return s
@@ -131,8 +131,7 @@ import TestSupport
     /// The NBD connection dropped (the export deleted under it): a clear error, the bits merged
     /// back, the next backup incremental and complete.
     @Test func nbdConnectionDropped() throws {
-        let s = try Self.interruptedBackup("live-drop", first: 0x91, changed: (0x92, at: 3 << 20, length: 64 << 10),
-                                           pause: "1") { _, vm in
+        let s = try Self.interruptedBackup("live-drop", first: 0x91, changed: (0x92, at: 3 << 20, length: 64 << 10)) { _, vm in
             let exports = try vm.monitor.execute("query-block-exports") as? [[String: Any]] ?? []
             let id = try #require(exports.first?["id"] as? String)
             try vm.monitor.execute("block-export-del", ["id": id, "mode": "hard"])

@@ -184,11 +184,20 @@ public final class RunningQBackup: @unchecked Sendable {
     private let out: String
     private let err: String
 
-    /// Starts `qbackup ARGS` with stdout and stderr going to files in `directory`.
-    public init(_ arguments: [String], environment: [String: String] = [:], directory: TempDir) throws {
+    /// Where a held run waits for its release (nil: not held).
+    private let releaseFile: String?
+
+    /// Starts `qbackup ARGS` with stdout and stderr going to files in `directory`. A `held`
+    /// live backup (debug builds) waits once its export is up, before its first read, until
+    /// `release()` or `wait()`: the window does not depend on the machine's speed.
+    public init(_ arguments: [String], environment: [String: String] = [:], held: Bool = false,
+                directory: TempDir) throws {
         let tag = UUID().uuidString.prefix(6)
         out = directory.file("qbackup-\(tag).out")
         err = directory.file("qbackup-\(tag).err")
+        releaseFile = held ? directory.file("qbackup-\(tag).release") : nil
+        var environment = environment
+        if let releaseFile { environment["QBACKUP_DEBUG_LIVE_HOLD"] = releaseFile }
         FileManager.default.createFile(atPath: out, contents: nil)
         FileManager.default.createFile(atPath: err, contents: nil)
         process = Process()
@@ -208,8 +217,15 @@ public final class RunningQBackup: @unchecked Sendable {
         if process.isRunning { Glibc.kill(process.processIdentifier, SIGKILL) }
     }
 
-    /// Waits for the exit (at most `seconds`, then kills it) and returns what it printed.
+    /// Lets a held run go on.
+    public func release() {
+        if let releaseFile { FileManager.default.createFile(atPath: releaseFile, contents: nil) }
+    }
+
+    /// Releases a held run, waits for the exit (at most `seconds`, then kills it) and returns
+    /// what it printed.
     public func wait(seconds: TimeInterval = 120) -> Tools.Result {
+        release()
         let deadline = Date().addingTimeInterval(seconds)
         while process.isRunning && Date() < deadline { usleep(2_000) }
         kill()
