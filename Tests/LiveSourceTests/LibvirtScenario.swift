@@ -54,7 +54,7 @@ final class LibvirtScenario {
     func destroy() throws {
         try libvirt.must(["destroy", domain])
         running = false
-        waitForImageLocksToClear(disk(targets[0]))
+        for target in targets { waitForImageLocksToClear(disk(target)) }
     }
 
     /// A guest write: through HMP while the domain runs, with qemu-io on the file otherwise.
@@ -94,10 +94,31 @@ final class LibvirtScenario {
         stderr = result.stderr
         #expect(result.status == expectStatus, "qbackup backup: \(result.stderr)", sourceLocation: sourceLocation)
         let json = (try? JSONHelpers.parse(result.stdout) as? [String: Any]) ?? [:]
-        if result.status == 0, let index = json["index"] as? Int, json["dry-run"] as? Bool != true {
+        if result.status == 0 { record(json, before: before) }
+        return json
+    }
+
+    /// Records the layers a backup's JSON names as points of `before`: one disk's object, or
+    /// several disks' (`{"disks": [{"disk": …, "index": …}, …]}`).
+    func record(_ json: [String: Any], before: [String: [UInt8]]) {
+        guard json["dry-run"] as? Bool != true else { return }
+        if let index = json["index"] as? Int {
             for target in targets { points[target, default: [:]][index] = before[target] }
         }
-        return json
+        for disk in json["disks"] as? [[String: Any]] ?? [] {
+            if let target = disk["disk"] as? String, let index = disk["index"] as? Int, disk["dry-run"] as? Bool != true {
+                points[target, default: [:]][index] = before[target]
+            }
+        }
+    }
+
+    /// Several disks' JSON by disk target.
+    func byDisk(_ json: [String: Any]) -> [String: [String: Any]] {
+        var result: [String: [String: Any]] = [:]
+        for disk in json["disks"] as? [[String: Any]] ?? [] {
+            if let target = disk["disk"] as? String { result[target] = disk }
+        }
+        return result
     }
 
     func hasJob() throws -> Bool {

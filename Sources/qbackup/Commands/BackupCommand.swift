@@ -27,10 +27,12 @@ struct BackupCommand: ParsableCommand {
             is full. qbackup never resets that bitmap: where its tracking starts is the exporter's \
             business.
 
-            With --libvirt DOMAIN a disk of a VM that libvirt manages (--connect URI, default \
-            qemu:///system; qemu+ssh://root@host/system for another host) is backed up through \
+            With --libvirt DOMAIN the disks of a VM that libvirt manages (--connect URI, default \
+            qemu:///system; qemu+ssh://root@host/system for another host) are backed up through \
             libvirt's checkpoints and pull-mode backup, at one point in time; a shut-off domain \
-            from its disk file, into the same chain. Nightly:
+            from its disk files, into the same chains. One disk (the domain's only one, or \
+            --disk TARGET) goes into DIR itself; several (--disk repeated, or all of the \
+            domain's) in one libvirt job into DIR/TARGET each. Nightly:
               0 2 * * *  qbackup backup --libvirt vm1 --repo /backup/vm1
 
             With --qmp SOCKET the disk of a running QEMU is backed up through QEMU's own NBD server, \
@@ -67,8 +69,10 @@ struct BackupCommand: ParsableCommand {
     @Option(name: .long, help: "With --libvirt: the libvirt URI (default: qemu:///system).")
     var connect: String?
 
-    @Option(name: .long, help: "With --libvirt: the disk's target, e.g. vda (default: the domain's only disk).")
-    var disk: String?
+    @Option(name: .long, help: ArgumentHelp(
+        "With --libvirt: a disk's target, e.g. vda; repeat it for several (default: every disk of the domain).",
+        discussion: "One disk is backed up into DIR itself; several in one libvirt job, at one point in time, into DIR/TARGET each."))
+    var disk: [String] = []
 
     @Option(name: .long, help: "The repository folder (created if missing).", completion: .directory) var repo: String
 
@@ -99,7 +103,7 @@ struct BackupCommand: ParsableCommand {
         if [image != nil, nbd != nil, qmp != nil, libvirt != nil].filter({ $0 }).count != 1 {
             throw ValidationError("give one of IMAGE, --nbd URI, --qmp SOCKET or --libvirt DOMAIN")
         }
-        if libvirt == nil && (connect != nil || disk != nil) { throw ValidationError("--connect and --disk go with --libvirt") }
+        if libvirt == nil && (connect != nil || !disk.isEmpty) { throw ValidationError("--connect and --disk go with --libvirt") }
         if libvirt != nil && (bitmap != nil || takeOverBitmap) {
             throw ValidationError("--bitmap and --take-over-bitmap do not apply to --libvirt (libvirt tracks changes with checkpoints)")
         }
@@ -140,18 +144,23 @@ struct BackupCommand: ParsableCommand {
                 // after the layer was recorded.
                 signal(SIGPIPE, SIG_IGN)
                 let outcome = try LibvirtBackup.backup(
-                    LibvirtBackup.Request(domain: libvirt, uri: connect ?? "qemu:///system", disk: disk, repository: repo,
+                    LibvirtBackup.Request(domain: libvirt, uri: connect ?? "qemu:///system", disks: disk, repository: repo,
                                           mode: request.mode, compression: compress.type, dryRun: dryRun,
                                           clusterSize: clusterSize),
                     logger: options.logger, progress: progress?.update)
-                result = outcome.result
-                reason = full || result.index == 0 ? nil : outcome.reason
-                checkpoint = dryRun ? nil : outcome.checkpoint
-                // What it did besides the layer: routine notes (a shut-off domain, a checkpoint not needed) are
+                // What it did besides the layers: routine notes (a shut-off domain, a checkpoint not needed) are
                 // informational like the checkpoint line below; warnings (a job or checkpoints an interrupted run
                 // or a crash left, a failed cleanup) are warnings.
-                notes = outcome.notes
                 for message in outcome.warnings { warning(message) }
+                guard !outcome.grouped, let only = outcome.disks.first else {
+                    progress?.finish()
+                    report(several: outcome)
+                    return 0
+                }
+                result = only.result
+                reason = full || result.index == 0 ? nil : only.reason
+                checkpoint = dryRun ? nil : only.checkpoint
+                notes = outcome.notes
             } else if let qmp {
                 // Its warnings (cleanup in QEMU failed, bits merged back) come through the logger: warning().
                 let outcome = try QMPBackup.backup(
@@ -173,28 +182,9 @@ struct BackupCommand: ParsableCommand {
             progress?.finish()
             reason = reason ?? result.reason
             if options.json {
-                var pairs: [(String, JSON)] = [
-                    ("kind", .string(result.kind.rawValue)), ("index", .int(Int64(result.index))),
-                    ("bitmap", .string(result.bitmap)), ("bytes-copied", .uint(result.bytesCopied)),
-                    ("extents", .int(Int64(result.extents))), ("dry-run", .bool(result.dryRun)),
-                    ("virtual-size", .uint(result.virtualSize)),
-                ]
-                if nbd != nil { pairs.append(("bitmap-reset", .bool(false))) }
-                if let reason { pairs.append(("reason", .string(reason))) }
-                if let checkpoint { pairs.append(("checkpoint", .string(checkpoint))) }
-                if let layer = result.layer {
-                    pairs.insert(("layer", .string(layer.file)), at: 0)
-                    pairs.append(("mode", .string(layer.mode.rawValue)))
-                    pairs.append(("file-size", .uint(layer.fileSize)))
-                    pairs.append(("created", .string(layer.created)))
-                }
-                JSONReport.set(JSON.object(pairs))
-            } else if result.dryRun {
-                if let reason { options.inform("would take a full backup: \(reason)\n") }
-                options.inform("would take \(result.kind == .full ? "a full" : "an incremental") backup as layer \(result.index): \(humanSize(result.bytesCopied)) in \(result.extents) extent(s)\n")
-            } else if let layer = result.layer {
-                if let reason { options.inform("taking a full backup: \(reason)\n") }
-                options.inform("\(result.kind.rawValue) backup: layer \(result.index) \(layer.file), \(humanSize(result.bytesCopied)) copied in \(result.extents) extent(s), file \(humanSize(layer.fileSize))\n")
+                JSONReport.set(JSON.object(object(result, reason: reason, checkpoint: checkpoint, bitmapReset: nbd != nil ? false : nil)))
+            } else {
+                inform(result, reason: reason)
             }
             if !options.json && !options.quiet {
                 for note in notes { standardError("qbackup: note: \(note.replacing("\n", with: " "))\n") }
@@ -207,8 +197,61 @@ struct BackupCommand: ParsableCommand {
             return 0
         }
     }
-}
 
+    /// A backup's JSON object (one disk's, in a run of several).
+    func object(_ result: BackupEngine.Result, reason: String?, checkpoint: String?, bitmapReset: Bool? = nil) -> [(String, JSON)] {
+        var pairs: [(String, JSON)] = [
+            ("kind", .string(result.kind.rawValue)), ("index", .int(Int64(result.index))),
+            ("bitmap", .string(result.bitmap)), ("bytes-copied", .uint(result.bytesCopied)),
+            ("extents", .int(Int64(result.extents))), ("dry-run", .bool(result.dryRun)),
+            ("virtual-size", .uint(result.virtualSize)),
+        ]
+        if let bitmapReset { pairs.append(("bitmap-reset", .bool(bitmapReset))) }
+        if let reason { pairs.append(("reason", .string(reason))) }
+        if let checkpoint { pairs.append(("checkpoint", .string(checkpoint))) }
+        if let layer = result.layer {
+            pairs.insert(("layer", .string(layer.file)), at: 0)
+            pairs.append(("mode", .string(layer.mode.rawValue)))
+            pairs.append(("file-size", .uint(layer.fileSize)))
+            pairs.append(("created", .string(layer.created)))
+        }
+        return pairs
+    }
+
+    /// A backup's human lines (`prefix`: the disk's, in a run of several).
+    func inform(_ result: BackupEngine.Result, reason: String?, prefix: String = "") {
+        if result.dryRun {
+            if let reason { options.inform("\(prefix)would take a full backup: \(reason)\n") }
+            options.inform("\(prefix)would take \(result.kind == .full ? "a full" : "an incremental") backup as layer \(result.index): \(humanSize(result.bytesCopied)) in \(result.extents) extent(s)\n")
+        } else if let layer = result.layer {
+            if let reason { options.inform("\(prefix)taking a full backup: \(reason)\n") }
+            options.inform("\(prefix)\(result.kind.rawValue) backup: layer \(result.index) \(layer.file), \(humanSize(result.bytesCopied)) copied in \(result.extents) extent(s), file \(humanSize(layer.fileSize))\n")
+        }
+    }
+
+    /// Several disks of a libvirt domain (DIR/TARGET each): JSON `{"disks": [...]}`, one object
+    /// per disk as one disk's backup reports it plus its `disk` target and `repository`; human
+    /// output, each disk's lines prefixed with its target.
+    func report(several outcome: LibvirtBackup.Outcome) {
+        let reasonOf = { (disk: LibvirtBackup.DiskOutcome) -> String? in full || disk.result.index == 0 ? nil : disk.reason }
+        if options.json {
+            let disks = outcome.disks.map { disk -> JSON in
+                let names: [(String, JSON)] = [("disk", .string(disk.target)), ("repository", .string(disk.repository))]
+                return JSON.object(names + object(disk.result, reason: reasonOf(disk), checkpoint: dryRun ? nil : disk.checkpoint))
+            }
+            JSONReport.set(JSON.object([("disks", .array(disks))]))
+            return
+        }
+        for disk in outcome.disks { inform(disk.result, reason: reasonOf(disk), prefix: "\(disk.target): ") }
+        guard !options.quiet else { return }
+        for note in outcome.notes { standardError("qbackup: note: \(note.replacing("\n", with: " "))\n") }
+        if !dryRun {
+            for disk in outcome.disks {
+                if let checkpoint = disk.checkpoint { standardError("qbackup: note: \(disk.target): checkpoint '\(checkpoint)'\n") }
+            }
+        }
+    }
+}
 
 extension CommandLine {
     /// Whether every argument the process was given is valid UTF-8.
