@@ -14,6 +14,7 @@ import TestSupport
         try bothDisksAreOfOneMomentAndEachGoesOnFromItsOwnCheckpoint(libvirt)
         try aOneDiskRepositoryRefusesSeveralDisks(libvirt)
         try aKilledTwoDiskBackupIsFinishedByTheNextRun(libvirt)
+        try aFailedDiskRecordsNoLayerOfTheJob(libvirt)
     }
 
     /// The group record at DIR's top.
@@ -190,6 +191,78 @@ import TestSupport
         #expect(newest != kept)
         #expect(disks["vdb"]?["checkpoint"] as? String == newest)
         #expect(try libvirt.checkpoints(s.domain) == [newest])
+        try s.checkEveryPoint()
+        try s.checkNothingLeft()
+    }
+
+    /// A disk that fails: no layer of that job is recorded in either repository and the
+    /// checkpoint the job made is deleted. Before the job (vdb's repository is another disk's:
+    /// vda's engine, already holding its repository, stops too and no job begins) and during it
+    /// (the job aborted under the held run, so both exports go: neither layer is recorded).
+    /// The next run goes on incrementally; every point restores.
+    func aFailedDiskRecordsNoLayerOfTheJob(_ libvirt: LibvirtDaemon) throws {
+        let s = try LibvirtScenario(libvirt, "lv-two-fail", targets: ["vda", "vdb"])
+        try s.write(0x51, at: 0, length: 1 << 20, disk: "vda")
+        try s.write(0x52, at: 0, length: 1 << 20, disk: "vdb")
+        try s.start()
+        try s.backup()
+        let kept = try libvirt.checkpoints(s.domain)
+        #expect(kept.count == 1)
+        try s.write(0x53, at: 2 << 20, length: 64 << 10, disk: "vda")
+        try s.write(0x54, at: 3 << 20, length: 64 << 10, disk: "vdb")
+
+        // Before the job: DIR/vdb made another disk's repository.
+        let vdb = s.repository("vdb")
+        let aside = s.dir.file("vdb-aside")
+        try FileManager.default.moveItem(atPath: vdb, toPath: aside)
+        let other = s.dir.file("other.qcow2")
+        try Tools.qemuImg("create", "-q", "-f", "qcow2", other, "\(s.size)")
+        #expect(try QBackupBinary.run(["backup", other, "--repo", vdb]).status == 0)
+        let refused = try QBackupBinary.run(["backup", "--libvirt", s.domain, "--connect", libvirt.uri, "--repo", s.repo])
+        #expect(refused.status == 1, "\(refused.stderr)")
+        #expect(refused.stderr.contains("belongs to another disk"), "\(refused.stderr)")
+        #expect(try s.layers("vda").count == 1, "vda's layer of a job that never began is not recorded")
+        #expect(try libvirt.checkpoints(s.domain) == kept)
+        #expect(try !s.hasJob())
+        try FileManager.default.removeItem(atPath: vdb)
+        try FileManager.default.moveItem(atPath: aside, toPath: vdb)
+
+        // During the job, one disk: vdb's repository says its disk was larger, which its engine
+        // finds once the job's export is up (the disk "shrank"); vda's layer is written by then
+        // and must not be recorded either.
+        let manifest = vdb + "/manifest.json"
+        let original = try Data(contentsOf: URL(fileURLWithPath: manifest))
+        var edited = try #require(try JSONSerialization.jsonObject(with: original) as? [String: Any])
+        edited["virtual-size"] = s.size * 2
+        try JSONSerialization.data(withJSONObject: edited).write(to: URL(fileURLWithPath: manifest))
+        let shrank = try QBackupBinary.run(["backup", "--libvirt", s.domain, "--connect", libvirt.uri, "--repo", s.repo])
+        #expect(shrank.status == 1, "\(shrank.stderr)")
+        #expect(shrank.stderr.contains("shrank"), "\(shrank.stderr)")
+        #expect(try s.layers("vda").count == 1, "vda's layer of the failed job is not recorded")
+        #expect(try libvirt.checkpoints(s.domain) == kept, "the failed job's checkpoint is deleted")
+        #expect(try !s.hasJob())
+        try original.write(to: URL(fileURLWithPath: manifest))
+
+        // During the job: aborted while the run is held before its first read.
+        let run = try RunningQBackup(["backup", "--libvirt", s.domain, "--connect", libvirt.uri, "--repo", s.repo],
+                                     held: true, directory: s.dir)
+        #expect(s.waitForJob(while: run), "the backup job never appeared")
+        #expect(try libvirt.checkpoints(s.domain).count == 2, "the job made a checkpoint")
+        try libvirt.must(["domjobabort", s.domain])
+        let failed = run.wait()
+        #expect(failed.status != 0, "\(failed.stderr)")
+        #expect(failed.stderr.contains("qbackup: error:"), "\(failed.stderr)")
+        #expect(try s.layers("vda").count == 1 && s.layers("vdb").count == 1, "no layer of the failed job is recorded")
+        #expect(try libvirt.checkpoints(s.domain) == kept, "the failed job's checkpoint is deleted")
+        #expect(try !s.hasJob())
+
+        let next = try s.backup()
+        let disks = s.byDisk(next)
+        #expect(disks["vda"]?["kind"] as? String == "incremental", "\(next) \(s.stderr)")
+        #expect(disks["vda"]?["bytes-copied"] as? Int == 64 << 10, "\(next)")
+        #expect(disks["vdb"]?["kind"] as? String == "incremental", "\(next)")
+        #expect(disks["vdb"]?["bytes-copied"] as? Int == 64 << 10, "\(next)")
+        #expect(try libvirt.checkpoints(s.domain).count == 1)
         try s.checkEveryPoint()
         try s.checkNothingLeft()
     }
