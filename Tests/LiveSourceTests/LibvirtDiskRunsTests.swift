@@ -66,6 +66,21 @@ import TestSupport
         #expect(try group(s).sequence == 2)
         #expect(try libvirt.checkpoints(s.domain) == [second])
 
+        // A dry run reports each disk (the write of the last window, 64 KiB each) and changes nothing.
+        let dry = try s.backup(["--dry-run"])
+        for (target, disk) in s.byDisk(dry) {
+            #expect(disk["dry-run"] as? Bool == true, "\(target): \(disk)")
+            #expect(disk["kind"] as? String == "incremental", "\(target): \(disk)")
+            #expect(disk["bytes-copied"] as? Int == 64 << 10, "\(target): \(disk)")
+        }
+        #expect(s.byDisk(dry).count == 2, "\(dry)")
+        #expect(try s.layers("vda").count == 2 && s.layers("vdb").count == 2)
+        #expect(try group(s).sequence == 2 && libvirt.checkpoints(s.domain) == [second])
+        let human = try QBackupBinary.run(["backup", "--libvirt", s.domain, "--connect", libvirt.uri, "--repo", s.repo, "--dry-run"])
+        #expect(human.status == 0, "\(human.stderr)")
+        #expect(human.stdout.contains("vda: would take an incremental backup as layer 2")
+                && human.stdout.contains("vdb: would take an incremental backup as layer 2"), "\(human.stdout)")
+
         // The writes of the incremental's window are in the next layers.
         let third = try s.backup()
         for (target, disk) in s.byDisk(third) {
