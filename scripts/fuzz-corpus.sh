@@ -150,6 +150,15 @@ for r in three-layers zstd merged two-segments; do
 done
 first="$("$qbackup" list "$work/three-layers-repo" --output json | python3 -c 'import json,sys; print(json.load(sys.stdin)["layers"][0]["index"])')"
 "$qbackup" send "$work/three-layers-repo" --after "$first" > "$out/stream/three-layers-after-first"
+# A whole stream followed by what a merge at the source then sends its replica (a fold record):
+# the target receives the streams of one input one after another.
+repo folded
+"$qbackup" send "$work/folded-repo" > "$work/folded-first"
+"$qbackup" receive "$work/folded-replica" < "$work/folded-first" >/dev/null
+"$qbackup" merge "$work/folded-repo" --keep 2 >/dev/null
+"$qbackup" list "$work/folded-replica" --output json > "$work/folded-have.json"
+"$qbackup" send "$work/folded-repo" --have "$work/folded-have.json" > "$work/folded-next"
+cat "$work/folded-first" "$work/folded-next" > "$out/stream/three-layers-then-fold"
 for f in "$out/repository"/* "$out/stream"/*; do
     size=$(stat -c %s "$f")
     if [ "$size" -gt $((512 * 1024)) ]; then echo "fuzz-corpus: $f is $size bytes, too big for a seed" >&2; exit 1; fi

@@ -180,18 +180,21 @@ public struct BackupManifest: Codable, Equatable, Sendable {
         }
     }
 
-    /// One journal record: a file name qbackup owns but no layer claims, or a merge in progress.
+    /// One journal record: a file name qbackup owns but no layer claims, a merge in progress,
+    /// or (on a replica) a fold received from the source that is being switched in.
     public struct JournalEntry: Codable, Equatable, Sendable {
         /// A plain file name inside the folder.
         public var file: String?
         public var merge: PendingMerge?
+        public var fold: ReceivedFold?
         public init(file: String) {
             self.file = file
-            merge = nil
         }
         public init(merge: PendingMerge) {
-            file = nil
             self.merge = merge
+        }
+        public init(fold: ReceivedFold) {
+            self.fold = fold
         }
     }
 
@@ -265,6 +268,15 @@ public struct BackupManifest: Codable, Equatable, Sendable {
         set {
             journal.removeAll { $0.merge != nil }
             if let newValue { journal.append(JournalEntry(merge: newValue)) }
+        }
+    }
+
+    /// The received fold being switched in (the journal's fold record), if any.
+    public var receivedFold: ReceivedFold? {
+        get { journal.lazy.compactMap(\.fold).first }
+        set {
+            journal.removeAll { $0.fold != nil }
+            if let newValue { journal.append(JournalEntry(fold: newValue)) }
         }
     }
 
@@ -343,14 +355,20 @@ public struct BackupManifest: Codable, Equatable, Sendable {
         }
         guard journal.count <= Self.maxJournal else { throw bad("journal holds \(journal.count) entries, more than \(Self.maxJournal)") }
         for entry in journal {
-            guard (entry.file == nil) != (entry.merge == nil) else { throw bad("a journal entry names neither or both a file and a merge") }
+            guard [entry.file != nil, entry.merge != nil, entry.fold != nil].filter({ $0 }).count == 1 else {
+                throw bad("a journal entry names none or more than one of a file, a merge and a fold")
+            }
             if let file = entry.file, !Self.isPlainFileName(file) { throw bad("journal file '\(file)' is not a plain file name") }
         }
         guard journal.filter({ $0.merge != nil }).count <= 1 else { throw bad("journal holds two merges") }
         if let pending = pendingMerge { try validate(pending, bad) }
+        guard journal.filter({ $0.fold != nil }).count <= 1, receivedFold == nil || pendingMerge == nil else {
+            throw bad("journal holds more than one merge or received fold")
+        }
+        if let fold = receivedFold { try fold.validate(in: self, bad) }
     }
 
-    private func validate(_ layer: Layer, at i: Int, _ bad: (String) -> ChainError) throws {
+    func validate(_ layer: Layer, at i: Int, _ bad: (String) -> ChainError) throws {
         guard Self.isPlainFileName(layer.file) else { throw bad("layer \(i) file '\(layer.file)' is not a plain file name") }
         guard layer.index >= 0, layer.index < 1 << 40 else { throw bad("layer \(i) index \(layer.index) is out of range") }
         guard Self.isDigest(layer.sha256) else { throw bad("layer \(i) sha256 is not 64 hex digits") }

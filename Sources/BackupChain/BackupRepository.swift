@@ -73,6 +73,24 @@ public final class BackupRepository {
                              path: error.path)
         }
         startedEmpty = manifest == nil
+        if manifest?.receivedFold != nil { try finishReceivedFold(exclusive: exclusive, wait: wait) }
+    }
+
+    /// A replica whose receive died while it switched in a fold from its source is finished by
+    /// the next run that opens it (the fold's record is durable only once its new file is complete
+    /// and flushed, see `ReceivedFold`), so every command sees the source's points. A reader
+    /// holds the lock for changes for that moment.
+    private func finishReceivedFold(exclusive: Bool, wait: Double) throws {
+        guard lockFD >= 0 else {
+            throw ChainError(.refused, "a fold received from the source was interrupted; the next 'qbackup receive' into the replica (with write access) finishes it",
+                             path: path)
+        }
+        if !exclusive {
+            try RepositoryLock.take(lockFD, exclusive: true, wait: wait, path: path)
+            manifest = try loadManifest()
+        }
+        try ReceivedFold.finish(self)
+        if !exclusive { try RepositoryLock.take(lockFD, exclusive: false, wait: wait, path: path) }
     }
 
     /// After a failed first backup: the manifest this run wrote (no layer in it), the files its

@@ -179,7 +179,7 @@ import TestSupport
             // 1 TiB of hole hashes as 262144 known zero chunks (no 1 TiB of hashing), then the sha256 differs.
             ("a 1 TiB layer of holes", nextHeader + (try layerRecord(size: 1 << 40)) + ReplicationStream.frame(4, be(0, 8) + be(1 << 40, 8))
                 + ReplicationStream.frame(5, [UInt8](repeating: 0xaa, count: 32))),
-            ("a stream of version 2", ReplicationStream.preamble(version: 2) + Array(header.dropFirst(16))),
+            ("a stream of version 3", ReplicationStream.preamble(version: 3) + Array(header.dropFirst(16))),
             ("no stream at all", Array("hello\n".utf8)),
         ]
         let binary = try QBackupBinary.path()
@@ -191,5 +191,177 @@ import TestSupport
             #expect(result.failedCleanly, "\(what): status \(result.status): \(result.stderr)")
             #expect(try BackupScenario.digests(dst) == before, "\(what) changed the replica")
         }
+    }
+
+    // MARK: - Folds (merges at the source)
+
+    /// A replica of four points, then `merge --keep 2` and one more night at the source: the
+    /// stream `send --have` makes for it (a fold of point 2 replacing 0, 1, 2 against the
+    /// replica's full layer, then a new layer), and the replica's states it may pass through.
+    final class FoldFixture {
+        let s: BackupScenario
+        let template: String
+        let streamFile: String
+        let stream: [UInt8]
+        /// The replica's points (index, sha256) after each section of the stream: [0] before it.
+        let states: [[ReplicationStream.Point]]
+        let work = TempDir("qbackup-fold")
+
+        init(seed: UInt64) throws {
+            s = try BackupScenario(size: "24M", seed: seed)
+            try Tools.qemuIO(s.disk, format: "qcow2", ["write -P 0x33 0 16M"])
+            for k in 0..<4 {
+                try s.dirty(writes: k == 0 ? 12 : 3, zeroes: 1, maxOffset: k == 0 ? 20 << 20 : 4 << 20)
+                try s.backup()
+            }
+            template = s.dir.file("replica")
+            let out = MemoryStream()
+            _ = try ReplicationSender.send(ReplicationSender.Request(repository: s.repo), to: out)
+            _ = try ReplicationReceiver.receive(repository: template, from: MemoryStream(out.bytes))
+            try s.qbackup(["merge", s.repo, "--keep", "2"])
+            try s.dirty(writes: 2, maxOffset: 4 << 20)
+            try s.backup()
+            let have = s.dir.file("have.json")
+            try s.qbackup(["list", template, "--output", "json"]).stdout.write(toFile: have, atomically: true, encoding: .utf8)
+            streamFile = s.dir.file("fold.stream")
+            let q = try QBackupBinary.path()
+            let sent = try Tools.run("/bin/bash", ["-c", "\"$0\" send \"$1\" --have \"$2\" > \"$3\"", q, s.repo, have, streamFile])
+            #expect(sent.status == 0, "send --have after a merge: \(sent.stderr)")
+            stream = [UInt8](try Data.contents(of: streamFile))
+            // The states, from the stream's own records: a layer appends its point, a fold takes the place of its run.
+            var state = try Self.points(template)
+            var found = [state]
+            for record in ReplicationStream.records(in: stream) where [2, 6].contains(record.type) {
+                let json = try JSONSerialization.jsonObject(with: Data(stream[(record.range.lowerBound + 12)..<record.range.upperBound])) as? [String: Any]
+                let layer = (record.type == 6 ? json?["layer"] as? [String: Any] : json) ?? [:]
+                let point = ReplicationStream.Point(index: layer["index"] as? Int ?? -1, sha256: layer["sha256"] as? String ?? "")
+                let replaces = Set(json?["replaces"] as? [Int] ?? [])
+                state = state.filter { !replaces.contains($0.index) } + [point]
+                state.sort { $0.index < $1.index }
+                found.append(state)
+            }
+            states = found
+            #expect(states.count == 3, "sections: \(states.count - 1)")
+            #expect(try states.last == Self.points(s.repo), "the stream does not lead to the source's points")
+        }
+
+        /// Receives `bytes` into `dst` in-process: nil on success, else the error.
+        func receive(_ bytes: [UInt8], into dst: String) -> Error? {
+            do {
+                _ = try ReplicationReceiver.receive(repository: dst, from: MemoryStream(bytes))
+                return nil
+            } catch {
+                return error
+            }
+        }
+
+        static func points(_ dir: String) throws -> [ReplicationStream.Point] {
+            try BackupRepository(path: dir, exclusive: false).manifest?.layers.map(ReplicationStream.Point.init) ?? []
+        }
+
+        /// A fresh copy of the replica as it was before the stream.
+        func copy(_ name: String) throws -> String {
+            let dst = work.file(name)
+            try Tools.run("cp", ["-a", "--sparse=always", template, dst])
+            return dst
+        }
+
+        /// How many sections (layers and folds) are complete in the first `length` bytes.
+        func completeSections(before length: Int) -> Int {
+            ReplicationStream.records(in: stream).filter { $0.type == ReplicationStream.RecordType.layerEnd.rawValue && $0.range.upperBound <= length }.count
+        }
+
+        /// `dst` holds the points of one of the states, a replica whose layers verify, no temporary file.
+        func expectState(_ dst: String, _ expected: Int, _ step: String, sourceLocation: SourceLocation = #_sourceLocation) throws {
+            let held = try Self.points(dst)
+            #expect(held == states[expected], "\(step): the replica holds \(held)", sourceLocation: sourceLocation)
+            let report = try ChainVerifier.verify(repository: dst)
+            #expect(report.ok, "\(step): \(report.problems)", sourceLocation: sourceLocation)
+        }
+
+        /// The next replicate (the real binary, or in this process) completes `dst`: the source's
+        /// points and files exactly, nothing else left.
+        func expectCompletes(_ dst: String, _ step: String, binary: Bool = true, sourceLocation: SourceLocation = #_sourceLocation)
+            throws
+        {
+            if binary {
+                let r = try QBackupBinary.run(["replicate", s.repo, dst])
+                #expect(r.status == 0, "\(step): the next replicate: \(r.stderr)", sourceLocation: sourceLocation)
+            } else {
+                _ = try Replicator.replicate(Replicator.Request(repository: s.repo, destination: .folder(dst)))
+            }
+            #expect(try Self.points(dst) == states.last, "\(step): after the next replicate", sourceLocation: sourceLocation)
+            #expect(try ReplicationTests.layerFiles(dst) == ReplicationTests.layerFiles(s.repo), "\(step): the files differ",
+                    sourceLocation: sourceLocation)
+            let names = try FileManager.default.contentsOfDirectory(atPath: dst)
+            #expect(Set(names) == Set(try FileManager.default.contentsOfDirectory(atPath: s.repo)), "\(step): \(names.sorted())",
+                    sourceLocation: sourceLocation)
+        }
+    }
+
+    /// Issue 16 item D: a fold cut at every record boundary and at random bytes, and 8
+    /// single-byte flips: always an error, and the replica holds its old
+    /// points (or, for a cut after the fold's end, exactly the points after it), verifies, and
+    /// the next replicate completes it.
+    @Test func aCutOrDamagedFoldLeavesTheOldPointsOrTheNew() throws {
+        let f = try FoldFixture(seed: 33)
+        let records = ReplicationStream.records(in: f.stream)
+        #expect(records.contains { $0.type == ReplicationStream.RecordType.copy.rawValue }, "the fold copies nothing from the replica")
+        var random = SeededRandom(seed: 34)
+        let cuts = records.map(\.range.lowerBound) + (0..<6).map { _ in Int(random.next() % UInt64(f.stream.count)) }
+        for cut in Set(cuts).sorted() where cut < f.stream.count {
+            let dst = try f.copy("cut-\(cut)")
+            let error = f.receive(Array(f.stream[0..<cut]), into: dst)
+            #expect(error != nil, "a fold stream cut at byte \(cut) of \(f.stream.count) was accepted")
+            try f.expectState(dst, f.completeSections(before: cut), "cut at \(cut)")
+            try f.expectCompletes(dst, "cut at \(cut)", binary: false)
+            try FileManager.default.removeItem(atPath: dst)
+        }
+        for round in 0..<8 {
+            var damaged = f.stream
+            let at = 16 + Int(random.next() % UInt64(damaged.count - 16))
+            damaged[at] ^= UInt8(1 + random.next() % 255)
+            let dst = try f.copy("flip-\(round)")
+            #expect(f.receive(damaged, into: dst) != nil, "a flip at byte \(at) was accepted")
+            let record = records.first { $0.range.contains(at) }
+            try f.expectState(dst, f.completeSections(before: record?.range.lowerBound ?? 0), "flip at \(at)")
+            try f.expectCompletes(dst, "flip at \(at)", binary: false)
+            try FileManager.default.removeItem(atPath: dst)
+        }
+        let whole = try f.copy("whole")
+        #expect(f.receive(f.stream, into: whole) == nil)
+        try f.expectState(whole, 2, "the whole stream")
+    }
+
+    /// Issue 16 item D: the real `receive` of a fold killed (SIGKILL) at every write and fsync it
+    /// makes (QBACKUP_CRASH_AFTER), then the next command that opens the replica — `list` or
+    /// `verify` — finds exactly the points before the fold, or after it (an interrupted switch is
+    /// finished), the replica verifies, and the next replicate ends with the source's points.
+    @Test func aKilledReceiveOfAFoldIsFinishedOrLeftAsItWas() throws {
+        let f = try FoldFixture(seed: 36)
+        let q = try QBackupBinary.path()
+        var seen = Set<Int>()
+        let outcome = try CrashPoints.enumerate(limit: 600, denseSteps: 80, stride: 3) { n, crashAfter in
+            let dst = try f.copy("kill-\(n)")
+            let result = try Tools.run("/bin/bash", ["-c", "exec \"$0\" receive \"$1\" < \"$2\"", q, dst, f.streamFile],
+                                       environment: crashAfter)
+            if result.status != 0 {
+                #expect(result.status == 128 + SIGKILL || result.status == SIGKILL, "step \(n): \(result.status) \(result.stderr)")
+            }
+            let next = n % 2 == 0 ? ["list", dst, "--output", "json"] : ["verify", dst]
+            let opened = try QBackupBinary.run(next)
+            #expect(opened.status == 0, "step \(n): \(next[0]) after the kill: \(opened.stderr)")
+            let points = try FoldFixture.points(dst)
+            let state = f.states.firstIndex(of: points)
+            #expect(state != nil, "step \(n): the replica holds \(points), none of the states \(f.states)")
+            if let state { seen.insert(state) }
+            try f.expectCompletes(dst, "step \(n)")
+            try FileManager.default.removeItem(atPath: dst)
+            return result
+        }
+        print("fold receive crash points: \(outcome.crashes), states seen after a kill: \(seen.sorted())")
+        #expect(outcome.completed, "receive never completed within the steps tried")
+        #expect(outcome.crashes >= 10, "only \(outcome.crashes) crash points were exercised")
+        #expect(seen.isSuperset(of: [0, 1]), "no kill fell before and after the fold's switch: \(seen.sorted())")
     }
 }

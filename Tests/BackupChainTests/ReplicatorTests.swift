@@ -76,4 +76,29 @@ import TestSupport
         #expect(missing.failedCleanly && missing.stderr.contains("no such repository folder"), "\(missing.stderr)")
         #expect(!FileManager.default.fileExists(atPath: s.dir.file("dst2")))
     }
+
+    /// Issue 16 item D over ssh: after `merge --keep 2` and one more night at the source, one
+    /// replicate through a real sshd sends the fold and the new layer; the remote replica then
+    /// lists exactly the source's records, holds its files, and restores every point.
+    @Test func aMergeAtTheSourceOverSSH() throws {
+        let s = try ReplicationTests.nights(seed: 73)
+        let server = try SSHServer()
+        defer { server.stop() }
+        let binary = try QBackupBinary.path()
+        let remote = s.dir.file("offsite/vm")
+        let url = "ssh://\(server.destination)\(remote)"
+        let ssh = ["--ssh-command", server.sshCommand, "--remote-qbackup", binary]
+        let first = try Self.replicate(s, url, ssh)
+        #expect(first.status == 0, "\(first.stderr)")
+        try s.qbackup(["merge", s.repo, "--keep", "2"])
+        try s.dirty(writes: 2, maxOffset: 4 << 20)
+        try s.backup()
+        let r = try Self.replicate(s, url, ssh)
+        #expect(r.status == 0, "replicate over ssh after a merge: \(r.stderr)")
+        #expect(Self.report(r)["layers-sent"] as? [Int] == [3, 5] && Self.report(r)["folds-sent"] as? [Int] == [3], "\(r.stdout)")
+        #expect(try ReplicationTests.listedLayers(remote).map { JSONHelpers.canonical($0) }
+                == ReplicationTests.listedLayers(s.repo).map { JSONHelpers.canonical($0) })
+        #expect(try ReplicationTests.layerFiles(remote) == ReplicationTests.layerFiles(s.repo))
+        try s.expectKeeps([3, 4, 5], in: remote, step: "over ssh after a merge")
+    }
 }

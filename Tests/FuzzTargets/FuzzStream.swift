@@ -2,10 +2,12 @@ import BackupChain
 import Foundation
 
 extension FuzzTargets {
-    /// A replication stream from bytes, received by the real receiver into a fresh folder (on
-    /// /dev/shm when there is one: fsync is free there). Whatever the bytes, the folder then
-    /// holds nothing, or a replica whose every recorded layer verifies (checksums, qcow2
-    /// check, backing links), with no temporary file left behind.
+    /// Replication streams from bytes, received by the real receiver into a fresh folder (on
+    /// /dev/shm when there is one: fsync is free there), one after another while they are
+    /// received whole (at most 3: a whole stream, then what a merge at the source sends, so fold
+    /// records are received into a real replica). Whatever the bytes, the folder then holds
+    /// nothing, or a replica whose every recorded layer verifies (checksums, qcow2 check, backing
+    /// links), with no temporary file left behind.
     public static func stream(_ data: UnsafeRawBufferPointer) {
         let base = FileManager.default.fileExists(atPath: "/dev/shm") ? "/dev/shm" : NSTemporaryDirectory()
         let dir = "\(base)/qbackup-fuzz-stream-\(getpid())"
@@ -13,7 +15,10 @@ extension FuzzTargets {
         try? FileManager.default.removeItem(atPath: dir)
         try? FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        _ = try? ReplicationReceiver.receive(repository: dst, from: MemoryStream(Array(data)))
+        let input = MemoryStream(Array(data))
+        for _ in 0..<3 {
+            guard (try? ReplicationReceiver.receive(repository: dst, from: input)) != nil, input.remaining > 0 else { break }
+        }
         let names = (try? FileManager.default.contentsOfDirectory(atPath: dst)) ?? []
         expect(!names.contains { $0.hasSuffix(".partial") || $0.hasSuffix(".tmp") }, "a temporary file is left: \(names)")
         guard names.contains(BackupManifest.fileName) else {

@@ -17,7 +17,7 @@ final class RemoteCommand: @unchecked Sendable {
     }
 
     /// The most bytes kept of the child's stdout (a listing is at most a manifest) and stderr.
-    static let maxOutput = BackupManifest.maxBytes
+    static let maxOutput = ReplicaListing.maxBytes
     static let maxErrors = 1 << 20
 
     /// The write end of the child's stdin (-1 when it reads /dev/null or once closed).

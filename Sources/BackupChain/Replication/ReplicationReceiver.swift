@@ -21,6 +21,9 @@ import Glibc
 /// 3. its sidecar, then the manifest listing it.
 /// A cut or damaged stream loses only the layer it was in: its temporary file is removed and
 /// the journal restored, so the replica is as before plus the complete layers.
+/// A fold (a merge at the source) goes the same way up to the flushed file, which it builds from
+/// the replica's reference file and the chunks sent; then its record enters the journal and it
+/// is switched in (`ReceivedFold`): the replica holds its old points or the source's new ones.
 public enum ReplicationReceiver {
     public struct Result: Sendable {
         /// The indices of the layers received.
@@ -67,7 +70,12 @@ public enum ReplicationReceiver {
             let total = header.layers
             var receiver = LayerReceiver(reader: reader, repo: repo, progress: progress)
             for _ in 0..<total {
-                let layer = try receiver.receive(into: &model)
+                let layer: BackupManifest.Layer
+                switch try reader.next() {
+                case .layer: layer = try receiver.receive(into: &model)
+                case .fold: layer = try receiver.receiveFold(into: &model)
+                default: throw reader.fail("expected a layer or fold record")
+                }
                 received.append(layer.index)
                 bytes += layer.fileSize
                 logger.debug("received layer", metadata: ["index": "\(layer.index)", "file": "\(layer.file)"])
@@ -151,7 +159,6 @@ struct LayerReceiver {
     /// One layer: its record, its bytes, its end; recorded in `model` and saved. On any failure
     /// its temporary file is removed and the manifest is as it was before it.
     mutating func receive(into model: inout BackupManifest) throws -> BackupManifest.Layer {
-        guard try reader.next() == .layer else { throw reader.fail("expected a layer record") }
         let announced = try reader.json(BackupManifest.Layer.self, "layer")
         try check(announced, model)
         let before = model
@@ -161,7 +168,8 @@ struct LayerReceiver {
         try repo.save(m)
         let temp = repo.file(announced.file + BackupRepository.tempSuffix)
         do {
-            let (digest, identity) = try receiveFile(announced, to: temp)
+            let backing = announced.kind == .incremental ? model.layers.last?.file : nil
+            let (digest, identity) = try receiveFile(announced, to: temp, backing: backing)
             try DurableFiles.rename(temp, to: repo.file(announced.file))
             var layer = announced
             layer.record(digest, identity: identity)
@@ -187,27 +195,118 @@ struct LayerReceiver {
     /// size within the limits, a full first layer.
     private func check(_ layer: BackupManifest.Layer, _ m: BackupManifest) throws {
         func bad(_ message: String) -> ChainError { reader.fail("layer record: \(message)") }
+        try checkRecord(layer, bad)
+        guard layer.index >= repo.nextIndex(of: m) else {
+            throw bad("index \(layer.index) does not follow the replica's points (next: \(repo.nextIndex(of: m)))")
+        }
+        guard m.layers.isEmpty ? layer.kind == .full : true else { throw bad("the first layer of a replica must be full") }
+        guard !m.layers.contains(where: { $0.file == layer.file }) else { throw bad("file '\(layer.file)' is already a layer") }
+        try checkNameIsFree(layer)
+    }
+
+    /// What every record of a point must be: a layer file name, an index, a sha256 and a size in range.
+    private func checkRecord(_ layer: BackupManifest.Layer, _ bad: (String) -> ChainError) throws {
         guard BackupManifest.isPlainFileName(layer.file), BackupRepository.isLayerFileName(layer.file) else {
             throw bad("file '\(layer.file)' is not a layer file name")
         }
-        guard layer.index >= repo.nextIndex(of: m), layer.index < 1 << 40 else {
-            throw bad("index \(layer.index) does not follow the replica's points (next: \(repo.nextIndex(of: m)))")
-        }
+        guard layer.index >= 0, layer.index < 1 << 40 else { throw bad("index \(layer.index) is out of range") }
         guard BackupManifest.isDigest(layer.sha256) else { throw bad("sha256 is not 64 hex digits") }
         guard layer.fileSize <= ReplicationStream.maxLayerBytes, layer.fileSize > 0 else {
             throw bad("file-size \(layer.fileSize) is out of range")
         }
-        guard m.layers.isEmpty ? layer.kind == .full : true else { throw bad("the first layer of a replica must be full") }
-        guard !m.layers.contains(where: { $0.file == layer.file }) else { throw bad("file '\(layer.file)' is already a layer") }
+        guard layer.virtualSize <= QCowHeader.Limits.maxVirtualSize else { throw bad("virtual-size \(layer.virtualSize) is too large") }
+    }
+
+    /// A new layer's name is not taken in the folder (a user's file there is never replaced).
+    private func checkNameIsFree(_ layer: BackupManifest.Layer) throws {
         if DurableFiles.exists(repo.file(layer.file)) {
             throw ChainError(.refused, "a file named \(layer.file) is already in the folder and is not the replica's; nothing of layer \(layer.index) was written",
                              path: repo.path)
         }
     }
 
-    /// Writes the layer's bytes to `temp` (created fresh) and returns their digest and the file's identity.
-    private mutating func receiveFile(_ layer: BackupManifest.Layer, to temp: String) throws
-        -> (LayerDigest, BackupManifest.Identity)
+    /// One fold: its record, the new file's bytes against the reference (data, hole and copy
+    /// records), its end. The file is built under its temporary name, checked against the
+    /// source's sha256 (the digest of its chunk digests) and its qcow2 header, flushed; then the
+    /// fold enters the journal and is switched in. Before that, any failure removes the file and
+    /// leaves the manifest as it was; after it, the next open of the replica finishes the switch.
+    mutating func receiveFold(into model: inout BackupManifest) throws -> BackupManifest.Layer {
+        let fold = try reader.json(ReplicationStream.Fold.self, "fold")
+        let announced = fold.layer
+        let m = model
+        func bad(_ message: String) -> ChainError { reader.fail("fold record: \(message)") }
+        try checkRecord(announced, bad)
+        guard let run = ReceivedFold.run(of: fold.replaces, for: announced, in: m) else {
+            throw ChainError(.refused, "the stream does not fit: its fold of point \(announced.index) replaces points \(fold.replaces), which are not a run of the replica's points (\(ReplicationSender.describe(m.layers.map(ReplicationStream.Point.init)))) that it can take the place of",
+                             path: repo.path)
+        }
+        let keepsFile = announced.index == fold.replaces.last
+        if !keepsFile {
+            guard announced.index >= repo.nextIndex(of: m) else { throw bad("index \(announced.index) was a point of the replica's already") }
+            try checkNameIsFree(announced)
+        }
+        let current = m.layers[run.upperBound - 1]
+        if keepsFile && current.sha256 == announced.sha256 {
+            // The merge only dropped the points before it: no bytes, the file stays.
+            guard try reader.next() == .layerEnd, reader.payloadCount == 32, LayerDigest.hex(reader.payload[0..<32]) == announced.sha256
+            else { throw bad("a fold of an unchanged file must end at once with its sha256") }
+            var layer = announced
+            layer.record(LayerDigest(chunks: current.chunks ?? [], sha256: current.sha256, size: current.fileSize),
+                         identity: current.identity)
+            var new = m
+            new.layers.replaceSubrange(run, with: [layer])
+            new.virtualSize = new.layers.last?.virtualSize ?? new.virtualSize
+            try new.validate(path: repo.manifestPath)
+            try repo.saveDropping(new, files: m.layers[run].dropLast().map(\.file))
+            model = repo.manifest ?? new
+            return layer
+        }
+        var referenceLayer: BackupManifest.Layer?
+        if let reference = fold.reference {
+            guard fold.replaces.contains(reference), let position = m.position(ofIndex: reference) else {
+                throw bad("reference \(reference) is not one of the points it replaces")
+            }
+            referenceLayer = m.layers[position]
+        }
+        let before = m
+        var journaled = m
+        let names = BackupRepository.namesCreated(forLayer: announced.file)
+        journaled.journal += names.map { BackupManifest.JournalEntry(file: $0) }
+        try repo.save(journaled)
+        let tempName = announced.file + BackupRepository.tempSuffix
+        let temp = repo.file(tempName)
+        do {
+            let files = RepositoryFiles(directory: repo.path)
+            let reference = try referenceLayer.map { try files.openFile(repo.file($0.file), writable: false) }
+            defer { reference?.close() }
+            let backing = announced.kind == .incremental ? m.layers[run.lowerBound - 1].file : nil
+            let (digest, identity) = try receiveFile(announced, to: temp, backing: backing, reference: reference)
+            var layer = announced
+            layer.record(digest, identity: identity)
+            layer.checkpoint = announced.checkpoint
+            journaled.receivedFold = ReceivedFold(layer: layer, replaces: fold.replaces, temp: tempName)
+            try journaled.validate(path: repo.manifestPath)
+            try repo.save(journaled)
+        } catch {
+            unlink(temp)
+            if !(repo.manifest?.layers.contains { $0.file == announced.file } ?? false) && repo.manifest?.receivedFold == nil {
+                unlink(repo.file(announced.file))
+            }
+            if repo.manifest?.receivedFold == nil { try? repo.save(before) }
+            throw error
+        }
+        // Decided: from here a failure is finished by the next open of the replica.
+        try ReceivedFold.finish(repo)
+        guard let now = repo.manifest, let layer = now.layers.first(where: { $0.index == announced.index }), now.receivedFold == nil
+        else { throw ChainError(.io, "the fold of point \(announced.index) could not be switched in", path: repo.path) }
+        model = now
+        return layer
+    }
+
+    /// Writes the layer's bytes to `temp` (created fresh), copy records from `reference`, and
+    /// returns their digest and the file's identity.
+    private mutating func receiveFile(_ layer: BackupManifest.Layer, to temp: String, backing: String?,
+                                      reference: FileDevice? = nil) throws -> (LayerDigest, BackupManifest.Identity)
     {
         let device = FileDevice(adopting: FileDescriptor(rawValue: try RepositoryFiles.createFresh(temp)), name: temp, writable: true)
         defer { device.close() }
@@ -263,6 +362,20 @@ struct LayerReceiver {
                 hasher.feedZeros(length)
                 expected += length
                 done += length
+            case .copy:
+                guard reader.payloadCount == 16 else { throw bad("a copy record is not 16 bytes") }
+                var r = ByteReader(Array(reader.payload[0..<16]), region: "copy record")
+                let offset = try r.u64()
+                let length = try r.u64()
+                guard let reference else { throw bad("a copy record in a fold without a reference") }
+                guard offset == expected else { throw bad("a copy at offset \(offset), expected \(expected)") }
+                let available = try reference.size()
+                guard length >= 1, length <= size - offset, offset <= available, length <= available - offset else {
+                    throw bad("a copy of \(length) bytes at offset \(offset) does not fit the file of \(size) bytes or the reference of \(available)")
+                }
+                try copy(offset..<(offset + length), from: reference, to: device, hasher: &hasher)
+                expected += length
+                done += length
             case .layerEnd:
                 guard expected == size else { throw bad("the layer ends at byte \(expected) of its \(size)") }
                 guard reader.payloadCount == 32, LayerDigest.hex(reader.payload[0..<32]) == layer.sha256 else {
@@ -280,14 +393,48 @@ struct LayerReceiver {
                              path: repo.path)
         }
         try device.resize(to: size)
-        try checkHeader(layer, device: device)
+        try checkHeader(layer, device: device, backing: backing)
         try device.sync()
         return (digest, try LayerDigest.identity(of: device))
     }
 
+    /// Bytes of the replica's reference file into the new one at the same offsets, hashed; pieces
+    /// of zeros are left unwritten (the new file stays as sparse as the reference).
+    private mutating func copy(_ range: Range<UInt64>, from reference: FileDevice, to device: FileDevice,
+                               hasher: inout ChunkHasher) throws {
+        let grain = 64 << 10
+        var offset = range.lowerBound
+        while offset < range.upperBound {
+            let count = Int(min(range.upperBound - offset, UInt64(piece.count)))
+            try piece.withUnsafeMutableBytes {
+                try reference.readFully(into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<count]), at: offset, region: "reference layer")
+            }
+            try piece.withUnsafeBytes { all in
+                let bytes = UnsafeRawBufferPointer(rebasing: all[0..<count])
+                hasher.feed(bytes)
+                // Runs of pieces that are not all zeros, one write each.
+                var at = 0
+                var run: Int?
+                while at <= count {
+                    let end = min(count, at + grain)
+                    let zero = at == count || Zeros.isZero(UnsafeRawBufferPointer(rebasing: bytes[at..<end]))
+                    if zero, let start = run {
+                        try device.write(UnsafeRawBufferPointer(rebasing: bytes[start..<at]), at: offset + UInt64(start))
+                        run = nil
+                    } else if !zero && run == nil {
+                        run = at
+                    }
+                    if at == count { break }
+                    at = end
+                }
+            }
+            offset += UInt64(count)
+        }
+    }
+
     /// The received file is the qcow2 layer its record says: its virtual size, and its backing
-    /// file the previous layer (incremental) or none (full).
-    private func checkHeader(_ layer: BackupManifest.Layer, device: FileDevice) throws {
+    /// file `backing` (the previous layer for an incremental) or none (full).
+    private func checkHeader(_ layer: BackupManifest.Layer, device: FileDevice, backing: String?) throws {
         let n = Int(min(layer.fileSize, 65536))
         let header: QCowHeader
         do {
@@ -295,8 +442,7 @@ struct LayerReceiver {
         } catch let error as CodedError {
             throw ChainError(.invalidFormat, "layer \(layer.index) (\(layer.file)) is not a qcow2 layer: \(error.description)", path: repo.path)
         }
-        let previous = repo.manifest?.layers.last?.file
-        let expected = layer.kind == .incremental ? previous : nil
+        let expected = backing
         guard header.backingFile == expected, header.size == layer.virtualSize else {
             throw ChainError(.invalidFormat, "layer \(layer.index) (\(layer.file)) has backing file \(header.backingFile ?? "none") and size \(header.size); the record says \(expected ?? "none") and \(layer.virtualSize)",
                              path: repo.path)

@@ -33,8 +33,10 @@ public enum ReplicationSender {
     }
 
     public struct Result: Sendable {
-        /// The indices of the layers sent.
+        /// The indices of the layers sent (folds included).
         public var layers: [Int]
+        /// The indices of the points sent as folds (merges at the source).
+        public var folds: [Int] = []
         /// The layer files' bytes the stream carries (their sizes, holes included).
         public var fileBytes: UInt64
         /// Bytes of the stream itself (what goes over the wire).
@@ -44,9 +46,27 @@ public enum ReplicationSender {
     /// What a send would carry: the header and the layers, decided before anything is written.
     public struct Plan: Sendable {
         public var header: ReplicationStream.Header
+        /// The records of the points sent, oldest first: new layers, and the new records of the
+        /// points that folds (merges at the source) changed.
         public var layers: [BackupManifest.Layer]
+        /// The folds among them, by the point's index.
+        public var folds: [Int: Fold] = [:]
         /// The layer files' total size (progress).
         public var fileBytes: UInt64 { layers.reduce(0) { $0 + $1.fileSize } }
+    }
+
+    /// How a point that a merge at the source changed goes to the replica.
+    public struct Fold: Sendable {
+        /// The replica's points it replaces, oldest first.
+        public var replaces: [Int]
+        /// The replica's point whose file the new file is sent against (the one that shares the
+        /// most chunks with it), if any.
+        public var reference: Int?
+        /// The chunks of the new file that the reference holds at the same place: not sent.
+        public var copied: Set<Int>
+        /// The replica's file of the point already is the new file (the merge only dropped the
+        /// points before it): no bytes go.
+        public var unchanged: Bool
     }
 
     /// Decides what to send from `manifest` given the request (nothing is read but the manifest).
@@ -57,12 +77,15 @@ public enum ReplicationSender {
         guard m.pendingMerge == nil else {
             throw ChainError(.refused, "a merge was interrupted; run 'qbackup merge' to finish it before sending", path: path)
         }
-        var base: [BackupManifest.Layer] = []
+        var base: [ReplicationStream.Point] = []
+        var rest = m.layers
+        var folds: [Int: Fold] = [:]
         if let after {
             guard let position = m.position(ofIndex: after) else {
                 throw ChainError(.invalidArgument, "--after \(after): the repository holds no point with that index", path: path)
             }
-            base = Array(m.layers[...position])
+            base = m.layers[...position].map(ReplicationStream.Point.init)
+            rest = Array(m.layers[(position + 1)...])
         } else if let have {
             if let id = have.id {
                 guard have.replicaOf == origin else {
@@ -70,14 +93,9 @@ public enum ReplicationSender {
                     throw ChainError(.refused, "the destination (repository \(id)) is \(what), not a replica of \(origin)", path: path)
                 }
             }
-            let mine = m.layers.map(ReplicationStream.Point.init)
-            guard have.points.count <= mine.count, Array(mine.prefix(have.points.count)) == have.points else {
-                throw ChainError(.refused, "the destination's points (\(describe(have.points))) are not the first of this repository's (\(describe(mine))); it does not fit",
-                                 path: path)
-            }
-            base = Array(m.layers.prefix(have.points.count))
+            base = have.points
+            (rest, folds) = try changes(m, have, path: path)
         }
-        let rest = Array(m.layers.dropFirst(base.count))
         for layer in rest {
             guard layer.fileSize <= ReplicationStream.maxLayerBytes else {
                 throw ChainError(.unsupported, "layer \(layer.index) (\(layer.file)) is larger than the \(ReplicationStream.maxLayerBytes >> 40) TiB a replication stream carries",
@@ -90,10 +108,50 @@ public enum ReplicationSender {
         }
         let repository = LayerSidecar.Repository(id: origin, clusterSize: m.clusterSize, source: m.source, bitmap: m.bitmap,
                                                  replicaOf: nil, group: nil)
-        let header = ReplicationStream.Header(repository: repository, virtualSize: m.virtualSize,
-                                              base: base.map(ReplicationStream.Point.init), layers: rest.count,
+        let header = ReplicationStream.Header(repository: repository, virtualSize: m.virtualSize, base: base, layers: rest.count,
                                               compression: compression)
-        return Plan(header: header, layers: rest)
+        return Plan(header: header, layers: rest, folds: folds)
+    }
+
+    /// What the destination lacks, point by point: a point it holds as it is goes not at all;
+    /// a point after all of its points goes as a new layer; a point that replaces some of its
+    /// points (a merge at the source folded them into it since) goes as a fold. The destination's
+    /// points were once this repository's (indices are never reused), so anything else does not fit.
+    static func changes(_ m: BackupManifest, _ have: ReplicaListing, path: String) throws -> ([BackupManifest.Layer], [Int: Fold]) {
+        let theirs = have.points
+        var next = 0
+        var rest: [BackupManifest.Layer] = []
+        var folds: [Int: Fold] = [:]
+        func misfit() -> ChainError {
+            ChainError(.refused, "the destination's points (\(describe(theirs))) are not this repository's points (\(describe(m.layers.map(ReplicationStream.Point.init)))) or older ones merged into them; it does not fit",
+                       path: path)
+        }
+        for layer in m.layers {
+            let start = next
+            while next < theirs.count && theirs[next].index <= layer.index { next += 1 }
+            let replaced = start..<next
+            if replaced.isEmpty {
+                // A new point: the destination must hold nothing newer.
+                guard next == theirs.count else { throw misfit() }
+                rest.append(layer)
+                continue
+            }
+            if replaced.count == 1 && theirs[start] == ReplicationStream.Point(layer) { continue }
+            let held = layer.chunks ?? []
+            // The replica's file that shares the most chunks with the new one, at the same places.
+            var best: (index: Int, copied: Set<Int>)?
+            for i in replaced {
+                guard i < have.chunks.count, let chunks = have.chunks[i] else { continue }
+                let same = Set((0..<min(held.count, chunks.count)).filter { held[$0] == chunks[$0] })
+                if !same.isEmpty && same.count > (best?.copied.count ?? 0) { best = (theirs[i].index, same) }
+            }
+            let unchanged = theirs[next - 1] == ReplicationStream.Point(index: layer.index, sha256: layer.sha256)
+            folds[layer.index] = Fold(replaces: theirs[replaced].map(\.index), reference: best?.index, copied: best?.copied ?? [],
+                                      unchanged: unchanged)
+            rest.append(layer)
+        }
+        guard next == theirs.count else { throw misfit() }
+        return (rest, folds)
     }
 
     static func describe(_ points: [ReplicationStream.Point]) -> String {
@@ -110,18 +168,27 @@ public enum ReplicationSender {
         }
         let plan = try plan(m, after: request.after, have: request.have, compression: request.compression, path: repo.path)
         let writer = StreamWriter(output)
-        try writer.preamble()
+        // A stream without folds stays version 1, which a qbackup that knows no folds reads.
+        try writer.preamble(version: plan.folds.isEmpty ? 1 : ReplicationStream.version)
         try writer.json(.header, plan.header)
         var sender = LayerSender(writer: writer, compression: request.compression, total: plan.fileBytes, progress: progress)
         for layer in plan.layers {
-            logger.debug("sending layer", metadata: ["index": "\(layer.index)", "file": "\(layer.file)"])
-            try sender.send(layer, from: repo)
+            if let fold = plan.folds[layer.index] {
+                logger.debug("sending fold", metadata: ["index": "\(layer.index)", "replaces": "\(fold.replaces)",
+                                                        "reference": "\(fold.reference.map { String($0) } ?? "none")",
+                                                        "chunks-copied": "\(fold.copied.count)"])
+                try sender.send(layer, fold: fold, from: repo)
+            } else {
+                logger.debug("sending layer", metadata: ["index": "\(layer.index)", "file": "\(layer.file)"])
+                try sender.send(layer, from: repo)
+            }
         }
         var end = ByteWriter()
         end.u64(UInt64(plan.layers.count))
         end.u64(0)
         try writer.record(.end, end.bytes)
-        return Result(layers: plan.layers.map(\.index), fileBytes: plan.fileBytes, streamBytes: writer.bytesWritten)
+        return Result(layers: plan.layers.map(\.index), folds: plan.folds.keys.sorted(), fileBytes: plan.fileBytes,
+                      streamBytes: writer.bytesWritten)
     }
 }
 
@@ -148,11 +215,34 @@ struct LayerSender {
     /// The layer record (without chunks and identity: the receiver hashes what it gets), the
     /// file's bytes in order as data and hole records, then the end record with its sha256.
     mutating func send(_ layer: BackupManifest.Layer, from repo: BackupRepository) throws {
+        try writer.json(.layer, Self.announced(layer))
+        try sendFile(layer, from: repo, copied: [])
+    }
+
+    /// A fold record, then the new file's bytes with copy records for the chunks the replica's
+    /// reference file holds (none when its file of the point is already the new one), then the end.
+    mutating func send(_ layer: BackupManifest.Layer, fold: ReplicationSender.Fold, from repo: BackupRepository) throws {
+        try writer.json(.fold, ReplicationStream.Fold(layer: Self.announced(layer), replaces: fold.replaces, reference: fold.reference))
+        guard !fold.unchanged else {
+            done += layer.fileSize
+            progress?(done, total)
+            return try writer.record(.layerEnd, LayerDigest.bytes(ofHex: layer.sha256))
+        }
+        try sendFile(layer, from: repo, copied: fold.reference == nil ? [] : fold.copied)
+    }
+
+    /// A record as the stream carries it: no chunks, chunk size or identity.
+    static func announced(_ layer: BackupManifest.Layer) -> BackupManifest.Layer {
         var announced = layer
         announced.chunks = nil
         announced.chunkSize = nil
         announced.identity = nil
-        try writer.json(.layer, announced)
+        return announced
+    }
+
+    /// The file's bytes in order, chunk by chunk: a chunk in `copied` as (part of) a copy record,
+    /// the others as data and hole records; then the end record.
+    private mutating func sendFile(_ layer: BackupManifest.Layer, from repo: BackupRepository, copied: Set<Int>) throws {
         let path = repo.file(layer.file)
         let device = try RepositoryFiles(directory: repo.path).openFile(path, writable: false)
         defer { device.close() }
@@ -161,19 +251,37 @@ struct LayerSender {
             throw ChainError(.refused, "layer \(layer.index) is \(size) bytes, the manifest says \(layer.fileSize): it changed since it was recorded; run 'qbackup verify'",
                              path: path)
         }
+        let chunk = UInt64(ReplicationStream.maxDataBytes)
         var hole: (start: UInt64, length: UInt64)?
+        var copy: (start: UInt64, length: UInt64)?
         var offset: UInt64 = 0
         while offset < size {
-            let dataStart = min(size, device.nextData(from: offset) ?? size)
+            let chunkEnd = min(size, (offset / chunk + 1) * chunk)
+            if copied.contains(Int(offset / chunk)) {
+                if let h = hole { try sendHole(h) }
+                hole = nil
+                if let c = copy, c.start + c.length == offset {
+                    copy = (c.start, c.length + chunkEnd - offset)
+                } else {
+                    copy = (offset, chunkEnd - offset)
+                }
+                done += chunkEnd - offset
+                offset = chunkEnd
+                progress?(done, total)
+                continue
+            }
+            if let c = copy { try sendRange(.copy, c) }
+            copy = nil
+            // A hole may run on past the chunk unless a copied chunk could follow.
+            let dataStart = min(copied.isEmpty ? size : chunkEnd, device.nextData(from: offset) ?? size)
             if dataStart > offset {
                 hole = try extend(hole, offset, dataStart - offset)
+                done += dataStart - offset
                 offset = dataStart
                 continue
             }
-            let dataEnd = min(size, max(offset + 1, device.nextHole(from: offset) ?? size))
             // Pieces end at chunk boundaries, so each is hashed into one chunk at the other end.
-            let chunk = UInt64(ReplicationStream.maxDataBytes)
-            let end = min(dataEnd, (offset / chunk + 1) * chunk)
+            let end = min(chunkEnd, max(offset + 1, device.nextHole(from: offset) ?? size))
             let count = Int(end - offset)
             try piece.withUnsafeMutableBytes {
                 try device.readFully(into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<count]), at: offset, region: "layer data")
@@ -190,6 +298,7 @@ struct LayerSender {
             progress?(done, total)
         }
         if let h = hole { try sendHole(h) }
+        if let c = copy { try sendRange(.copy, c) }
         try writer.record(.layerEnd, LayerDigest.bytes(ofHex: layer.sha256))
     }
 
@@ -203,11 +312,14 @@ struct LayerSender {
         return (start, length)
     }
 
-    private func sendHole(_ hole: (start: UInt64, length: UInt64)) throws {
+    private func sendHole(_ hole: (start: UInt64, length: UInt64)) throws { try sendRange(.hole, hole) }
+
+    /// A hole or copy record: offset u64, length u64.
+    private func sendRange(_ type: ReplicationStream.RecordType, _ range: (start: UInt64, length: UInt64)) throws {
         var w = ByteWriter()
-        w.u64(hole.start)
-        w.u64(hole.length)
-        try writer.record(.hole, w.bytes)
+        w.u64(range.start)
+        w.u64(range.length)
+        try writer.record(type, w.bytes)
     }
 
     private mutating func sendData(at offset: UInt64, count: Int) throws {

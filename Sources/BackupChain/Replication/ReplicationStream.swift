@@ -14,7 +14,11 @@ import Glibc
 public enum ReplicationStream {
     /// "QBKSTRM" and a zero byte.
     public static let magic: [UInt8] = Array("QBKSTRM".utf8) + [0]
-    public static let version: UInt32 = 1
+    /// The version a stream with fold records has; one without them is written as version 1,
+    /// which a qbackup that knows no folds still reads.
+    public static let version: UInt32 = 2
+    /// The versions this qbackup reads.
+    public static let versions: ClosedRange<UInt32> = 1...2
     /// magic (8), version (4), reserved zero (4).
     public static let preambleSize = 16
     /// type (1), reserved zero (3), payload length (4), CRC-32 (4).
@@ -36,14 +40,18 @@ public enum ReplicationStream {
         case data = 3
         case hole = 4
         case layerEnd = 5
+        /// Version 2: a merge at the source (the point's new record and the points it replaces).
+        case fold = 6
         case end = 7
+        /// Version 2, inside a fold: bytes the replica's reference file holds at the same offsets.
+        case copy = 8
 
         /// The largest payload a record of this type may have.
         var maxPayload: Int {
             switch self {
-            case .header, .layer: ReplicationStream.maxJSONBytes
+            case .header, .layer, .fold: ReplicationStream.maxJSONBytes
             case .data: ReplicationStream.dataHeaderSize + LZ4Frames.bound(ReplicationStream.maxDataBytes)
-            case .hole: 16
+            case .hole, .copy: 16
             case .layerEnd: 32
             case .end: 16
             }
@@ -68,7 +76,7 @@ public enum ReplicationStream {
         /// The source's points the stream continues from, oldest first: the destination must hold
         /// exactly these (by index and sha256) — empty for a stream of the whole repository.
         public var base: [Point]
-        /// How many layers follow.
+        /// How many layers and folds follow.
         public var layers: Int
         public var compression: Compression
 
@@ -76,6 +84,20 @@ public enum ReplicationStream {
             case repository
             case virtualSize = "virtual-size"
             case base, layers, compression
+        }
+    }
+
+    /// The fold record: the file of point `layer.index` (the source's record, without chunks and
+    /// identity) replaces the replica's points `replaces`; the bytes that follow are sent against
+    /// the replica's file of point `reference` (copy records for the chunks it already holds).
+    public struct Fold: Codable, Equatable, Sendable {
+        public var layer: BackupManifest.Layer
+        public var replaces: [Int]
+        public var reference: Int?
+        public init(layer: BackupManifest.Layer, replaces: [Int], reference: Int?) {
+            self.layer = layer
+            self.replaces = replaces
+            self.reference = reference
         }
     }
 
@@ -193,6 +215,8 @@ public final class MemoryStream: StreamInput, StreamOutput {
     public private(set) var bytes: [UInt8]
     private var position = 0
     public init(_ bytes: [UInt8] = []) { self.bytes = bytes }
+    /// Bytes not read yet (a stream read whole may be followed by another).
+    public var remaining: Int { bytes.count - position }
 
     public func read(into buffer: UnsafeMutableRawBufferPointer) throws -> Int {
         let n = min(buffer.count, bytes.count - position)
@@ -214,7 +238,7 @@ final class StreamWriter {
 
     init(_ output: StreamOutput) { self.output = output }
 
-    func preamble() throws { try emit(ReplicationStream.preamble()) }
+    func preamble(version: UInt32) throws { try emit(ReplicationStream.preamble(version: version)) }
 
     /// One record: frame header (type, reserved, length, CRC-32), then `payload`.
     func record(_ type: ReplicationStream.RecordType, _ payload: UnsafeRawBufferPointer) throws {
@@ -257,6 +281,8 @@ final class StreamReader {
     /// The payload of the last record read (valid until the next read).
     private(set) var payload: [UInt8]
     private(set) var payloadCount = 0
+    /// The stream's version (from its preamble).
+    private(set) var version: UInt32 = 0
 
     init(_ input: StreamInput) {
         self.input = input
@@ -310,10 +336,12 @@ final class StreamReader {
         var r = ByteReader(head, region: "stream preamble")
         try r.skip(8)
         let version = try r.u32()
-        guard version == ReplicationStream.version else {
-            throw ChainError(.unsupported, "replication stream version \(version) is not supported (this qbackup reads version \(ReplicationStream.version))")
+        let versions = ReplicationStream.versions
+        guard versions.contains(version) else {
+            throw ChainError(.unsupported, "replication stream version \(version) is not supported (this qbackup reads versions \(versions.lowerBound) to \(versions.upperBound))")
         }
         guard try r.u32() == 0 else { throw fail("reserved preamble bytes are not zero") }
+        self.version = version
     }
 
     /// The next record's type; its payload is in `payload[0..<payloadCount]`.
@@ -321,7 +349,7 @@ final class StreamReader {
         var head = [UInt8](repeating: 0, count: ReplicationStream.frameHeaderSize)
         try head.withUnsafeMutableBytes { try readExactly($0, "a record header") }
         let at = offset - UInt64(head.count)
-        guard let type = ReplicationStream.RecordType(rawValue: head[0]) else {
+        guard let type = ReplicationStream.RecordType(rawValue: head[0]), version >= 2 || (type != .fold && type != .copy) else {
             throw ChainError(.invalidFormat, "replication stream at byte \(at): unknown record type \(head[0])")
         }
         guard head[1] == 0, head[2] == 0, head[3] == 0 else {

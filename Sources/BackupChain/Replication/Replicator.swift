@@ -83,6 +83,8 @@ public enum Replicator {
     public struct Result: Sendable {
         /// The indices of the layers sent (empty: the replica was up to date).
         public var layers: [Int]
+        /// Those sent as folds (merges at the source).
+        public var folds: [Int] = []
         public var fileBytes: UInt64
         /// Bytes of the stream (over ssh: what went into the connection).
         public var streamBytes: UInt64
@@ -111,7 +113,8 @@ public enum Replicator {
             let sent = try pipeline(send, logger: logger, progress: progress) { input in
                 _ = try ReplicationReceiver.receive(repository: path, from: input, wait: request.wait, logger: logger)
             }
-            return Result(layers: sent.layers, fileBytes: sent.fileBytes, streamBytes: sent.streamBytes, seconds: elapsed())
+            return Result(layers: sent.layers, folds: sent.folds, fileBytes: sent.fileBytes, streamBytes: sent.streamBytes,
+                          seconds: elapsed())
         case .ssh(_, _, _, let path):
             let child = try RemoteCommand.start(ssh(request, [request.remoteQBackup, "receive", path, "--quiet", "--no-progress"]))
             let sent: ReplicationSender.Result
@@ -129,7 +132,8 @@ public enum Replicator {
             }
             let out = child.finish()
             guard out.status == 0 else { throw remoteFailure(request, "receive", out) }
-            return Result(layers: sent.layers, fileBytes: sent.fileBytes, streamBytes: sent.streamBytes, seconds: elapsed())
+            return Result(layers: sent.layers, folds: sent.folds, fileBytes: sent.fileBytes, streamBytes: sent.streamBytes,
+                          seconds: elapsed())
         }
     }
 
@@ -137,7 +141,7 @@ public enum Replicator {
     static func localListing(_ path: String, wait: Double) throws -> ReplicaListing {
         let repo = try BackupRepository(path: path, exclusive: false, allowMissing: true, wait: wait, createLock: false)
         guard let m = repo.manifest else { return ReplicaListing(id: nil, replicaOf: nil, points: []) }
-        return ReplicaListing(id: m.id, replicaOf: m.replicaOf, points: m.layers.map(ReplicationStream.Point.init))
+        return ReplicaListing(m)
     }
 
     /// Sends into a pipe whose other end `receive` reads on another thread; the receiver's

@@ -34,6 +34,10 @@ struct ListCommand: ParsableCommand {
                     ]
                     if let checkpoint = l.checkpoint { pairs.append(("checkpoint", .string(checkpoint))) }
                     if let damaged = l.damaged { pairs.append(("damaged", .string(damaged))) }
+                    // What `send --have` needs to send only the chunks of a file that a merge changed.
+                    if let chunks = l.chunks, let size = l.chunkSize {
+                        pairs += [("chunk-size", .int(Int64(size))), ("chunks", .array(chunks.map(JSON.string)))]
+                    }
                     return .object(pairs)
                 }
                 var top: [(String, JSON)] = [("layers", .array(items))]

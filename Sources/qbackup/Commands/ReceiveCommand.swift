@@ -11,8 +11,11 @@ struct ReceiveCommand: ParsableCommand {
             DIR is a new folder or a replica of the same repository holding exactly the points the \
             stream continues from; anything else is refused before anything is written. Each layer is \
             received all or nothing: written under a temporary name, its sha256 checked, flushed, \
-            renamed, then recorded in the manifest. A cut or damaged stream leaves the replica as it \
-            was plus the complete layers before the damage. A replica works with list, verify and \
+            renamed, then recorded in the manifest. A fold (a merge at the source) is built from the \
+            replica's own file and the chunks sent, checked the same way, and switched in atomically \
+            (an interrupted switch is finished by the next command that opens the replica). A cut or \
+            damaged stream leaves the replica as it was plus the complete layers and folds before the \
+            damage. A replica works with list, verify and \
             restore; backup and merge refuse it (it follows its source's retention).
             """)
 

@@ -56,6 +56,7 @@ struct ReplicateCommand: ParsableCommand {
                 JSONReport.set(JSON.object([
                     ("source", .string(repository)), ("destination", .string(target.description)),
                     ("layers-sent", .array(result.layers.map { .int(Int64($0)) })),
+                    ("folds-sent", .array(result.folds.map { .int(Int64($0)) })),
                     ("file-bytes", .uint(result.fileBytes)), ("stream-bytes", .uint(result.streamBytes)),
                     ("milliseconds", .uint(UInt64(result.seconds * 1000))), ("up-to-date", .bool(result.layers.isEmpty)),
                 ]))

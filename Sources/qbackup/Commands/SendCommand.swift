@@ -11,7 +11,9 @@ struct SendCommand: ParsableCommand {
         abstract: "Write a repository's points as a replication stream to stdout (for 'qbackup receive').",
         discussion: """
             Sends every point, the points after --after INDEX, or what a destination lacks given its \
-            'qbackup list --output json' in --have FILE (points are known by index and sha256). Layer \
+            'qbackup list --output json' in --have FILE (points are known by index and sha256; after a \
+            merge here, a point whose file changed goes as a fold record with only the 4 MiB chunks \
+            that differ from the destination's file). Layer \
             files go as they are on disk, sparsely (holes are not sent), lz4-framed unless \
             --compress none; every record carries a CRC-32, every layer its sha256 \
             (docs/replication-stream.md). The repository is held with the shared lock while it is \
@@ -75,8 +77,8 @@ struct SendCommand: ParsableCommand {
             guard n >= 0 else { throw ChainError(.io, "cannot read: \(String(cString: strerror(errno)))", path: path) }
             if n == 0 { break }
             bytes += chunk[0..<n]
-            if bytes.count > BackupManifest.maxBytes {
-                throw ChainError(.invalidFormat, "more than \(BackupManifest.maxBytes) bytes; not a listing", path: path)
+            if bytes.count > ReplicaListing.maxBytes {
+                throw ChainError(.invalidFormat, "more than \(ReplicaListing.maxBytes) bytes; not a listing", path: path)
             }
         }
         return Data(bytes)
