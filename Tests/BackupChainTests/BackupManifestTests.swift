@@ -185,4 +185,42 @@ import TestSupport
             #expect(throws: (any Error).self, "\(what) was accepted") { try BackupManifest(validating: bad, path: "m") }
         }
     }
+
+    /// A replica's journal entry for a received fold (issue 16 item D) is validated with the
+    /// manifest: a fold that takes the place of a run of its points loads, each bad field is refused.
+    @Test func aReceivedFoldInTheJournalIsValidated() throws {
+        let s = try BackupScenario(size: "16M", seed: 75)
+        try s.dirty(writes: 4, maxOffset: 15 << 20)
+        try s.backup()
+        try s.dirty(writes: 2, maxOffset: 15 << 20)
+        try s.backup()
+        let good = try Data(contentsOf: URL(fileURLWithPath: s.repo + "/manifest.json"))
+        let base = try #require(try JSONSerialization.jsonObject(with: good) as? [String: Any])
+        let layers = base["layers"] as? [[String: Any]] ?? []
+        func manifest(_ edit: (inout [String: Any]) -> Void) throws -> Data {
+            var layer = layers[1]
+            layer["kind"] = "full"
+            var fold: [String: Any] = ["layer": layer, "replaces": [layers[0]["index"] ?? 0, layers[1]["index"] ?? 0],
+                                       "temp": "\(layer["file"] ?? "").partial"]
+            edit(&fold)
+            var m = base
+            m["journal"] = [["fold": fold]]
+            return try JSONSerialization.data(withJSONObject: m)
+        }
+        let loaded = try BackupManifest(validating: try manifest { _ in }, path: "m")
+        #expect(loaded.receivedFold?.replaces.count == 2)
+        let edits: [(String, (inout [String: Any]) -> Void)] = [
+            ("replaces out of order", { $0["replaces"] = [layers[1]["index"] ?? 0, layers[0]["index"] ?? 0] }),
+            ("replaces a point the manifest lacks", { $0["replaces"] = [99] }),
+            ("replaces nothing", { $0["replaces"] = [Int]() }),
+            ("temp outside the folder", { $0["temp"] = "../x.partial" }),
+            ("an incremental layer at the start of the chain", { f in var l = f["layer"] as? [String: Any] ?? [:]; l["kind"] = "incremental"; f["layer"] = l }),
+            ("a sha256 that is not its chunks'", { f in var l = f["layer"] as? [String: Any] ?? [:]; l["sha256"] = String(repeating: "0", count: 64); f["layer"] = l }),
+            ("another file name than the point's", { f in var l = f["layer"] as? [String: Any] ?? [:]; l["file"] = "full-20260101T000000Z.qcow2"; f["layer"] = l }),
+        ]
+        for (what, edit) in edits {
+            let bad = try manifest(edit)
+            #expect(throws: (any Error).self, "\(what) was accepted") { try BackupManifest(validating: bad, path: "m") }
+        }
+    }
 }

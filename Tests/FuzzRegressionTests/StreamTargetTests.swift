@@ -19,4 +19,27 @@ import TestSupport
         #expect(throws: ChainError.self) { try ReplicationReceiver.receive(repository: cut, from: MemoryStream(Array(bytes.prefix(600)))) }
         #expect(!FileManager.default.fileExists(atPath: cut))
     }
+
+    /// The fold seed: a whole stream, then the stream a merge at the source makes for that replica
+    /// (version 2, a fold record). Received one after the other, as the target does, the replica
+    /// holds the merged source's two points and verifies; the second stream alone into a fresh
+    /// folder is refused with nothing left.
+    @Test func theFoldSeedFoldsTheReplica() throws {
+        let seed = FuzzRegressionTests.root.appendingPathComponent("stream/qbackup-made-three-layers-then-fold")
+        let bytes = [UInt8](try Data(contentsOf: seed))
+        let dir = TempDir()
+        let length = ReplicationStream.firstStreamLength(in: bytes)
+        #expect(length < bytes.count)
+        let secondStream = Array(bytes[length...])
+        let first = try ReplicationReceiver.receive(repository: dir.file("replica"), from: MemoryStream(Array(bytes[..<length])))
+        #expect(first.layers.count == 3)
+        let second = try ReplicationReceiver.receive(repository: dir.file("replica"), from: MemoryStream(secondStream))
+        #expect(second.layers.count == 1)
+        let repo = try BackupRepository(path: dir.file("replica"), exclusive: false)
+        #expect(repo.manifest?.layers.map(\.kind) == [.full, .incremental])
+        #expect(try ChainVerifier.verify(repository: dir.file("replica")).ok)
+        let fresh = dir.file("fresh")
+        #expect(throws: ChainError.self) { try ReplicationReceiver.receive(repository: fresh, from: MemoryStream(secondStream)) }
+        #expect(!FileManager.default.fileExists(atPath: fresh))
+    }
 }

@@ -15,9 +15,12 @@ extension FuzzTargets {
         try? FileManager.default.removeItem(atPath: dir)
         try? FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        let input = MemoryStream(Array(data))
+        var rest = Array(data)
         for _ in 0..<3 {
-            guard (try? ReplicationReceiver.receive(repository: dst, from: input)) != nil, input.remaining > 0 else { break }
+            let length = ReplicationStream.firstStreamLength(in: rest)
+            let received = (try? ReplicationReceiver.receive(repository: dst, from: MemoryStream(Array(rest[..<length])))) != nil
+            rest.removeFirst(length)
+            guard received, !rest.isEmpty else { break }
         }
         let names = (try? FileManager.default.contentsOfDirectory(atPath: dst)) ?? []
         expect(!names.contains { $0.hasSuffix(".partial") || $0.hasSuffix(".tmp") }, "a temporary file is left: \(names)")

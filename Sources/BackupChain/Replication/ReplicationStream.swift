@@ -156,6 +156,12 @@ public enum ReplicationStream {
         return out
     }
 
+    /// The length of the first stream in `bytes` (through its end record; all of `bytes` when it
+    /// has none): the fuzz target and its tests receive the streams of one input one after another.
+    public static func firstStreamLength(in bytes: [UInt8]) -> Int {
+        records(in: bytes).first { $0.type == RecordType.end.rawValue }?.range.upperBound ?? bytes.count
+    }
+
     static var encoder: JSONEncoder {
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
@@ -215,8 +221,6 @@ public final class MemoryStream: StreamInput, StreamOutput {
     public private(set) var bytes: [UInt8]
     private var position = 0
     public init(_ bytes: [UInt8] = []) { self.bytes = bytes }
-    /// Bytes not read yet (a stream read whole may be followed by another).
-    public var remaining: Int { bytes.count - position }
 
     public func read(into buffer: UnsafeMutableRawBufferPointer) throws -> Int {
         let n = min(buffer.count, bytes.count - position)
