@@ -8,6 +8,16 @@ import TestSupport
 /// Each ends in an error, and the destination is as it was plus the complete layers before
 /// the damage — never a partial layer, never a crash or unbounded memory.
 @Suite struct ReplicationReceiverTests {
+    /// Receives `bytes` into `dst` in-process: nil on success, else the error.
+    static func receive(_ bytes: [UInt8], into dst: String) -> Error? {
+        do {
+            _ = try ReplicationReceiver.receive(repository: dst, from: MemoryStream(bytes))
+            return nil
+        } catch {
+            return error
+        }
+    }
+
     /// A small repository by real backups (zstd full, plain incrementals) and its stream.
     final class Fixture {
         let s: BackupScenario
@@ -29,14 +39,7 @@ import TestSupport
         }
 
         /// Receives `bytes` into `dst` in-process: nil on success, else the error.
-        func receive(_ bytes: [UInt8], into dst: String) -> Error? {
-            do {
-                _ = try ReplicationReceiver.receive(repository: dst, from: MemoryStream(bytes))
-                return nil
-            } catch {
-                return error
-            }
-        }
+        func receive(_ bytes: [UInt8], into dst: String) -> Error? { ReplicationReceiverTests.receive(bytes, into: dst) }
 
         /// `dst` holds exactly the first `count` layers, byte-identical, and nothing partial.
         func expectPrefix(_ dst: String, _ count: Int, _ step: String, sourceLocation: SourceLocation = #_sourceLocation) throws {
@@ -246,14 +249,7 @@ import TestSupport
         }
 
         /// Receives `bytes` into `dst` in-process: nil on success, else the error.
-        func receive(_ bytes: [UInt8], into dst: String) -> Error? {
-            do {
-                _ = try ReplicationReceiver.receive(repository: dst, from: MemoryStream(bytes))
-                return nil
-            } catch {
-                return error
-            }
-        }
+        func receive(_ bytes: [UInt8], into dst: String) -> Error? { ReplicationReceiverTests.receive(bytes, into: dst) }
 
         static func points(_ dir: String) throws -> [ReplicationStream.Point] {
             try BackupRepository(path: dir, exclusive: false).manifest?.layers.map(ReplicationStream.Point.init) ?? []
