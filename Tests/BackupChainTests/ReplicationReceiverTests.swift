@@ -360,4 +360,49 @@ import TestSupport
         #expect(outcome.crashes >= 10, "only \(outcome.crashes) crash points were exercised")
         #expect(seen.isSuperset(of: [0, 1]), "no kill fell before and after the fold's switch: \(seen.sorted())")
     }
+
+    /// Issue 16 item D, the journal's other way out: a receive killed just after the fold's
+    /// record became durable, with its received file put back under the temporary name (as before
+    /// the rename). The next `list` renames and switches it in (the file is the one recorded:
+    /// same inode, size and mtime); in a copy of that folder (`cp -a`: a new inode) the file is not
+    /// the recorded one, so the fold is undone — the journal forgets it, the replica lists its old
+    /// points — and the next replicate builds the fold again and completes it.
+    @Test func aFoldIsSwitchedInOnlyWithTheFileItRecorded() throws {
+        let f = try FoldFixture(seed: 37)
+        let q = try QBackupBinary.path()
+        func journalFold(_ dir: String) throws -> [String: Any]? {
+            let m = try JSONSerialization.jsonObject(with: Data.contents(of: dir + "/manifest.json")) as? [String: Any]
+            return (m?["journal"] as? [[String: Any]] ?? []).lazy.compactMap { $0["fold"] as? [String: Any] }.first
+        }
+        var killed: String?
+        for n in 1..<300 {
+            let dst = try f.copy("step-\(n)")
+            let r = try Tools.run("/bin/bash", ["-c", "exec \"$0\" receive \"$1\" < \"$2\"", q, dst, f.streamFile],
+                                  environment: ["QBACKUP_CRASH_AFTER": String(n)])
+            if try journalFold(dst) != nil {
+                killed = dst
+                break
+            }
+            try FileManager.default.removeItem(atPath: dst)
+            try #require(r.status != 0, "receive completed before a kill left its fold in the journal")
+        }
+        let dst = try #require(killed)
+        let fold = try #require(try journalFold(dst))
+        let temp = try #require(fold["temp"] as? String)
+        let file = try #require((fold["layer"] as? [String: Any])?["file"] as? String)
+        #expect(!FileManager.default.fileExists(atPath: "\(dst)/\(temp)"))
+        try FileManager.default.moveItem(atPath: "\(dst)/\(file)", toPath: "\(dst)/\(temp)")
+        let changed = f.work.file("changed")
+        try Tools.run("cp", ["-a", "--sparse=always", dst, changed])
+
+        #expect(try QBackupBinary.run(["list", dst, "--output", "json"]).status == 0)
+        #expect(try journalFold(dst) == nil)
+        try f.expectState(dst, 1, "the recorded file, back under its temporary name")
+        try f.expectCompletes(dst, "the recorded file")
+
+        #expect(try QBackupBinary.run(["list", changed, "--output", "json"]).status == 0)
+        #expect(try journalFold(changed) == nil)
+        #expect(try FoldFixture.points(changed) == f.states[0], "a fold with a file that is not the recorded one was switched in")
+        try f.expectCompletes(changed, "a file that is not the recorded one")
+    }
 }
