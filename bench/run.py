@@ -736,6 +736,19 @@ class QMP:
         self.sock.close()
 
 
+def verify_live_output(ctx, env, side, rundir):
+    """The check of both live pairs (QMP and libvirt): the run's output — qbackup's layer, the
+    last in its repository, or the peer's raw file — holds the guest data of the VM's disk,
+    an empty overlay on env["base"]."""
+    if side == "qb":
+        out, fmt = manifest_layers(os.path.join(rundir, "repo"))[-1], "qcow2"
+    else:
+        out, fmt = os.path.join(rundir, "out.raw"), "raw"
+    r = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", fmt, env["base"], out],
+                       capture_output=True, text=True)
+    return None if r.returncode == 0 else f"qemu-img compare: {(r.stdout + r.stderr).strip()[:150]}"
+
+
 def live_pair():
     """qbackup backup --qmp of a running VM (qemu-system-x86_64 -S, TCG, no guest OS) against
     nbdcopy of the same kind of fleecing export (live-backup.md §3.1: a qcow2 overlay backed
@@ -816,15 +829,6 @@ def live_pair():
                       **{"node-name": "bench-fleece"})
             env["exported"] = True
 
-    def verify(ctx, env, side, rundir):
-        if side == "qb":
-            out, fmt = manifest_layers(os.path.join(rundir, "repo"))[-1], "qcow2"
-        else:
-            out, fmt = os.path.join(rundir, "out.raw"), "raw"
-        r = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", fmt, env["base"], out],
-                           capture_output=True, text=True)
-        return None if r.returncode == 0 else f"qemu-img compare: {(r.stdout + r.stderr).strip()[:150]}"
-
     def teardown(ctx, env):
         try:
             unexport(env)
@@ -841,7 +845,7 @@ def live_pair():
         peer=lambda ctx, env, rd: ["sh", "-c", 'nbdcopy "$0" "$1" && sync -f "$1"',
                                    f"nbd+unix:///bench?socket={env['nbd_sock']}", os.path.join(rd, "out.raw")],
         target=1.25, data=lambda ctx: ctx.info["data_bytes_base"], limit="write",
-        needs=(("backup",),), setup=setup, reset=reset, verify=verify, teardown=teardown,
+        needs=(("backup",),), setup=setup, reset=reset, verify=verify_live_output, teardown=teardown,
         note="target 1.25 = qbackup at least 0.8x nbdcopy's throughput; peer's fleecing set up untimed, "
              "qbackup's (overlay, job, export, clean-up) timed")
 
@@ -980,15 +984,6 @@ def libvirt_pair():
             env["lv"].virsh("backup-begin", env["domain"], env["backup_xml"])
             env["exported"] = True
 
-    def verify(ctx, env, side, rundir):
-        if side == "qb":
-            out, fmt = manifest_layers(os.path.join(rundir, "repo"))[-1], "qcow2"
-        else:
-            out, fmt = os.path.join(rundir, "out.raw"), "raw"
-        r = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", fmt, env["base"], out],
-                           capture_output=True, text=True)
-        return None if r.returncode == 0 else f"qemu-img compare: {(r.stdout + r.stderr).strip()[:150]}"
-
     def teardown(ctx, env):
         lv = env.get("lv")
         if not lv:
@@ -1008,7 +1003,7 @@ def libvirt_pair():
         peer=lambda ctx, env, rd: ["sh", "-c", 'nbdcopy "$0" "$1" && sync -f "$1"',
                                    f"nbd+unix:///bench?socket={env['sock']}", os.path.join(rd, "out.raw")],
         target=1.25, data=lambda ctx: ctx.info["data_bytes_base"], limit="write",
-        needs=(("backup",),), setup=setup, reset=reset, verify=verify, teardown=teardown,
+        needs=(("backup",),), setup=setup, reset=reset, verify=verify_live_output, teardown=teardown,
         note="target 1.25 = qbackup at least 0.8x nbdcopy's throughput; peer's pull export set up untimed "
              "(virsh backup-begin), qbackup's (checkpoint, job, export, abort, checkpoint clean-up) timed")
 
