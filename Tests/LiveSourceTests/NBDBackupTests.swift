@@ -23,6 +23,29 @@ import TestSupport
         return try QBackupBinary.run(args)
     }
 
+    /// A refusal that changed nothing: exit status 1, one `qbackup: error:` line and no crash
+    /// (TestSupport's `failedCleanly`) and nothing else on stderr (no libnbd/gnutls chatter),
+    /// and the manifest of `repo` as it was (`before`: its bytes, nil where there was none).
+    static func expectRefused(_ result: Tools.Result, repo: String, manifestBefore before: Data? = nil,
+                              _ why: String = "", sourceLocation: SourceLocation = #_sourceLocation) {
+        #expect(result.status == 1 && result.failedCleanly && result.stderr.split(separator: "\n").count == 1,
+                "\(why): exit \(result.status): \(result.stderr)", sourceLocation: sourceLocation)
+        #expect((try? Data.contents(of: repo + "/manifest.json")) == before, "\(why): the manifest changed",
+                sourceLocation: sourceLocation)
+    }
+
+    /// Each point `i` of `repo` restores to raw byte-exact as the raw image `points[i]` (qemu-img compare).
+    static func expectPointsRestore(_ repo: String, _ points: [String], dir: TempDir,
+                                    sourceLocation: SourceLocation = #_sourceLocation) throws {
+        for (i, point) in points.enumerated() {
+            let out = dir.file("restored\(i).raw")
+            let restored = try QBackupBinary.run(["restore", repo, "--to", out, "--at", "\(i)", "--format", "raw"])
+            #expect(restored.status == 0, "\(restored.stderr)", sourceLocation: sourceLocation)
+            let compare = try Tools.run(try Tools.which("qemu-img"), ["compare", "-f", "raw", "-F", "raw", out, point])
+            #expect(compare.status == 0, "point \(i): \(compare.stdout)\(compare.stderr)", sourceLocation: sourceLocation)
+        }
+    }
+
     @Test func fullAndIncrementalRestoreByteExact() throws {
         let dir = TempDir("nbd-backup")
         let disk = dir.file("disk.qcow2")
@@ -62,13 +85,7 @@ import TestSupport
 
         let list = try JSONHelpers.parse(try QBackupBinary.run(["list", repo, "--output", "json"]).stdout) as? [String: Any]
         #expect(list?["source"] as? String == "vm1-vda" || (list?["source"] as? [String: Any]) != nil)
-        for (i, point) in points.enumerated() {
-            let out = dir.file("restored\(i).raw")
-            let restored = try QBackupBinary.run(["restore", repo, "--to", out, "--at", "\(i)", "--format", "raw"])
-            #expect(restored.status == 0, "\(restored.stderr)")
-            let compare = try Tools.run(try Tools.which("qemu-img"), ["compare", "-f", "raw", "-F", "raw", out, point])
-            #expect(compare.status == 0, "point \(i): \(compare.stdout)\(compare.stderr)")
-        }
+        try Self.expectPointsRestore(repo, points, dir: dir)
         let verify = try QBackupBinary.run(["verify", repo])
         #expect(verify.status == 0, "\(verify.stderr)")
     }
@@ -110,11 +127,8 @@ import TestSupport
         defer { server.stop() }
         let refused = try QBackupBinary.run(["backup", "--nbd", Self.uri(server), "--repo", repo, "--bitmap", "b0",
                                              "--source-name", "d"])
-        #expect(refused.status == 1)
-        let lines = refused.stderr.split(separator: "\n")
-        #expect(lines.count == 1 && lines[0].hasPrefix("qbackup: error:"), "\(refused.stderr)")
-        #expect(refused.stderr.contains("qemu:dirty-bitmap:b0"))
-        #expect(try Data.contents(of: dir.file("repo/manifest.json")) == before)
+        Self.expectRefused(refused, repo: repo, manifestBefore: before)
+        #expect(refused.stderr.contains("qemu:dirty-bitmap:b0"), "\(refused.stderr)")
     }
 
     /// nbds:// (TLS): a full and an incremental backup through a qemu-nbd that takes TLS
@@ -133,22 +147,17 @@ import TestSupport
         func tlsURI(_ server: QemuNBD) -> String {
             "nbds+unix:///?socket=\(server.socket)&tls-certificates=\(certificates)"
         }
-        func refusedCleanly(_ result: Tools.Result, sourceLocation: SourceLocation = #_sourceLocation) {
-            #expect(result.status == 1, sourceLocation: sourceLocation)
-            let lines = result.stderr.split(separator: "\n")
-            #expect(lines.count == 1 && lines.first?.hasPrefix("qbackup: error:") == true, "\(result.stderr)",
-                    sourceLocation: sourceLocation)
-            #expect(!FileManager.default.fileExists(atPath: dir.file("repo/manifest.json")), sourceLocation: sourceLocation)
-        }
         do {
             let server = try QemuNBD(image: disk, bitmap: "b0", directory: dir, tls: certificates)
             defer { server.stop() }
-            refusedCleanly(try QBackupBinary.run(["backup", "--nbd", Self.uri(server), "--repo", repo, "--bitmap", "b0"]))
+            Self.expectRefused(try QBackupBinary.run(["backup", "--nbd", Self.uri(server), "--repo", repo, "--bitmap", "b0"]),
+                               repo: repo, "nbd:// to a TLS-only server")
         }
         do {
             let plain = try QemuNBD(image: disk, bitmap: "b0", directory: dir)
             defer { plain.stop() }
-            refusedCleanly(try QBackupBinary.run(["backup", "--nbd", tlsURI(plain), "--repo", repo, "--bitmap", "b0"]))
+            Self.expectRefused(try QBackupBinary.run(["backup", "--nbd", tlsURI(plain), "--repo", repo, "--bitmap", "b0"]),
+                               repo: repo, "nbds:// to a server without TLS")
         }
 
         var points: [String] = []
@@ -164,13 +173,7 @@ import TestSupport
                                                               "--output", "json"]))
             #expect(result["kind"] as? String == (round == 0 ? "full" : "incremental"))
         }
-        for (i, point) in points.enumerated() {
-            let out = dir.file("restored\(i).raw")
-            let restored = try QBackupBinary.run(["restore", repo, "--to", out, "--at", "\(i)", "--format", "raw"])
-            #expect(restored.status == 0, "\(restored.stderr)")
-            let compare = try Tools.run(try Tools.which("qemu-img"), ["compare", "-f", "raw", "-F", "raw", out, point])
-            #expect(compare.status == 0, "point \(i): \(compare.stdout)\(compare.stderr)")
-        }
+        try Self.expectPointsRestore(repo, points, dir: dir)
     }
 
     /// nbds://127.0.0.1:PORT/ (TLS over TCP) to a qemu-nbd that asks for a client certificate
@@ -197,14 +200,6 @@ import TestSupport
             guard let certificates else { return "nbd://\(host):\(server.port ?? 0)/" }
             return "nbds://\(host):\(server.port ?? 0)/?tls-certificates=\(certificates)"
         }
-        func refusedCleanly(_ result: Tools.Result, _ why: String, sourceLocation: SourceLocation = #_sourceLocation) {
-            #expect(result.status == 1, "\(why): \(result.stderr)", sourceLocation: sourceLocation)
-            let lines = result.stderr.split(separator: "\n")
-            #expect(lines.count == 1 && lines.first?.hasPrefix("qbackup: error:") == true, "\(why): \(result.stderr)",
-                    sourceLocation: sourceLocation)
-            #expect(!FileManager.default.fileExists(atPath: dir.file("repo/manifest.json")), "\(why)",
-                    sourceLocation: sourceLocation)
-        }
         func backup(_ uri: String) throws -> Tools.Result {
             try QBackupBinary.run(["backup", "--nbd", uri, "--repo", repo, "--bitmap", "b0", "--source-name", "tcp-disk",
                                    "--output", "json"])
@@ -212,14 +207,14 @@ import TestSupport
         do {
             let server = try QemuNBD(image: disk, bitmap: "b0", directory: dir, shared: 2, tls: good, verifyPeer: true, tcp: true)
             defer { server.stop() }
-            refusedCleanly(try backup(tcpURI(server, tls: noClient)), "no client certificate")
-            refusedCleanly(try backup(tcpURI(server, tls: otherCA)), "a client certificate of another CA")
-            refusedCleanly(try backup(tcpURI(server, tls: nil)), "plain nbd://")
+            Self.expectRefused(try backup(tcpURI(server, tls: noClient)), repo: repo, "no client certificate")
+            Self.expectRefused(try backup(tcpURI(server, tls: otherCA)), repo: repo, "a client certificate of another CA")
+            Self.expectRefused(try backup(tcpURI(server, tls: nil)), repo: repo, "plain nbd://")
         }
         do {
             let server = try QemuNBD(image: disk, bitmap: "b0", directory: dir, tls: elsewhere, verifyPeer: true, tcp: true)
             defer { server.stop() }
-            refusedCleanly(try backup(tcpURI(server, tls: elsewhere)), "a server certificate for another host")
+            Self.expectRefused(try backup(tcpURI(server, tls: elsewhere)), repo: repo, "a server certificate for another host")
         }
 
         var points: [String] = []
@@ -234,12 +229,6 @@ import TestSupport
             #expect(result["kind"] as? String == (round == 0 ? "full" : "incremental"))
             #expect(result["bytes-copied"] as? Int == (round == 0 ? 1 << 20 + 512 << 10 + 64 << 10 : 64 << 10 + 1 << 20))
         }
-        for (i, point) in points.enumerated() {
-            let out = dir.file("restored\(i).raw")
-            let restored = try QBackupBinary.run(["restore", repo, "--to", out, "--at", "\(i)", "--format", "raw"])
-            #expect(restored.status == 0, "\(restored.stderr)")
-            let compare = try Tools.run(try Tools.which("qemu-img"), ["compare", "-f", "raw", "-F", "raw", out, point])
-            #expect(compare.status == 0, "point \(i): \(compare.stdout)\(compare.stderr)")
-        }
+        try Self.expectPointsRestore(repo, points, dir: dir)
     }
 }
