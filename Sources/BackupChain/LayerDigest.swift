@@ -150,19 +150,27 @@ public struct LayerDigest: Equatable, Sendable {
     /// As `problem`, with the file offset of the first 4 MiB chunk that differs (when chunks were recorded).
     static func mismatch(_ device: BlockDevice, layer: BackupManifest.Layer) throws -> (message: String, offset: UInt64?)? {
         let digest = try compute(device, wholeFile: layer.chunks == nil)
-        if digest.size != layer.fileSize { return ("file is \(digest.size) bytes, the manifest says \(layer.fileSize)", nil) }
+        if let problem = sizeProblem(digest.size, layer: layer) { return (problem, nil) }
         guard let recorded = layer.chunks else {
             return digest.fileSHA256 == layer.sha256 ? nil
                 : ("checksum mismatch: sha256 is \(digest.fileSHA256 ?? ""), the manifest says \(layer.sha256)", nil)
         }
-        let bad = zip(digest.chunks, recorded).enumerated().filter { $0.element.0 != $0.element.1 }
-            .map { UInt64($0.offset) * UInt64(BackupManifest.chunkSize) }
+        let bad = zip(digest.chunks, recorded).enumerated().filter { $0.element.0 != $0.element.1 }.map(\.offset)
         guard bad.isEmpty, digest.sha256 == layer.sha256 else {
-            let offsets = bad.prefix(8).map { "0x\(String($0, radix: 16))" }
-            return ("checksum mismatch in \(bad.count) chunk(s) of 4 MiB at file offset(s) \(offsets.joined(separator: ", "))",
-                    bad.first)
+            return (chunkProblem(bad), bad.first.map { UInt64($0) * UInt64(BackupManifest.chunkSize) })
         }
         return nil
+    }
+
+    /// The words for a file of `size` bytes where `layer` records another size; nil when they agree.
+    static func sizeProblem(_ size: UInt64, layer: BackupManifest.Layer) -> String? {
+        size == layer.fileSize ? nil : "file is \(size) bytes, the manifest says \(layer.fileSize)"
+    }
+
+    /// The words for the 4 MiB chunks (by number, ascending) that do not match their recorded digests.
+    static func chunkProblem(_ bad: [Int]) -> String {
+        let offsets = bad.prefix(8).map { "0x\(String(UInt64($0) * UInt64(BackupManifest.chunkSize), radix: 16))" }
+        return "checksum mismatch in \(bad.count) chunk(s) of 4 MiB at file offset(s) \(offsets.joined(separator: ", "))"
     }
 
     /// The identity (inode, size, mtime) of an open file.

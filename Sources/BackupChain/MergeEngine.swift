@@ -183,12 +183,8 @@ public enum MergeEngine {
             try checkDigests(repo, manifest, base...base, held: [device])
             return nil
         }
-        let damaged = { (why: String) in
-            ChainError(.corrupt, "layer \(layer.index) (\(layer.file)) does not match its checksum in the manifest (\(why)): damaged or changed since it was written; merge refuses to fold it — run 'qbackup verify'",
-                       path: repo.file(layer.file))
-        }
         let size = try device.size()
-        guard size == layer.fileSize else { throw damaged("file is \(size) bytes, the manifest says \(layer.fileSize)") }
+        if let problem = LayerDigest.sizeProblem(size, layer: layer) { throw damaged(repo, layer, problem) }
         let files = RepositoryFiles(directory: repo.path, takesLocks: false)
         let image = try ImageOpener.openQCow(repo.file(layer.file), files: files)
         defer { image.close() }
@@ -242,9 +238,7 @@ public enum MergeEngine {
         // Clusters the commit appends may start in the last chunk.
         if count > 0 { check.insert(count - 1) }
         let bad = try LayerDigest.mismatchedChunks(check.sorted(), of: device, layer: layer)
-        if let first = bad.first {
-            throw damaged("checksum mismatch in \(bad.count) chunk(s) of 4 MiB, the first at file offset 0x\(String(UInt64(first) * chunkSize, radix: 16))")
-        }
+        if !bad.isEmpty { throw damaged(repo, layer, LayerDigest.chunkProblem(bad)) }
         return check
     }
 
@@ -278,11 +272,14 @@ public enum MergeEngine {
                              held: [FileDevice]) throws {
         for (i, device) in zip(range, held) {
             let layer = manifest.layers[i]
-            if let problem = try LayerDigest.problem(device, layer: layer) {
-                throw ChainError(.corrupt, "layer \(layer.index) (\(layer.file)) does not match its checksum in the manifest (\(problem)): damaged or changed since it was written; merge refuses to fold it — run 'qbackup verify'",
-                                 path: repo.file(layer.file))
-            }
+            if let problem = try LayerDigest.problem(device, layer: layer) { throw damaged(repo, layer, problem) }
         }
+    }
+
+    /// The refusal of a merge that found `layer` not matching its recorded checksum (`problem` says how).
+    static func damaged(_ repo: BackupRepository, _ layer: BackupManifest.Layer, _ problem: String) -> ChainError {
+        ChainError(.corrupt, "layer \(layer.index) (\(layer.file)) does not match its checksum in the manifest (\(problem)): damaged or changed since it was written; merge refuses to fold it — run 'qbackup verify'",
+                   path: repo.file(layer.file))
     }
 
     /// Steps 1-5 of an in-place merge of point `k`; returns the guest bytes written and the chunks

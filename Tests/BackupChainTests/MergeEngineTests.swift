@@ -263,7 +263,8 @@ import Glibc
     }
 
     /// A byte flipped in the full layer's data cluster that the merge overwrites: the merge
-    /// refuses before it writes (it would hide the damage under a fresh digest).
+    /// refuses before it writes (it would hide the damage under a fresh digest), naming the
+    /// damaged chunk in the same words as verify.
     @Test func mergeRefusesDamageInAChunkItWrites() throws {
         let s = try fullAndOneCluster(seed: 71)
         let full = s.layerPath(try s.layers()[0])
@@ -271,8 +272,12 @@ import Glibc
         try poke(full, at: at, [try peek(full, at: at, count: 1)[0] ^ 0x5a])
         let before = try BackupScenario.digests(s.repo)
         let result = try QBackupBinary.run(["merge", s.repo, "--keep", "1"])
-        #expect(result.status == 1 && result.stderr.contains("does not match its checksum"), "\(result.stdout)\(result.stderr)")
+        let words = "checksum mismatch in 1 chunk(s) of 4 MiB at file offset(s) 0x\(String((at >> 22) << 22, radix: 16))"
+        #expect(result.status == 1 && result.failedCleanly && result.stderr.contains("does not match its checksum in the manifest (\(words))"),
+                "\(result.stdout)\(result.stderr)")
         #expect(try BackupScenario.digests(s.repo) == before, "the refused merge changed the repository")
+        let verify = try QBackupBinary.run(["verify", s.repo])
+        #expect(verify.status == 1 && verify.stdout.contains(words), "\(verify.stdout)\(verify.stderr)")
     }
 
     /// A byte flipped in a chunk of the full layer that the merge neither reads nor writes: the
