@@ -33,8 +33,10 @@ public final class BackupRepository {
     /// in `manifestProblem`.
     /// Without `createLock` a missing lock file is not made (a shared open then takes no lock:
     /// a run that only looks changes nothing in the folder).
+    /// The top folder of a group of disk repositories (see `groupDisks`) is refused, before
+    /// anything is written, unless `groupTop` (the libvirt backup that keeps the group).
     public init(path: String, create: Bool = false, exclusive: Bool, allowMissing: Bool = false,
-                wait: Double = 0, tolerant: Bool = false, createLock: Bool = true) throws {
+                wait: Double = 0, tolerant: Bool = false, createLock: Bool = true, groupTop: Bool = false) throws {
         self.path = path
         var isDir = false
         if !FileManager.default.fileExists(atPath: path, isDirectory: &isDir) {
@@ -47,6 +49,8 @@ public final class BackupRepository {
             try Self.createFolders(path)
         } else if !isDir {
             throw ChainError(.invalidArgument, "not a folder", path: path)
+        } else if !groupTop {
+            try Self.refuseGroupTop(path)
         }
         do {
             lockFD = try RepositoryFiles.openRegular(file(Self.lockName), flags: O_RDWR | (createLock ? O_CREAT : 0))
@@ -130,6 +134,42 @@ public final class BackupRepository {
             }
             prefix += "/"
         }
+    }
+
+    /// The record of a libvirt backup of several disks, at the top of the folder that holds one
+    /// repository per disk (DIR/vda, DIR/vdb); such a folder has no manifest of its own.
+    public static let groupRecordName = "libvirt-group.json"
+
+    /// When `path` is the top folder of a group of disk repositories (a group record and no
+    /// manifest): the disks whose repositories it holds (sub-folders with a manifest, sorted);
+    /// nil otherwise. A group record that is a symbolic link or not a regular file is refused.
+    public static func groupDisks(_ path: String) throws -> [String]? {
+        let record = "\(path)/\(groupRecordName)"
+        var st = stat()
+        guard lstat(record, &st) == 0 else {
+            if errno == ENOENT || errno == ENOTDIR { return nil }
+            throw ChainError(.io, "cannot read: \(String(cString: strerror(errno)))", path: record)
+        }
+        guard st.st_mode & S_IFMT == S_IFREG else {
+            throw ChainError(.invalidFormat, "not a regular file (a group record is never read through a symbolic link)", path: record)
+        }
+        if lstat("\(path)/\(BackupManifest.fileName)", &st) == 0 { return nil }
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: path)) ?? []
+        return names.filter { name in
+            guard !name.hasPrefix(".") else { return false }
+            var folder = stat(), manifest = stat()
+            return lstat("\(path)/\(name)", &folder) == 0 && folder.st_mode & S_IFMT == S_IFDIR
+                && lstat("\(path)/\(name)/\(BackupManifest.fileName)", &manifest) == 0 && manifest.st_mode & S_IFMT == S_IFREG
+        }.sorted()
+    }
+
+    /// Refuses the top folder of a group of disk repositories as a repository (naming its disks'
+    /// repositories), before anything is written; any other folder passes.
+    public static func refuseGroupTop(_ path: String) throws {
+        guard let disks = try groupDisks(path) else { return }
+        let named = disks.isEmpty ? "none backed up yet" : disks.joined(separator: ", ")
+        throw ChainError(.invalidArgument,
+                         "\(path) holds the repositories of several disks (\(named)); name one: \(path)/\(disks.first ?? "<disk>")")
     }
 
     /// `path/name`

@@ -87,7 +87,7 @@ public enum LibvirtBackup {
         guard layout.grouped else { return try DiskRuns(request, layout: layout, logger: logger, progress: progress).run() }
         // The top folder of a group is locked for the whole run (as a repository is), so two
         // runs of one group never overlap; each disk's repository is locked by its engine.
-        let top = try BackupRepository(path: layout.top, create: true, exclusive: true)
+        let top = try BackupRepository(path: layout.top, create: true, exclusive: true, groupTop: true)
         var recorded = false
         do {
             // Read again under the lock (another run may have been first), and recorded from the

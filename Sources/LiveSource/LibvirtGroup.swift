@@ -19,7 +19,7 @@ struct LibvirtGroup {
     /// The sequence number of the group's next checkpoint.
     var sequence: Int
 
-    static let fileName = "libvirt-group.json"
+    static let fileName = BackupRepository.groupRecordName
     /// The record is a few dozen bytes; anything longer is not one.
     static let maxBytes = 4096
 

@@ -65,4 +65,132 @@ import TestSupport
         #expect(result.stderr.contains("\(dir.file("plain")) is a file, not a folder"), "\(result.stderr)")
         #expect(!result.stderr.contains("NSCocoaErrorDomain"), "\(result.stderr)")
     }
+
+    // MARK: - The top folder of a libvirt backup of several disks
+
+    /// A group's top folder as `backup --libvirt` of two disks leaves it: DIR/vda and DIR/vdb
+    /// (ordinary repositories, here of two image files) and DIR/libvirt-group.json, no manifest.
+    static func groupTop(_ dir: TempDir) throws -> String {
+        let top = dir.file("group")
+        for target in ["vda", "vdb"] {
+            let disk = dir.file("\(target).qcow2")
+            try Tools.qemuImg("create", "-q", "-f", "qcow2", disk, "4M")
+            try Tools.qemuIO(disk, format: "qcow2", ["write -P 5 0 64k"])
+            let out = try QBackupBinary.run(["backup", disk, "--repo", "\(top)/\(target)"])
+            #expect(out.status == 0, "backup of \(target): \(out.stderr)")
+        }
+        try Data(#"{"version":1,"id":"0123456789abcdef","domain-uuid":"5b1c3b0a-9d6e-4f4e-8a35-2f0c4b7e9a11","sequence":1}"#.utf8)
+            .write(to: URL(fileURLWithPath: "\(top)/libvirt-group.json"))
+        return top
+    }
+
+    /// Every file below `folder` (relative name: SHA-256, "dir" or "link"), to show nothing was written.
+    static func tree(_ folder: String) throws -> [String: String] {
+        var files: [String: String] = [:]
+        let items = FileManager.default.enumerator(atPath: folder)
+        while let name = items?.nextObject() as? String {
+            let path = "\(folder)/\(name)"
+            let kind = try FileManager.default.attributesOfItem(atPath: path)[.type] as? FileAttributeType
+            files[name] = kind == .typeDirectory ? "dir" : kind == .typeSymbolicLink ? "link" : try sha256(path)
+        }
+        return files
+    }
+
+    /// `list` on a group's top folder lists each disk's repository (its target, its path and
+    /// what `list DIR/<target>` shows), human and JSON, exit 0 — not an empty repository.
+    @Test func listOnAGroupTopListsEachDisk() throws {
+        let dir = TempDir()
+        let top = try Self.groupTop(dir)
+        let before = try Self.tree(top)
+        let human = try QBackupBinary.run(["list", top])
+        #expect(human.status == 0, "\(human.stderr)")
+        #expect(!human.stdout.contains("holds no backup"), "\(human.stdout)")
+        #expect(human.stdout.hasPrefix("\(top) holds the repositories of 2 disk(s) of a libvirt backup:\n"), "\(human.stdout)")
+        for target in ["vda", "vdb"] {
+            let alone = try QBackupBinary.run(["list", "\(top)/\(target)"])
+            #expect(alone.status == 0, "\(alone.stderr)")
+            #expect(human.stdout.contains("\n\(target): " + alone.stdout), "\(human.stdout)\n---\n\(alone.stdout)")
+        }
+        let json = try QBackupBinary.run(["list", top, "--output", "json"])
+        #expect(json.status == 0, "\(json.stderr)")
+        let object = try JSONHelpers.parse(json.stdout) as? [String: Any]
+        let disks = object?["disks"] as? [[String: Any]] ?? []
+        #expect(disks.map { $0["disk"] as? String } == ["vda", "vdb"], "\(json.stdout)")
+        for entry in disks {
+            let target = entry["disk"] as? String ?? "?"
+            #expect(entry["repository"] as? String == "\(top)/\(target)")
+            let alone = try JSONHelpers.parse(try QBackupBinary.run(["list", "\(top)/\(target)", "--output", "json"]).stdout) as? [String: Any]
+            #expect((entry["layers"] as? [Any])?.count == 1, "\(entry)")
+            #expect(entry["id"] as? String == alone?["id"] as? String && entry["id"] != nil, "\(entry)")
+            #expect((entry["layers"] as? [[String: Any]])?.first?["sha256"] as? String
+                    == (alone?["layers"] as? [[String: Any]])?.first?["sha256"] as? String)
+        }
+        #expect(try Self.tree(top) == before, "list wrote into the group")
+    }
+
+    /// Every other repository command given a group's top folder refuses it with one line naming
+    /// the disks' repositories, exit 1, and writes nothing (not even a lock file), in DIR or elsewhere.
+    @Test func groupTopIsRefusedByEveryRepositoryCommand() throws {
+        let dir = TempDir()
+        let top = try Self.groupTop(dir)
+        let stream = dir.file("vda.stream")
+        let send = try Tools.run("sh", ["-c", "'\(try QBackupBinary.path())' send '\(top)/vda' > '\(stream)'"])
+        #expect(send.status == 0, "\(send.stderr)")
+        let before = try Self.tree(top)
+        let expected = "qbackup: error: \(top) holds the repositories of several disks (vda, vdb); name one: \(top)/vda"
+        let bin = try QBackupBinary.path()
+        let commands: [[String]] = [
+            ["backup", dir.file("vda.qcow2"), "--repo", top],
+            ["backup", dir.file("vda.qcow2"), "--repo", top, "--dry-run"],
+            ["backup", "--qmp", dir.file("no-such.qmp"), "--repo", top],
+            ["backup", "--nbd", "nbd+unix:///vda?socket=\(dir.file("no-such.sock"))", "--repo", top],
+            ["merge", top, "--keep", "1"],
+            ["verify", top],
+            ["restore", top, "--to", dir.file("restored.qcow2")],
+            ["repair", top],
+            ["repair", top, "--yes"],
+            ["send", top],
+            ["replicate", top, dir.file("replica")],
+            ["replicate", "\(top)/vda", top],
+        ]
+        var runs = try commands.map { ($0.joined(separator: " "), try QBackupBinary.run($0)) }
+        runs.append(("receive < stream", try Tools.run("sh", ["-c", "'\(bin)' receive '\(top)' < '\(stream)'"])))
+        for (command, out) in runs {
+            #expect(out.status == 1 && out.failedCleanly, "\(command): exit \(out.status): \(out.stderr)")
+            #expect(out.errorLines == [Substring(expected)], "\(command): \(out.stderr)")
+            #expect(out.stdout.isEmpty, "\(command): \(out.stdout)")
+        }
+        #expect(try Self.tree(top) == before, "a refused command wrote into the group")
+        for made in ["restored.qcow2", "replica"] {
+            #expect(!FileManager.default.fileExists(atPath: dir.file(made)), "\(made) was made")
+        }
+    }
+
+    /// A group record that is a symbolic link (or not a regular file) is not trusted: one error
+    /// line naming it, for list and the other commands, and nothing written. A record that is not
+    /// JSON still keeps the folder from being taken for an empty repository.
+    @Test func badGroupRecordIsOneErrorAndNoWrite() throws {
+        let dir = TempDir()
+        let top = try Self.groupTop(dir)
+        let record = "\(top)/libvirt-group.json"
+        let elsewhere = dir.file("record.json")
+        try FileManager.default.moveItem(atPath: record, toPath: elsewhere)
+        try FileManager.default.createSymbolicLink(atPath: record, withDestinationPath: elsewhere)
+        var before = try Self.tree(top)
+        for command in [["list", top], ["list", top, "--output", "json"], ["backup", dir.file("vda.qcow2"), "--repo", top],
+                        ["merge", top, "--keep", "1"], ["verify", top]] {
+            let out = try QBackupBinary.run(command)
+            #expect(out.status == 1 && out.failedCleanly, "\(command): exit \(out.status): \(out.stderr)")
+            #expect(out.errorLines == ["qbackup: error: \(record): not a regular file (a group record is never read through a symbolic link)"],
+                    "\(command): \(out.stderr)")
+        }
+        #expect(try Self.tree(top) == before, "a command wrote into the group")
+        try FileManager.default.removeItem(atPath: record)
+        try Data("not json\n".utf8).write(to: URL(fileURLWithPath: record))
+        before = try Self.tree(top)
+        let backup = try QBackupBinary.run(["backup", dir.file("vda.qcow2"), "--repo", top])
+        #expect(backup.status == 1 && backup.failedCleanly, "exit \(backup.status): \(backup.stderr)")
+        #expect(backup.stderr.contains("holds the repositories of several disks (vda, vdb)"), "\(backup.stderr)")
+        #expect(try Self.tree(top) == before, "backup wrote into the group")
+    }
 }

@@ -138,6 +138,8 @@ struct BackupCommand: ParsableCommand {
             var reason: String?
             var checkpoint: String?
             var notes: [String] = []
+            // Before a QMP or NBD connection is made: only --libvirt keeps a group's top folder.
+            if libvirt == nil { try BackupRepository.refuseGroupTop(repo) }
             if let libvirt {
                 // libvirt's client writes to the daemon's socket: a libvirtd restarted mid-job must
                 // give a warning line (the next run aborts the job), not a silent death by SIGPIPE
