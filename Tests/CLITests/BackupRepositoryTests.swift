@@ -193,4 +193,31 @@ import TestSupport
         #expect(backup.stderr.contains("holds the repositories of several disks (vda, vdb)"), "\(backup.stderr)")
         #expect(try Self.tree(top) == before, "backup wrote into the group")
     }
+
+    /// A replica over ssh, or `send --have` the listing of a group's top folder: the other side's
+    /// `list --output json` is of several disks, so one error line naming them, nothing sent
+    /// and nothing written.
+    @Test func replicateOverSSHIntoAGroupTopIsRefused() throws {
+        let dir = TempDir()
+        let top = try Self.groupTop(dir)
+        let before = try Self.tree(top)
+        let listing = dir.file("group-listing.json")
+        let list = try QBackupBinary.run(["list", top, "--output", "json"])
+        #expect(list.status == 0, "\(list.stderr)")
+        try Data(list.stdout.utf8).write(to: URL(fileURLWithPath: listing))
+        let send = try QBackupBinary.run(["send", "\(top)/vda", "--have", listing])
+        #expect(send.status == 1 && send.failedCleanly, "exit \(send.status): \(send.stderr)")
+        #expect(send.errorLines == ["qbackup: error: \(listing): the folder holds the repositories of several disks (vda, vdb); name one of them"],
+                "\(send.stderr)")
+        #expect(send.stdout.isEmpty, "send wrote \(send.stdout.utf8.count) bytes of a stream")
+
+        let server = try SSHServer()
+        defer { server.stop() }
+        let url = "ssh://\(server.destination)\(top)"
+        let out = try QBackupBinary.run(["replicate", "\(top)/vda", url, "--ssh-command", server.sshCommand,
+                                         "--remote-qbackup", try QBackupBinary.path()])
+        #expect(out.status == 1 && out.failedCleanly, "exit \(out.status): \(out.stderr)")
+        #expect(out.stderr.contains("holds the repositories of several disks (vda, vdb); name one"), "\(out.stderr)")
+        #expect(try Self.tree(top) == before, "replicate wrote into the group")
+    }
 }

@@ -35,6 +35,12 @@ public struct ReplicaListing: Equatable, Sendable {
         }
     }
 
+    /// The listing of the top folder of a libvirt backup of several disks (`{"disks": [...]}`).
+    private struct GroupRaw: Decodable {
+        var disks: [Disk]
+        struct Disk: Decodable { var disk: String }
+    }
+
     private struct Layer: Decodable {
         var index: Int
         var sha256: String
@@ -51,6 +57,11 @@ public struct ReplicaListing: Equatable, Sendable {
     public init(validating data: Data, what: String) throws {
         func bad(_ message: String) -> ChainError { ChainError(.invalidFormat, "\(what): \(message)") }
         guard data.count <= Self.maxBytes else { throw bad("more than \(Self.maxBytes) bytes") }
+        // A group's top folder is no repository: one of its disks' is meant.
+        if let group = try? JSONDecoder().decode(GroupRaw.self, from: data) {
+            let names = group.disks.prefix(16).map { String($0.disk.prefix(64)) }
+            throw ChainError(.invalidArgument, "\(what): the folder holds the repositories of several disks (\(names.joined(separator: ", "))); name one of them")
+        }
         let raw: Raw
         do {
             raw = try JSONDecoder().decode(Raw.self, from: data)
