@@ -51,6 +51,22 @@ import TestSupport
         #expect(!FileManager.default.fileExists(atPath: s.repo + "/manifest.json"), "DIR itself is no repository")
         try s.checkNothingLeft()
 
+        // The top folder: list shows each disk's repository; a command for one repository is
+        // refused, naming them, and writes nothing; backup --libvirt goes on below.
+        let list = try QBackupBinary.run(["list", s.repo, "--output", "json"])
+        #expect(list.status == 0, "\(list.stderr)")
+        let disksListed = (try JSONHelpers.parse(list.stdout) as? [String: Any])?["disks"] as? [[String: Any]] ?? []
+        #expect(disksListed.map { $0["disk"] as? String } == ["vda", "vdb"], "\(list.stdout)")
+        #expect(disksListed.map { ($0["layers"] as? [[String: Any]])?.map { $0["checkpoint"] as? String } } == [[first], [first]], "\(list.stdout)")
+        let topFiles = try FileManager.default.contentsOfDirectory(atPath: s.repo).sorted()
+        for command in [["verify", s.repo], ["backup", s.disk("vda"), "--repo", s.repo, "--dry-run"]] {
+            let refused = try QBackupBinary.run(command)
+            #expect(refused.status == 1 && refused.errorLines
+                    == ["qbackup: error: \(s.repo) holds the repositories of several disks (vda, vdb); name one: \(s.repo)/vda"],
+                    "\(command): \(refused.stderr)")
+        }
+        #expect(try FileManager.default.contentsOfDirectory(atPath: s.repo).sorted() == topFiles)
+
         // Incremental: each disk copies the write made during the full job, nothing else.
         let incremental = try s.backup(during: {
             try s.write(0xa2, at: 4 << 20, length: 64 << 10, disk: "vda")
