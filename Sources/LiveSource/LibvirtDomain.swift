@@ -23,7 +23,7 @@ final class LibvirtConnection {
 
     /// Whether the URI names another host: its disk files are then not reachable from here.
     var isRemote: Bool {
-        guard let schemeEnd = uri.range(of: "://") else { return false }
+        guard let schemeEnd = uri.firstRange(of: "://") else { return false }
         let rest = uri[schemeEnd.upperBound...]
         let authority = rest.prefix { $0 != "/" && $0 != "?" }
         return !authority.isEmpty || uri[..<schemeEnd.lowerBound].contains("+")
@@ -32,7 +32,7 @@ final class LibvirtConnection {
     /// The host of a remote URI (`qemu+ssh://root@host:22/system` → `host`), where its NBD
     /// exports listen; nil for a local one.
     var host: String? {
-        guard isRemote, let schemeEnd = uri.range(of: "://") else { return nil }
+        guard isRemote, let schemeEnd = uri.firstRange(of: "://") else { return nil }
         var authority = String(uri[schemeEnd.upperBound...].prefix { $0 != "/" && $0 != "?" })
         if let at = authority.lastIndex(of: "@") { authority = String(authority[authority.index(after: at)...]) }
         if authority.hasPrefix("["), let close = authority.firstIndex(of: "]") {
@@ -252,7 +252,7 @@ enum LibvirtXML {
         var result: [Element] = []
         var rest = xml[...]
         let open = "<\(name)"
-        while let start = rest.range(of: open) {
+        while let start = rest.firstRange(of: open) {
             let after = rest[start.upperBound...]
             guard let next = after.first, next == " " || next == ">" || next == "/" || next == "\n" || next == "\t" else {
                 rest = after
@@ -272,7 +272,7 @@ enum LibvirtXML {
             var depth = 1
             var cursor = bodyStart
             var bodyEnd = after.endIndex
-            while depth > 0, let close = after[cursor...].range(of: "</\(name)>") {
+            while depth > 0, let close = after[cursor...].firstRange(of: "</\(name)>") {
                 let inner = after[cursor..<close.lowerBound]
                 depth += countOpenings(open, in: inner) - 1
                 if depth == 0 { bodyEnd = close.lowerBound }
@@ -287,7 +287,7 @@ enum LibvirtXML {
     private static func countOpenings(_ open: String, in text: Substring) -> Int {
         var count = 0
         var rest = text
-        while let r = rest.range(of: open) {
+        while let r = rest.firstRange(of: open) {
             let after = rest[r.upperBound...]
             if let c = after.first, c == " " || c == ">" || c == "\n" || c == "\t" {
                 // A self-closing one does not nest.
