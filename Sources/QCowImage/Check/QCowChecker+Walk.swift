@@ -83,9 +83,14 @@ extension QCowChecker {
         let externalData = image.header.incompatibleFeatures.contains(.externalDataFile)
         var previousHost: UInt64?
         for index in 0..<count {
+            let raw = extended ? table[2 * index] : table[index]
+            let bitmap = extended ? table[2 * index + 1] : 0
+            // An all-zero entry is an unallocated cluster with nothing to check or count: the
+            // classifier would find no problem and no host cluster in it. Most entries of a
+            // large sparse image are such (16.7 M of a 1 TiB image's, ~0.3 s of a check).
+            if raw == 0 && bitmap == 0 { continue }
             let at = l2 + UInt64(index * entrySize)
-            let cluster = image.decodeL2(entry: extended ? table[2 * index] : table[index],
-                                         bitmap: extended ? table[2 * index + 1] : 0)
+            let cluster = image.decodeL2(entry: raw, bitmap: bitmap)
             for problem in cluster.problems {
                 noteL2Problem(problem, cluster: cluster, at: at, l1Index: l1Index, index: index)
             }
