@@ -9,9 +9,15 @@ import TestSupport
 /// the damage — never a partial layer, never a crash or unbounded memory.
 @Suite struct ReplicationReceiverTests {
     /// Receives `bytes` into `dst` in-process: nil on success, else the error.
+    /// In-process calls wait this long for a repository's lock (seconds). Another test of the
+    /// same process that starts a child at that moment holds a copy of our descriptors until the
+    /// child's exec closes them (O_CLOEXEC), so a lock closed a moment ago may still look held
+    /// to the next call of ours; the real binary, one process per command, has no such window.
+    static let lockWait = 10.0
+
     static func receive(_ bytes: [UInt8], into dst: String) -> Error? {
         do {
-            _ = try ReplicationReceiver.receive(repository: dst, from: MemoryStream(bytes))
+            _ = try ReplicationReceiver.receive(repository: dst, from: MemoryStream(bytes), wait: lockWait)
             return nil
         } catch {
             return error
@@ -252,7 +258,7 @@ import TestSupport
         func receive(_ bytes: [UInt8], into dst: String) -> Error? { ReplicationReceiverTests.receive(bytes, into: dst) }
 
         static func points(_ dir: String) throws -> [ReplicationStream.Point] {
-            try BackupRepository(path: dir, exclusive: false).manifest?.layers.map(ReplicationStream.Point.init) ?? []
+            try BackupRepository(path: dir, exclusive: false, wait: lockWait).manifest?.layers.map(ReplicationStream.Point.init) ?? []
         }
 
         /// A fresh copy of the replica as it was before the stream.
@@ -271,7 +277,7 @@ import TestSupport
         func expectState(_ dst: String, _ expected: Int, _ step: String, sourceLocation: SourceLocation = #_sourceLocation) throws {
             let held = try Self.points(dst)
             #expect(held == states[expected], "\(step): the replica holds \(held)", sourceLocation: sourceLocation)
-            let report = try ChainVerifier.verify(repository: dst)
+            let report = try ChainVerifier.verify(repository: dst, wait: lockWait)
             #expect(report.ok, "\(step): \(report.problems)", sourceLocation: sourceLocation)
         }
 
@@ -284,7 +290,7 @@ import TestSupport
                 let r = try QBackupBinary.run(["replicate", s.repo, dst])
                 #expect(r.status == 0, "\(step): the next replicate: \(r.stderr)", sourceLocation: sourceLocation)
             } else {
-                _ = try Replicator.replicate(Replicator.Request(repository: s.repo, destination: .folder(dst)))
+                _ = try Replicator.replicate(Replicator.Request(repository: s.repo, destination: .folder(dst), wait: lockWait))
             }
             #expect(try Self.points(dst) == states.last, "\(step): after the next replicate", sourceLocation: sourceLocation)
             #expect(try ReplicationTests.layerFiles(dst) == ReplicationTests.layerFiles(s.repo), "\(step): the files differ",
