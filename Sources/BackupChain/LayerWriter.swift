@@ -27,8 +27,10 @@ enum LayerWriter {
         // The file is new and thrown away if we die before it is complete: one fsync at the end will do.
         layer.syncBarriers = false
         let copy = CopyOptions(zeros: backing == nil ? .skip : .hide, compress: compression != nil)
-        // The chunks are hashed behind the copy, so the digest costs little after the last write.
+        // The chunks are hashed from the copy's writes, so the digest costs little after the last one,
+        // and whole data clusters go to the disk past the page cache (the fsync at the end waits for them).
         let hasher = try LayerHasher(layer)
+        (layer.device as? FileDevice)?.writeDirectWhenAligned()
         let result: CopyResult
         do {
             result = try Copier.copy(plan, from: source, to: .image(layer), options: copy, progress: progress)

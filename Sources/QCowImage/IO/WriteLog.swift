@@ -5,15 +5,19 @@ import Synchronization
 /// chunks) re-hashes only these after changing the file in place.
 public final class WriteLog: Sendable {
     public let granularity: UInt64
+    /// Given the bytes of every write as it is made, and told of every resize: a layer's
+    /// hasher digests the chunks the copier writes front to back.
+    public let observer: (any WriteObserver)?
     private struct State {
         var chunks = Set<Int>()
         var smallestResize: UInt64?
     }
     private let state = Mutex(State())
 
-    public init(granularity: UInt64) {
+    public init(granularity: UInt64, observer: (any WriteObserver)? = nil) {
         precondition(granularity > 0)
         self.granularity = granularity
+        self.observer = observer
     }
 
     /// A write of `length` bytes at `offset` (recorded before it is issued: a write that
@@ -28,6 +32,7 @@ public final class WriteLog: Sendable {
     /// A resize to `size` bytes (what lies past it reads as zeros afterwards).
     func resized(to size: UInt64) {
         state.withLock { $0.smallestResize = min($0.smallestResize ?? size, size) }
+        observer?.resized(to: size)
     }
 
     /// The chunks written and the smallest resize since the last `take` (or since the log was
@@ -51,4 +56,14 @@ public final class WriteLog: Sendable {
         if from < newSize { changed.formUnion(Int(from / granularity)..<count) }
         return changed
     }
+}
+
+/// What a `WriteLog` tells of a device's writes as they happen (see `WriteLog.observer`).
+public protocol WriteObserver: AnyObject, Sendable {
+    /// A write of `bytes` at `offset`, which `write` makes: the observer calls it once and
+    /// may read the bytes meanwhile, on another thread too (they stay valid until it
+    /// returns). Throws what `write` throws.
+    func observe(_ bytes: UnsafeRawBufferPointer, at offset: UInt64, during write: () throws -> Void) throws
+    /// The file was resized to `size` bytes.
+    func resized(to size: UInt64)
 }
