@@ -55,16 +55,18 @@ public enum Tools {
         process.standardError = err
         process.standardInput = FileHandle.nullDevice
         try process.run()
-        // Drain both pipes concurrently so a chatty child cannot block.
+        // Drain both pipes concurrently so a chatty child cannot block, stderr on a thread of its
+        // own: on Dispatch's global queue each drain blocked in read holds one of its few workers
+        // (one more is added per second), so parallel tests delayed each other's timed work by
+        // seconds (measured: 8 blocked readers put a 1 s asyncAfter at 6.9 s).
         nonisolated(unsafe) var errData = Data()
-        let group = DispatchGroup()
-        group.enter()
-        DispatchQueue.global().async {
+        let drained = DispatchSemaphore(value: 0)
+        Thread {
             errData = err.fileHandleForReading.readDataToEndOfFile()
-            group.leave()
-        }
+            drained.signal()
+        }.start()
         let outData = out.fileHandleForReading.readDataToEndOfFile()
-        group.wait()
+        drained.wait()
         process.waitUntilExit()
         return Result(status: process.terminationStatus, stdout: String(decoding: outData, as: UTF8.self),
                       stderr: String(decoding: errData, as: UTF8.self), stdoutData: outData)
