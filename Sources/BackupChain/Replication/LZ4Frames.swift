@@ -1,14 +1,15 @@
 import CLZ4
 
 /// lz4 frames (liblz4's frame format) for the replication stream: each data record holds one
-/// complete frame with its content size and content checksum, so a frame decodes alone, into
-/// a buffer of known size, and a damaged one is caught by lz4 as well as by the record's CRC.
+/// complete frame with its content size, so a frame decodes alone, into a buffer of known size.
+/// Frames carry no content checksum: the record's CRC-32 covers the frame, and the chunk and
+/// layer sha256 cover what it decodes to, so lz4's xxHash of every byte would only cost CPU on
+/// both sides (frames from earlier versions that carry one still decode, and lz4 checks it).
 enum LZ4Frames {
     private static func preferences(_ size: Int) -> LZ4F_preferences_t {
         var prefs = LZ4F_preferences_t()
         prefs.frameInfo.blockSizeID = LZ4F_max4MB
         prefs.frameInfo.blockMode = LZ4F_blockIndependent
-        prefs.frameInfo.contentChecksumFlag = LZ4F_contentChecksumEnabled
         prefs.frameInfo.contentSize = UInt64(size)
         prefs.compressionLevel = 0
         return prefs

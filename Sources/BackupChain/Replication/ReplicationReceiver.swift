@@ -40,7 +40,10 @@ public enum ReplicationReceiver {
     public static func receive(repository: String, from input: StreamInput, wait: Double = 0,
                                logger: Logger = Logger(label: "qbackup.receive"),
                                progress: ((UInt64, UInt64) -> Void)? = nil) throws -> Result {
-        let reader = StreamReader(input)
+        // Read on a thread of its own, so the pipe fills while a record is decoded and written.
+        let ahead = try (input as? DescriptorStream).map { try ReadAheadStream($0) }
+        defer { ahead?.stop() }
+        let reader = StreamReader(ahead ?? input)
         try reader.preamble()
         guard try reader.next() == .header else { throw reader.fail("the stream does not begin with a header record") }
         let header = try reader.json(ReplicationStream.Header.self, "header")
@@ -146,14 +149,13 @@ struct LayerReceiver {
     let reader: StreamReader
     let repo: BackupRepository
     let progress: ((UInt64, UInt64) -> Void)?
-    private var piece: [UInt8]
+    private let piece = PageBuffer(count: ReplicationStream.maxDataBytes)
     private var done: UInt64 = 0
 
     init(reader: StreamReader, repo: BackupRepository, progress: ((UInt64, UInt64) -> Void)?) {
         self.reader = reader
         self.repo = repo
         self.progress = progress
-        piece = [UInt8](repeating: 0, count: ReplicationStream.maxDataBytes)
     }
 
     /// One layer: its record, its bytes, its end; recorded in `model` and saved. On any failure
@@ -310,6 +312,8 @@ struct LayerReceiver {
     {
         let device = FileDevice(adopting: FileDescriptor(rawValue: try RepositoryFiles.createFresh(temp)), name: temp, writable: true)
         defer { device.close() }
+        // Whole pages go to the disk past the page cache: no copy into it, and little left for the fsync.
+        device.writeDirectWhenAligned()
         var hasher = ChunkHasher()
         var expected: UInt64 = 0
         let size = layer.fileSize
@@ -330,24 +334,20 @@ struct LayerReceiver {
                 let body = reader.payloadCount - ReplicationStream.dataHeaderSize
                 let ok: Bool = reader.payload.withUnsafeBytes { p in
                     let input = UnsafeRawBufferPointer(rebasing: p[ReplicationStream.dataHeaderSize..<reader.payloadCount])
-                    return piece.withUnsafeMutableBytes { out in
-                        let output = UnsafeMutableRawBufferPointer(rebasing: out[0..<count])
-                        switch ReplicationStream.Encoding(rawValue: encoding) {
-                        case .none?:
-                            guard body == count else { return false }
-                            output.copyMemory(from: input)
-                            return true
-                        case .lz4?: return LZ4Frames.decompress(input, into: output)
-                        case nil: return false
-                        }
+                    let output = UnsafeMutableRawBufferPointer(rebasing: piece.bytes[0..<count])
+                    switch ReplicationStream.Encoding(rawValue: encoding) {
+                    case .none?:
+                        guard body == count else { return false }
+                        output.copyMemory(from: input)
+                        return true
+                    case .lz4?: return LZ4Frames.decompress(input, into: output)
+                    case nil: return false
                     }
                 }
                 guard ok else { throw bad("the data record at offset \(offset) does not decode to \(count) bytes (encoding \(encoding))") }
-                try piece.withUnsafeBytes {
-                    let bytes = UnsafeRawBufferPointer(rebasing: $0[0..<count])
-                    hasher.feed(bytes)
-                    try device.write(bytes, at: offset)
-                }
+                let bytes = UnsafeRawBufferPointer(rebasing: piece.bytes[0..<count])
+                hasher.feed(bytes)
+                try device.write(bytes, at: offset)
                 expected += UInt64(count)
                 done += UInt64(count)
             case .hole:
@@ -405,12 +405,10 @@ struct LayerReceiver {
         let grain = 64 << 10
         var offset = range.lowerBound
         while offset < range.upperBound {
-            let count = Int(min(range.upperBound - offset, UInt64(piece.count)))
-            try piece.withUnsafeMutableBytes {
-                try reference.readFully(into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<count]), at: offset, region: "reference layer")
-            }
-            try piece.withUnsafeBytes { all in
-                let bytes = UnsafeRawBufferPointer(rebasing: all[0..<count])
+            let count = Int(min(range.upperBound - offset, UInt64(piece.bytes.count)))
+            try reference.readFully(into: UnsafeMutableRawBufferPointer(rebasing: piece.bytes[0..<count]), at: offset, region: "reference layer")
+            do {
+                let bytes = UnsafeRawBufferPointer(rebasing: piece.bytes[0..<count])
                 hasher.feed(bytes)
                 // Runs of pieces that are not all zeros, one write each.
                 var at = 0
@@ -448,6 +446,13 @@ struct LayerReceiver {
                              path: repo.path)
         }
     }
+}
+
+/// A buffer on a page boundary (freed with it), so whole pages written from it can bypass the page cache.
+private final class PageBuffer {
+    let bytes: UnsafeMutableRawBufferPointer
+    init(count: Int) { bytes = .allocate(byteCount: count, alignment: 4096) }
+    deinit { bytes.deallocate() }
 }
 
 /// SHA-256 of each 4 MiB chunk of a file whose bytes arrive in order.

@@ -167,7 +167,20 @@ public enum ReplicationSender {
             throw ChainError(.invalidArgument, "the repository holds no backup to send", path: request.repository)
         }
         let plan = try plan(m, after: request.after, have: request.have, compression: request.compression, path: repo.path)
-        let writer = StreamWriter(output)
+        // Written on a thread of its own, so reading and compressing the next record overlaps the pipe.
+        let behind = (output as? DescriptorStream).map { WriteBehindStream($0) }
+        do {
+            let result = try send(plan, from: repo, to: StreamWriter(behind ?? output), request: request, logger: logger, progress: progress)
+            try behind?.finish()
+            return result
+        } catch {
+            try? behind?.finish()
+            throw error
+        }
+    }
+
+    private static func send(_ plan: Plan, from repo: BackupRepository, to writer: StreamWriter, request: Request, logger: Logger,
+                             progress: ((UInt64, UInt64) -> Void)?) throws -> Result {
         // A stream without folds stays version 1, which a qbackup that knows no folds reads.
         try writer.preamble(version: plan.folds.isEmpty ? 1 : ReplicationStream.version)
         try writer.json(.header, plan.header)

@@ -61,7 +61,7 @@ public enum ReplicationStream {
     /// How a data record's bytes are encoded.
     public enum Encoding: UInt8, Sendable {
         case none = 0
-        /// One complete lz4 frame (content size and content checksum set).
+        /// One complete lz4 frame (content size set; a content checksum optional).
         case lz4 = 1
     }
 
