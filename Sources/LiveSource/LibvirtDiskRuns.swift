@@ -54,8 +54,7 @@ final class DiskRuns: @unchecked Sendable {
     private var verdicts: [Bool?] = [nil, nil]
     /// The run's first real failure.
     private var failure: Error?
-    private let mutex: UnsafeMutablePointer<pthread_mutex_t>
-    private let changed: UnsafeMutablePointer<pthread_cond_t>
+    private let mutex = ConditionLock()
 
     init(_ request: LibvirtBackup.Request, layout: LibvirtBackup.Layout, logger: Logger,
          progress: ((UInt64, UInt64) -> Void)?) {
@@ -64,17 +63,6 @@ final class DiskRuns: @unchecked Sendable {
         self.logger = logger
         self.progress = progress
         slots = layout.disks.map { Slot(disk: $0, repository: layout.repository(of: $0)) }
-        mutex = .allocate(capacity: 1)
-        pthread_mutex_init(mutex, nil)
-        changed = .allocate(capacity: 1)
-        pthread_cond_init(changed, nil)
-    }
-
-    deinit {
-        pthread_cond_destroy(changed)
-        changed.deallocate()
-        pthread_mutex_destroy(mutex)
-        mutex.deallocate()
     }
 
     func run() throws -> LibvirtBackup.Outcome {
@@ -184,8 +172,8 @@ final class DiskRuns: @unchecked Sendable {
     func arrive(_ index: Int, _ meeting: Meeting) throws {
         let go: Bool = locked {
             slots[index].reached = meeting.rawValue
-            pthread_cond_broadcast(changed)
-            while verdicts[meeting.rawValue] == nil { pthread_cond_wait(changed, mutex) }
+            mutex.broadcast()
+            while verdicts[meeting.rawValue] == nil { mutex.wait() }
             return verdicts[meeting.rawValue] ?? false
         }
         if !go { throw Stopped() }
@@ -196,7 +184,7 @@ final class DiskRuns: @unchecked Sendable {
         locked {
             slots[index].done = true
             if let error, !(error is Stopped), failure == nil { failure = error }
-            pthread_cond_broadcast(changed)
+            mutex.broadcast()
         }
     }
 
@@ -204,7 +192,7 @@ final class DiskRuns: @unchecked Sendable {
     /// (none failed).
     private func meet(_ meeting: Meeting) -> Bool {
         locked {
-            while !slots.allSatisfy({ $0.reached >= meeting.rawValue || $0.done }) { pthread_cond_wait(changed, mutex) }
+            while !slots.allSatisfy({ $0.reached >= meeting.rawValue || $0.done }) { mutex.wait() }
             return failure == nil && slots.allSatisfy { $0.reached >= meeting.rawValue && !$0.done }
         }
     }
@@ -212,7 +200,7 @@ final class DiskRuns: @unchecked Sendable {
     private func decide(_ meeting: Meeting, _ go: Bool) {
         locked {
             verdicts[meeting.rawValue] = go
-            pthread_cond_broadcast(changed)
+            mutex.broadcast()
         }
     }
 
@@ -229,11 +217,7 @@ final class DiskRuns: @unchecked Sendable {
         }
     }
 
-    private func locked<T>(_ body: () throws -> T) rethrows -> T {
-        pthread_mutex_lock(mutex)
-        defer { pthread_mutex_unlock(mutex) }
-        return try body()
-    }
+    private func locked<T>(_ body: () throws -> T) rethrows -> T { try mutex.locked(body) }
 }
 
 /// One disk's source in a run: the engine's check before it records the layer waits until

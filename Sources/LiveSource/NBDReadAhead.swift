@@ -1,6 +1,7 @@
 import CNBD
 import Dispatch
 import FoundationEssentials
+import QCowImage
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -66,8 +67,7 @@ final class NBDReadAhead: @unchecked Sendable {
     private var inFlight = 0
     private var peakInFlight = 0
 
-    private let mutex: UnsafeMutablePointer<pthread_mutex_t>
-    private let changed: UnsafeMutablePointer<pthread_cond_t>
+    private let mutex = ConditionLock()
     /// One non-blocking pipe per worker, polled with its socket: written when the caller
     /// frees a segment or the read-ahead stops.
     private let wakers: [(read: Int32, write: Int32)]
@@ -89,10 +89,6 @@ final class NBDReadAhead: @unchecked Sendable {
         planOffset = plan.first?.lowerBound ?? 0
         segments = Array(repeating: nil, count: window)
         buffers = Array(repeating: nil, count: window)
-        mutex = .allocate(capacity: 1)
-        pthread_mutex_init(mutex, nil)
-        changed = .allocate(capacity: 1)
-        pthread_cond_init(changed, nil)
         var wakers: [(read: Int32, write: Int32)] = []
         for _ in readers {
             var fds: [Int32] = [-1, -1]
@@ -106,10 +102,6 @@ final class NBDReadAhead: @unchecked Sendable {
             guard made else {
                 let why = String(cString: strerror(errno))
                 for pipe in wakers { Glibc.close(pipe.read); Glibc.close(pipe.write) }
-                pthread_cond_destroy(changed)
-                changed.deallocate()
-                pthread_mutex_destroy(mutex)
-                mutex.deallocate()
                 throw LiveError(.io, "cannot create a pipe for the NBD read-ahead: \(why)")
             }
             wakers.append((fds[0], fds[1]))
@@ -123,17 +115,9 @@ final class NBDReadAhead: @unchecked Sendable {
         precondition(!running, "NBDReadAhead freed while its workers run")
         for buffer in buffers { buffer?.deallocate() }
         for pipe in wakers { Glibc.close(pipe.read); Glibc.close(pipe.write) }
-        pthread_cond_destroy(changed)
-        changed.deallocate()
-        pthread_mutex_destroy(mutex)
-        mutex.deallocate()
     }
 
-    private func locked<T>(_ body: () throws -> T) rethrows -> T {
-        pthread_mutex_lock(mutex)
-        defer { pthread_mutex_unlock(mutex) }
-        return try body()
-    }
+    private func locked<T>(_ body: () throws -> T) rethrows -> T { try mutex.locked(body) }
 
     private func wakeWorkers() {
         var one: UInt8 = 1
@@ -159,13 +143,13 @@ final class NBDReadAhead: @unchecked Sendable {
     /// them if they are on their way; segments before `position` are dropped (the caller
     /// skipped them). Throws the read-ahead's failure.
     func take(at position: UInt64, upTo end: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws -> Taken {
-        pthread_mutex_lock(mutex)
-        defer { pthread_mutex_unlock(mutex) }
+        mutex.lock()
+        defer { mutex.unlock() }
         // Segments that are ready are served even after a failure (their data was read);
         // the failure is thrown when the caller would have to wait.
         func wait() throws {
             if let failure { throw failure }
-            pthread_cond_wait(changed, mutex)
+            mutex.wait()
         }
         while true {
             // Skipped segments go only once their reply is in: the server writes into the buffer until then.
@@ -187,9 +171,9 @@ final class NBDReadAhead: @unchecked Sendable {
                 let from = Int(position - first.range.lowerBound)
                 guard let source = buffers[head % window] else { preconditionFailure("a ready segment without a buffer") }
                 // The segment stays ours while we copy: only this thread frees segments.
-                pthread_mutex_unlock(mutex)
+                mutex.unlock()
                 buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: source[from..<(from + Int(n))]))
-                pthread_mutex_lock(mutex)
+                mutex.lock()
                 if position + n == first.range.upperBound { freeHead() }
                 return .copied(n)
             }
@@ -241,7 +225,7 @@ final class NBDReadAhead: @unchecked Sendable {
     func abandon() {
         locked {
             abandoning = true
-            pthread_cond_broadcast(changed)
+            mutex.broadcast()
         }
         wakeWorkers()
         workers.wait()
@@ -267,7 +251,7 @@ final class NBDReadAhead: @unchecked Sendable {
     /// With `mutex` held: records the first failure and wakes everyone.
     private func fail(_ message: String) {
         if failure == nil { failure = LiveError(.io, message) }
-        pthread_cond_broadcast(changed)
+        mutex.broadcast()
     }
 
     /// One connection's loop: keep requests in flight while the window has room, poll the
@@ -279,10 +263,10 @@ final class NBDReadAhead: @unchecked Sendable {
         var sent: [(cookie: UInt64, seq: Int)] = []
         var lastProgress = Date()
         while true {
-            pthread_mutex_lock(mutex)
+            mutex.lock()
             // Stop at once on a failure or `abandon`; on `suspend` or at the plan's end, once answered.
             if failure != nil || abandoning {
-                pthread_mutex_unlock(mutex)
+                mutex.unlock()
                 return
             }
             while !stopping, tail - head < window, let piece = nextPiece() {
@@ -294,15 +278,15 @@ final class NBDReadAhead: @unchecked Sendable {
                 buffers[slot] = buffer
                 inFlight += 1
                 peakInFlight = max(peakInFlight, inFlight)
-                pthread_cond_broadcast(changed)
-                pthread_mutex_unlock(mutex)
+                mutex.broadcast()
+                mutex.unlock()
                 let cookie = lib.aioPread(handle, buffer.baseAddress, Int(piece.count), piece.lowerBound,
                                           nbd_completion_callback(callback: nil, user_data: nil, free: nil), 0)
                 let message = cookie == -1 ? lib.lastError() : ""
-                pthread_mutex_lock(mutex)
+                mutex.lock()
                 guard cookie != -1 else {
                     fail("\(uri): read of \(piece.count) bytes at \(piece.lowerBound) failed: \(message)")
-                    pthread_mutex_unlock(mutex)
+                    mutex.unlock()
                     wakeWorkers()
                     return
                 }
@@ -310,7 +294,7 @@ final class NBDReadAhead: @unchecked Sendable {
                 sent.append((UInt64(cookie), seq))
             }
             let done = sent.isEmpty && (stopping || planIndex == plan.count)
-            pthread_mutex_unlock(mutex)
+            mutex.unlock()
             if done { return }
 
             // Wait for the server (or a wake-up), up to a second at a time.
@@ -353,12 +337,12 @@ final class NBDReadAhead: @unchecked Sendable {
             if problem == nil, !sent.isEmpty, Date().timeIntervalSince(lastProgress) > timeout {
                 problem = "the NBD server did not answer a read within \(Int(timeout)) s"
             }
-            pthread_mutex_lock(mutex)
+            mutex.lock()
             for seq in completed { segments[seq % window]?.ready = true }
             inFlight -= completed.count
             if let problem { fail("\(uri): \(problem)") }
-            if !completed.isEmpty || problem != nil { pthread_cond_broadcast(changed) }
-            pthread_mutex_unlock(mutex)
+            if !completed.isEmpty || problem != nil { mutex.broadcast() }
+            mutex.unlock()
             if problem != nil {
                 wakeWorkers()
                 return

@@ -10,11 +10,13 @@ public enum GuestWriteKind: Sendable {
 
 /// Page-aligned memory reused by the data path, so large writes are assembled
 /// without allocating per cluster.
-final class ScratchBuffer {
+public final class ScratchBuffer {
     private var storage = UnsafeMutableRawBufferPointer(start: nil, count: 0)
 
-    /// At least `count` bytes (contents undefined), valid until the next call.
-    func reserve(_ count: Int) -> UnsafeMutableRawBufferPointer {
+    public init() {}
+
+    /// `count` bytes (contents undefined; kept while no larger call grows the buffer).
+    public func reserve(_ count: Int) -> UnsafeMutableRawBufferPointer {
         if storage.count < count {
             storage.deallocate()
             storage = .allocate(byteCount: count, alignment: 4096)

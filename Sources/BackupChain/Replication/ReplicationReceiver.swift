@@ -149,13 +149,15 @@ struct LayerReceiver {
     let reader: StreamReader
     let repo: BackupRepository
     let progress: ((UInt64, UInt64) -> Void)?
-    private let piece = PageBuffer(count: ReplicationStream.maxDataBytes)
+    /// Page-aligned, so whole pages written from it can bypass the page cache.
+    private let piece = ScratchBuffer()
     private var done: UInt64 = 0
 
     init(reader: StreamReader, repo: BackupRepository, progress: ((UInt64, UInt64) -> Void)?) {
         self.reader = reader
         self.repo = repo
         self.progress = progress
+        _ = piece.reserve(ReplicationStream.maxDataBytes)
     }
 
     /// One layer: its record, its bytes, its end; recorded in `model` and saved. On any failure
@@ -334,7 +336,7 @@ struct LayerReceiver {
                 let body = reader.payloadCount - ReplicationStream.dataHeaderSize
                 let ok: Bool = reader.payload.withUnsafeBytes { p in
                     let input = UnsafeRawBufferPointer(rebasing: p[ReplicationStream.dataHeaderSize..<reader.payloadCount])
-                    let output = UnsafeMutableRawBufferPointer(rebasing: piece.bytes[0..<count])
+                    let output = piece.reserve(count)
                     switch ReplicationStream.Encoding(rawValue: encoding) {
                     case .none?:
                         guard body == count else { return false }
@@ -345,7 +347,7 @@ struct LayerReceiver {
                     }
                 }
                 guard ok else { throw bad("the data record at offset \(offset) does not decode to \(count) bytes (encoding \(encoding))") }
-                let bytes = UnsafeRawBufferPointer(rebasing: piece.bytes[0..<count])
+                let bytes = UnsafeRawBufferPointer(piece.reserve(count))
                 hasher.feed(bytes)
                 try device.write(bytes, at: offset)
                 expected += UInt64(count)
@@ -405,26 +407,25 @@ struct LayerReceiver {
         let grain = 64 << 10
         var offset = range.lowerBound
         while offset < range.upperBound {
-            let count = Int(min(range.upperBound - offset, UInt64(piece.bytes.count)))
-            try reference.readFully(into: UnsafeMutableRawBufferPointer(rebasing: piece.bytes[0..<count]), at: offset, region: "reference layer")
-            do {
-                let bytes = UnsafeRawBufferPointer(rebasing: piece.bytes[0..<count])
-                hasher.feed(bytes)
-                // Runs of pieces that are not all zeros, one write each.
-                var at = 0
-                var run: Int?
-                while at <= count {
-                    let end = min(count, at + grain)
-                    let zero = at == count || Zeros.isZero(UnsafeRawBufferPointer(rebasing: bytes[at..<end]))
-                    if zero, let start = run {
-                        try device.write(UnsafeRawBufferPointer(rebasing: bytes[start..<at]), at: offset + UInt64(start))
-                        run = nil
-                    } else if !zero && run == nil {
-                        run = at
-                    }
-                    if at == count { break }
-                    at = end
+            let count = Int(min(range.upperBound - offset, UInt64(ReplicationStream.maxDataBytes)))
+            let buffer = piece.reserve(count)
+            try reference.readFully(into: buffer, at: offset, region: "reference layer")
+            let bytes = UnsafeRawBufferPointer(buffer)
+            hasher.feed(bytes)
+            // Runs of pieces that are not all zeros, one write each.
+            var at = 0
+            var run: Int?
+            while at <= count {
+                let end = min(count, at + grain)
+                let zero = at == count || Zeros.isZero(UnsafeRawBufferPointer(rebasing: bytes[at..<end]))
+                if zero, let start = run {
+                    try device.write(UnsafeRawBufferPointer(rebasing: bytes[start..<at]), at: offset + UInt64(start))
+                    run = nil
+                } else if !zero && run == nil {
+                    run = at
                 }
+                if at == count { break }
+                at = end
             }
             offset += UInt64(count)
         }
@@ -446,13 +447,6 @@ struct LayerReceiver {
                              path: repo.path)
         }
     }
-}
-
-/// A buffer on a page boundary (freed with it), so whole pages written from it can bypass the page cache.
-private final class PageBuffer {
-    let bytes: UnsafeMutableRawBufferPointer
-    init(count: Int) { bytes = .allocate(byteCount: count, alignment: 4096) }
-    deinit { bytes.deallocate() }
 }
 
 /// SHA-256 of each 4 MiB chunk of a file whose bytes arrive in order.

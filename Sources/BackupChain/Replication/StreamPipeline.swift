@@ -1,4 +1,5 @@
 import Dispatch
+import QCowImage
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -23,38 +24,25 @@ private final class ByteRing: @unchecked Sendable {
     /// The draining side stopped: the worker returns as soon as it can.
     var stopping = false
 
-    private let mutex: UnsafeMutablePointer<pthread_mutex_t>
-    private let changed: UnsafeMutablePointer<pthread_cond_t>
+    private let mutex = ConditionLock()
 
     init(capacity: Int) {
         self.capacity = capacity
         storage = .allocate(byteCount: capacity, alignment: 4096)
-        mutex = .allocate(capacity: 1)
-        pthread_mutex_init(mutex, nil)
-        changed = .allocate(capacity: 1)
-        pthread_cond_init(changed, nil)
     }
 
-    deinit {
-        storage.deallocate()
-        pthread_cond_destroy(changed)
-        changed.deallocate()
-        pthread_mutex_destroy(mutex)
-        mutex.deallocate()
-    }
+    deinit { storage.deallocate() }
 
     /// Runs `body` with the lock held; it may `wait()`. Everyone waiting is woken after it.
     func locked<T>(_ body: () throws -> T) rethrows -> T {
-        pthread_mutex_lock(mutex)
-        defer {
-            pthread_cond_broadcast(changed)
-            pthread_mutex_unlock(mutex)
+        try mutex.locked {
+            defer { mutex.broadcast() }
+            return try body()
         }
-        return try body()
     }
 
     /// With the lock held: waits for a change.
-    func wait() { pthread_cond_wait(changed, mutex) }
+    func wait() { mutex.wait() }
 
     /// With the lock held: the free part after the used one, up to the ring's end (empty when full).
     var freeRegion: UnsafeMutableRawBufferPointer {
