@@ -36,6 +36,7 @@ struct LibNBD: @unchecked Sendable {
     let aioNotifyRead: @convention(c) (Handle?) -> Int32
     let aioNotifyWrite: @convention(c) (Handle?) -> Int32
     let shutdown: @convention(c) (Handle?, UInt32) -> Int32
+    let setPreadInitialize: @convention(c) (Handle?, Bool) -> Int32
 
     /// The soname of Debian's libnbd0 (the runtime package of libnbd-dev).
     static let soname = "libnbd.so.0"
@@ -81,7 +82,8 @@ struct LibNBD: @unchecked Sendable {
             aioGetDirection: try sym("nbd_aio_get_direction", (@convention(c) (Handle?) -> UInt32).self),
             aioNotifyRead: try sym("nbd_aio_notify_read", (@convention(c) (Handle?) -> Int32).self),
             aioNotifyWrite: try sym("nbd_aio_notify_write", (@convention(c) (Handle?) -> Int32).self),
-            shutdown: try sym("nbd_shutdown", (@convention(c) (Handle?, UInt32) -> Int32).self))
+            shutdown: try sym("nbd_shutdown", (@convention(c) (Handle?, UInt32) -> Int32).self),
+            setPreadInitialize: try sym("nbd_set_pread_initialize", (@convention(c) (Handle?, Bool) -> Int32).self))
     }
 
     /// libnbd's message for the last failed call on this thread.

@@ -249,7 +249,14 @@ final class GroupMember: BackupSource {
         try inner.read(into: buffer, at: offset)
     }
 
-    func willRead(_ ranges: [Range<UInt64>]) throws { try inner.willRead(ranges) }
+    func willRead(_ ranges: [Range<UInt64>], chunk: Int, bufferSize: Int) throws {
+        try inner.willRead(ranges, chunk: chunk, bufferSize: bufferSize)
+    }
+
+    func read(exchanging buffer: UnsafeMutableRawBufferPointer, count: Int, at offset: UInt64) throws
+        -> UnsafeMutableRawBufferPointer? {
+        try inner.read(exchanging: buffer, count: count, at: offset)
+    }
     func bitmapState(_ name: String) throws -> TrackingBitmapState { try inner.bitmapState(name) }
 
     func forEachDirtyExtent(_ name: String, _ body: (Range<UInt64>) throws -> Void) throws {

@@ -73,6 +73,9 @@ final class NBDConnection {
             }
             // The URI is the user's own argument (as for nbdcopy and nbdinfo): it may name local
             // files, such as nbds://…?tls-certificates=DIR for a server with its own CA.
+            // Every read either fills its whole buffer or fails (and a failed read's buffer is never
+            // used), so libnbd need not zero each buffer before the server's reply overwrites it.
+            guard lib.setPreadInitialize(handle, false) != -1 else { throw fail("cannot set up the connection") }
             guard lib.setURIAllowLocalFile(handle, true) != -1 else { throw fail("cannot set up the connection") }
             guard lib.aioConnectURI(handle, uri) != -1 else { throw fail("cannot connect") }
             let deadline = Date().addingTimeInterval(timeout)
@@ -191,7 +194,10 @@ final class NBDConnection {
     /// Tells the connection which ranges the caller will read next, in this order (a backup's
     /// copy plan): they are read ahead on this connection and, when the server allows
     /// multi-conn, on `readAheadConnections - 1` more. Replaces an earlier announcement.
-    func willRead(_ ranges: [Range<UInt64>]) throws {
+    /// A caller that reads the plan in pieces cut at multiples of `chunk` bytes, each into a
+    /// buffer of `bufferSize` bytes (the copier), names them: the read-ahead then holds such
+    /// pieces whole, to hand over with `read(exchanging:…)`.
+    func willRead(_ ranges: [Range<UInt64>], chunk: Int? = nil, bufferSize: Int? = nil) throws {
         try endReadAhead()
         // Only whole ranges inside the export and on the minimum block size are read ahead;
         // anything else is read when asked for.
@@ -219,8 +225,15 @@ final class NBDConnection {
             if let handle = extra.handle { readers.append(NBDReadAhead.Reader(lib: extra.lib, handle: handle, uri: uri)) }
         }
         let step = requestSize
-        readAhead = try NBDReadAhead(readers: readers, plan: plan, step: step, minBlock: minBlock,
-                                     window: max(Int(readAheadBytes / step), 1), timeout: timeout)
+        // The copier's chunks when they fit the block-size limits, else one request per segment.
+        var segment = step
+        var buffer = Int(step)
+        if let chunk, let bufferSize, chunk > 0, UInt64(chunk) % minBlock == 0, bufferSize >= chunk {
+            segment = UInt64(chunk)
+            buffer = bufferSize
+        }
+        readAhead = try NBDReadAhead(readers: readers, plan: plan, step: step, segment: segment, bufferSize: buffer,
+                                     minBlock: minBlock, window: max(Int(readAheadBytes / segment), 2), timeout: timeout)
     }
 
     /// The read-ahead's counters (tests), nil when no plan is being read.
@@ -291,6 +304,24 @@ final class NBDConnection {
                 position = stop
             }
         }
+    }
+
+    /// Reads `count` bytes at `offset` for a caller that announced its chunks to `willRead`:
+    /// when the read-ahead holds exactly those bytes as one piece, hands over its buffer (the
+    /// caller owns and frees it) and keeps `buffer` (the announced size, page aligned,
+    /// from `UnsafeMutableRawBufferPointer.allocate`); else reads into `buffer` and returns nil.
+    func read(exchanging buffer: UnsafeMutableRawBufferPointer, count: Int, at offset: UInt64) throws
+        -> UnsafeMutableRawBufferPointer? {
+        if let readAhead {
+            do {
+                if let theirs = try readAhead.exchange(at: offset, count: count, buffer: buffer) { return theirs }
+            } catch {
+                abandon()
+                throw error
+            }
+        }
+        try read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<count]), at: offset)
+        return nil
     }
 
     /// A read straight from the server (not from the read-ahead).

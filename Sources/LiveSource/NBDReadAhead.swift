@@ -9,9 +9,12 @@ import Glibc
 /// Reads a copy plan ahead on one or more NBD connections, each driven by its own
 /// thread that sends requests and polls for replies all the time, so the server's
 /// replies never wait while the caller detects zeros or hands buffers on. The plan is
-/// cut into segments of `step` bytes, handed out in order to whichever connection has
-/// room; at most `window` segments are buffered (sent or ready), which bounds memory.
-/// The caller consumes them in plan order (`take`).
+/// cut into segments where a multiple of `segment` bytes falls (as the copier cuts its
+/// chunks), each read by requests of at most `step` bytes on one connection and handed
+/// out in order to whichever connection has room; at most `window` segments are buffered
+/// (sent or ready), which bounds memory. The caller consumes them in plan order: `take`
+/// copies bytes out, `exchange` hands over a whole segment's buffer for one of the
+/// caller's (the copy a backup would otherwise make of every byte).
 ///
 /// Threads: the caller's thread calls every method; each connection's handle is used
 /// only by its worker while workers run (`suspend` stops them, after which the caller
@@ -27,11 +30,12 @@ final class NBDReadAhead: @unchecked Sendable {
     }
 
     /// Counters for tests: how many connections read, the most requests in flight at once,
-    /// and how many segments hold data nobody has taken yet.
+    /// how many segments hold data nobody has taken yet, and how many were handed over whole.
     struct Stats: Equatable {
         var connections: Int
         var peakInFlight: Int
         var ready: Int
+        var exchanged: Int
     }
 
     /// One connection a worker reads on (its handle is the worker's while workers run).
@@ -43,11 +47,16 @@ final class NBDReadAhead: @unchecked Sendable {
 
     private struct Segment {
         var range: Range<UInt64>
+        /// Requests sent for it whose replies are not in yet.
+        var pending = 0
         var ready = false
     }
 
     let readers: [Reader]
     let step: UInt64
+    let segment: UInt64
+    /// The size of every segment buffer (at least `segment`): what `exchange` swaps.
+    let bufferSize: Int
     let minBlock: UInt64
     let window: Int
     let timeout: TimeInterval
@@ -66,6 +75,7 @@ final class NBDReadAhead: @unchecked Sendable {
     private var abandoning = false
     private var inFlight = 0
     private var peakInFlight = 0
+    private var exchanged = 0
 
     private let mutex = ConditionLock()
     /// One non-blocking pipe per worker, polled with its socket: written when the caller
@@ -75,13 +85,16 @@ final class NBDReadAhead: @unchecked Sendable {
     private let workers = DispatchGroup()
     private var running = false
 
-    /// Starts reading `plan` (ranges inside the export, on `minBlock`) on `readers`, `step`
-    /// bytes (a multiple of `minBlock`) per request.
-    init(readers: [Reader], plan: [Range<UInt64>], step: UInt64, minBlock: UInt64, window: Int,
-         timeout: TimeInterval) throws {
-        precondition(!readers.isEmpty && step > 0 && window > 0)
+    /// Starts reading `plan` (ranges inside the export, on `minBlock`) on `readers`, in
+    /// segments cut at multiples of `segment` bytes, `step` bytes per request (both multiples
+    /// of `minBlock`), into buffers of `bufferSize` bytes (page aligned).
+    init(readers: [Reader], plan: [Range<UInt64>], step: UInt64, segment: UInt64, bufferSize: Int, minBlock: UInt64,
+         window: Int, timeout: TimeInterval) throws {
+        precondition(!readers.isEmpty && step > 0 && segment > 0 && bufferSize >= segment && window > 0)
         self.readers = readers
         self.step = step
+        self.segment = segment
+        self.bufferSize = bufferSize
         self.minBlock = minBlock
         self.window = window
         self.timeout = timeout
@@ -127,7 +140,7 @@ final class NBDReadAhead: @unchecked Sendable {
     var stats: Stats {
         locked {
             Stats(connections: readers.count, peakInFlight: peakInFlight,
-                  ready: (head..<tail).filter { segments[$0 % window]?.ready == true }.count)
+                  ready: (head..<tail).filter { segments[$0 % window]?.ready == true }.count, exchanged: exchanged)
         }
     }
 
@@ -145,6 +158,53 @@ final class NBDReadAhead: @unchecked Sendable {
     func take(at position: UInt64, upTo end: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws -> Taken {
         mutex.lock()
         defer { mutex.unlock() }
+        let range: Range<UInt64>
+        switch try awaitSegment(at: position, upTo: end) {
+        case .notAhead(let until): return .notAhead(until: until)
+        case .ready(let ready): range = ready
+        }
+        let n = min(end, range.upperBound) - position
+        let from = Int(position - range.lowerBound)
+        guard let source = buffers[head % window] else { preconditionFailure("a ready segment without a buffer") }
+        // The segment stays ours while we copy: only this thread frees segments.
+        mutex.unlock()
+        buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: source[from..<(from + Int(n))]))
+        mutex.lock()
+        if position + n == range.upperBound { freeHead() }
+        return .copied(n)
+    }
+
+    /// When the read-ahead holds exactly the `count` bytes at `position` as one segment, waits
+    /// for them and hands over that segment's buffer (`bufferSize` bytes, the data at its
+    /// start), keeping `buffer` (as large, page aligned, allocated by
+    /// `UnsafeMutableRawBufferPointer.allocate`) to read later segments into: the caller owns
+    /// the returned buffer and frees it. Nil when the bytes are not one segment here (the
+    /// caller then `take`s or reads them). Throws the read-ahead's failure.
+    func exchange(at position: UInt64, count: Int, buffer: UnsafeMutableRawBufferPointer) throws
+        -> UnsafeMutableRawBufferPointer? {
+        guard buffer.count == bufferSize, count > 0 else { return nil }
+        mutex.lock()
+        defer { mutex.unlock() }
+        guard case .ready(let range) = try awaitSegment(at: position, upTo: position + UInt64(count)),
+              range == position..<(position + UInt64(count)),
+              let theirs = buffers[head % window]
+        else { return nil }
+        buffers[head % window] = buffer
+        exchanged += 1
+        freeHead()
+        return theirs
+    }
+
+    private enum Head {
+        /// The first segment holds the position and its replies are in.
+        case ready(Range<UInt64>)
+        case notAhead(until: UInt64)
+    }
+
+    /// With `mutex` held: drops the segments before `position` and waits until the one holding
+    /// it (the first) is ready, or finds the bytes from `position` up to `until` not read ahead.
+    /// Throws the read-ahead's failure when it would have to wait.
+    private func awaitSegment(at position: UInt64, upTo end: UInt64) throws -> Head {
         // Segments that are ready are served even after a failure (their data was read);
         // the failure is thrown when the caller would have to wait.
         func wait() throws {
@@ -152,7 +212,7 @@ final class NBDReadAhead: @unchecked Sendable {
             mutex.wait()
         }
         while true {
-            // Skipped segments go only once their reply is in: the server writes into the buffer until then.
+            // Skipped segments go only once their replies are in: the server writes into the buffer until then.
             if head < tail, let first = segments[head % window], first.range.upperBound <= position {
                 if !first.ready {
                     try wait()
@@ -167,15 +227,7 @@ final class NBDReadAhead: @unchecked Sendable {
                     try wait()
                     continue
                 }
-                let n = min(end, first.range.upperBound) - position
-                let from = Int(position - first.range.lowerBound)
-                guard let source = buffers[head % window] else { preconditionFailure("a ready segment without a buffer") }
-                // The segment stays ours while we copy: only this thread frees segments.
-                mutex.unlock()
-                buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: source[from..<(from + Int(n))]))
-                mutex.lock()
-                if position + n == first.range.upperBound { freeHead() }
-                return .copied(n)
+                return .ready(first.range)
             }
             // Nothing sent: skip the plan's ranges that end before the position.
             while planIndex < plan.count, plan[planIndex].upperBound <= position {
@@ -234,13 +286,14 @@ final class NBDReadAhead: @unchecked Sendable {
 
     // MARK: - A worker
 
-    /// With `mutex` held: the next piece of the plan, at most `step` bytes, or nil at its end.
+    /// With `mutex` held: the next segment of the plan, up to the next multiple of `segment`
+    /// or the range's end, or nil at the plan's end.
     private func nextPiece() -> Range<UInt64>? {
         guard planIndex < plan.count else { return nil }
         let range = plan[planIndex]
-        let n = min(step, range.upperBound - planOffset)
-        let piece = planOffset..<(planOffset + n)
-        planOffset += n
+        let boundary = (planOffset / segment + 1) * segment
+        let piece = planOffset..<min(range.upperBound, boundary)
+        planOffset = piece.upperBound
         if planOffset == range.upperBound {
             planIndex += 1
             if planIndex < plan.count { planOffset = plan[planIndex].lowerBound }
@@ -273,25 +326,33 @@ final class NBDReadAhead: @unchecked Sendable {
                 let seq = tail
                 tail += 1
                 let slot = seq % window
-                segments[slot] = Segment(range: piece)
-                let buffer = buffers[slot] ?? UnsafeMutableRawBufferPointer.allocate(byteCount: Int(step), alignment: 4096)
+                // Its requests: all on this connection; it is ready when the last reply is in.
+                let length = piece.upperBound - piece.lowerBound
+                let requests = Int((length + step - 1) / step)
+                segments[slot] = Segment(range: piece, pending: requests)
+                let buffer = buffers[slot] ?? UnsafeMutableRawBufferPointer.allocate(byteCount: bufferSize, alignment: 4096)
                 buffers[slot] = buffer
-                inFlight += 1
+                inFlight += requests
                 peakInFlight = max(peakInFlight, inFlight)
                 mutex.broadcast()
                 mutex.unlock()
-                let cookie = lib.aioPread(handle, buffer.baseAddress, Int(piece.count), piece.lowerBound,
-                                          nbd_completion_callback(callback: nil, user_data: nil, free: nil), 0)
-                let message = cookie == -1 ? lib.lastError() : ""
-                mutex.lock()
-                guard cookie != -1 else {
-                    fail("\(uri): read of \(piece.count) bytes at \(piece.lowerBound) failed: \(message)")
-                    mutex.unlock()
-                    wakeWorkers()
-                    return
-                }
                 if sent.isEmpty { lastProgress = Date() }
-                sent.append((UInt64(cookie), seq))
+                for request in 0..<requests {
+                    let at = UInt64(request) * step
+                    let n = min(step, length - at)
+                    let cookie = lib.aioPread(handle, buffer.baseAddress! + Int(at), Int(n), piece.lowerBound + at,
+                                              nbd_completion_callback(callback: nil, user_data: nil, free: nil), 0)
+                    guard cookie != -1 else {
+                        let message = lib.lastError()
+                        mutex.lock()
+                        fail("\(uri): read of \(n) bytes at \(piece.lowerBound + at) failed: \(message)")
+                        mutex.unlock()
+                        wakeWorkers()
+                        return
+                    }
+                    sent.append((UInt64(cookie), seq))
+                }
+                mutex.lock()
             }
             let done = sent.isEmpty && (stopping || planIndex == plan.count)
             mutex.unlock()
@@ -338,7 +399,10 @@ final class NBDReadAhead: @unchecked Sendable {
                 problem = "the NBD server did not answer a read within \(Int(timeout)) s"
             }
             mutex.lock()
-            for seq in completed { segments[seq % window]?.ready = true }
+            for seq in completed {
+                segments[seq % window]?.pending -= 1
+                if segments[seq % window]?.pending == 0 { segments[seq % window]?.ready = true }
+            }
             inFlight -= completed.count
             if let problem { fail("\(uri): \(problem)") }
             if !completed.isEmpty || problem != nil { mutex.broadcast() }

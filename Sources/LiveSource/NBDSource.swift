@@ -86,9 +86,15 @@ public final class NBDSource: BackupSource {
         try connection.read(into: buffer, at: offset)
     }
 
-    /// The copy plan: read it ahead, so the server is never idle between two of the copy's reads.
-    public func willRead(_ ranges: [Range<UInt64>]) throws {
-        try connection.willRead(ranges)
+    /// The copy plan: read it ahead, so the server is never idle between two of the copy's reads,
+    /// into buffers the copier takes over whole.
+    public func willRead(_ ranges: [Range<UInt64>], chunk: Int, bufferSize: Int) throws {
+        try connection.willRead(ranges, chunk: chunk, bufferSize: bufferSize)
+    }
+
+    public func read(exchanging buffer: UnsafeMutableRawBufferPointer, count: Int, at offset: UInt64) throws
+        -> UnsafeMutableRawBufferPointer? {
+        try connection.read(exchanging: buffer, count: count, at: offset)
     }
 
     public func bitmapState(_ name: String) throws -> TrackingBitmapState {

@@ -1,6 +1,7 @@
 import BackupChain
 import Foundation
 @testable import LiveSource
+import QCowImage
 import Testing
 import TestSupport
 
@@ -139,7 +140,7 @@ import TestSupport
         let mib = 1 << 20
         let plan: [Range<UInt64>] = regions.filter { $0.start != 10 << 20 }
             .map { UInt64($0.start)..<UInt64($0.start + $0.length) }
-        try source.willRead(plan)
+        try source.connection.willRead(plan)
         func check(_ offset: Int, _ count: Int, sourceLocation: SourceLocation = #_sourceLocation) throws {
             var buffer = [UInt8](repeating: 0xee, count: count)
             try buffer.withUnsafeMutableBytes { try source.read(into: $0, at: UInt64(offset)) }
@@ -157,13 +158,13 @@ import TestSupport
         try check(mib, 4096)                      // back before the window
         try check(0, 24 * mib)                    // the plan is used up: everything straight
         // A new plan replaces the old one; an odd-sized range at the end of the disk.
-        try source.willRead([UInt64(23 * mib)..<UInt64(24 * mib)])
+        try source.connection.willRead([UInt64(23 * mib)..<UInt64(24 * mib)])
         try check(23 * mib, mib)
 
         // The connection dropping while reads are ahead: an error, also for later calls (a window
         // smaller than the plan, so that not everything is read before the server goes).
         source.connection.readAheadBytes = UInt64(4 * mib)
-        try source.willRead([0..<UInt64(24 * mib)])
+        try source.connection.willRead([0..<UInt64(24 * mib)])
         try check(0, mib)
         server.stop()
         var buffer = [UInt8](repeating: 0, count: 4 * mib)
@@ -177,6 +178,42 @@ import TestSupport
         }
         #expect(throws: LiveError.self) {
             try buffer.withUnsafeMutableBytes { try source.read(into: $0, at: 0) }
+        }
+    }
+
+    /// The copier takes each chunk of its plan from the read-ahead by exchanging buffers, not by
+    /// copying bytes: every chunk the plan cuts (4 MiB, or shorter at a range's ends) is one
+    /// segment handed over whole, also with compression (buffers of two chunks), and both
+    /// images equal the disk (qemu-img compare) and pass qemu-img check.
+    @Test func theCopierTakesWholeChunksFromTheReadAhead() throws {
+        let dir = TempDir("nbdsrc-exchange")
+        // Data in ranges that start and end off the 4 MiB grid, a cluster of zero bytes inside one.
+        let writes = ["write -P 0x21 1M 6M", "write -P 0 3M 64k", "write -P 0x22 9M 64k", "write -P 0x23 12M 9M",
+                      "write -P 0x24 30M 2M"]
+        let disk = try Self.makeDisk(dir, size: "32M", before: writes, after: [])
+        let server = try QemuNBD(image: disk, bitmap: nil, directory: dir, shared: 2)
+        defer { server.stop() }
+        for compress in [false, true] {
+            let source = try NBDSource(uri: Self.uri(server), tracking: nil, timeout: 10)
+            defer { source.close() }
+            let plan = try CopyPlan.data(of: source, grain: 65536)
+            let chunk = UInt64(CopyOptions(zeros: .hide).chunkBytes)
+            let chunks = plan.ranges.reduce(0) { count, range in
+                count + Int((range.upperBound - 1) / chunk - range.lowerBound / chunk) + 1
+            }
+            #expect(plan.ranges.count == 4 && chunks == 7, "\(plan.ranges)")
+            let path = dir.file("copy-\(compress).qcow2")
+            var options = QCowCreateOptions(size: source.virtualSize)
+            options.compression = .zstd
+            let out = try QCowCreator.create(at: path, options: options)
+            try Copier.copy(plan, from: source, to: .image(out), options: CopyOptions(zeros: .hide, compress: compress))
+            try out.flush()
+            out.close()
+            let stats = source.connection.readAheadStats
+            #expect(stats?.connections == 2)
+            #expect(stats?.exchanged == chunks, "compress \(compress): \(String(describing: stats))")
+            try Tools.qemuImg("compare", "-q", "-f", "qcow2", "-F", "qcow2", path, disk)
+            try Tools.qemuImg("check", "-q", path)
         }
     }
 
@@ -208,7 +245,7 @@ import TestSupport
         #expect(source.connection.canMultiConn)
         #expect(server.openSockets == 2)  // listening + this client
         source.connection.readAheadBytes = UInt64(16 * mib)
-        try source.willRead([0..<UInt64(40 * mib)])
+        try source.connection.willRead([0..<UInt64(40 * mib)])
         #expect(source.connection.readAheadStats?.connections == 2)
         #expect(server.openSockets == 3)  // a second client
         // Nobody reads: the window (16 segments of 1 MiB) fills anyway, and no further.
@@ -242,7 +279,7 @@ import TestSupport
         defer { source.close() }
         #expect(!source.connection.canMultiConn)
         source.connection.readAheadBytes = 4 << 20
-        try source.willRead([0..<(20 << 20)])
+        try source.connection.willRead([0..<(20 << 20)])
         #expect(source.connection.readAheadStats?.connections == 1)
         #expect(server.openSockets == 2)
         if try Self.readAll(source) != Data.contents(of: raw) {
@@ -268,7 +305,7 @@ import TestSupport
         defer { source.close() }
         #expect(source.connection.canMultiConn)
         source.connection.readAheadBytes = 4 << 20
-        try source.willRead([0..<(20 << 20)])
+        try source.connection.willRead([0..<(20 << 20)])
         #expect(source.connection.readAheadStats?.connections == 2)
         #expect(server.openSockets == 3)  // listening + 2 clients
         if try Self.readAll(source) != Data.contents(of: raw) {

@@ -78,7 +78,7 @@ public enum Copier {
         let pipeline = WriteBehind(bufferSize: pool == nil ? chunk : 2 * chunk)
         defer { pipeline.drain() }
         var result = CopyResult()
-        try source.willRead(plan.ranges)
+        try source.willRead(plan.ranges, chunk: chunk, bufferSize: pipeline.bufferSize)
         var done: UInt64 = 0
         for range in plan.ranges {
             var offset = range.lowerBound
@@ -87,10 +87,10 @@ public enum Copier {
                 let boundary = (offset / UInt64(chunk) + 1) * UInt64(chunk)
                 let n = Int(min(range.upperBound, boundary) - offset)
                 let piece = Chunk(offset: offset, count: n, grain: grain)
-                try pipeline.submitWhole(fill: { buffer in
-                    try source.read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<n]), at: offset)
-                    piece.findZeros(in: UnsafeRawBufferPointer(rebasing: buffer[0..<n]))
-                    return pool == nil ? n : 2 * chunk
+                try pipeline.submitExchanging(fill: { buffer in
+                    let exchanged = try source.read(exchanging: buffer, count: n, at: offset)
+                    piece.findZeros(in: UnsafeRawBufferPointer(rebasing: (exchanged ?? buffer)[0..<n]))
+                    return (pool == nil ? n : 2 * chunk, exchanged)
                 }, process: pool.map { pool in { buffer in piece.compress(buffer, chunk: chunk, with: pool) } },
                    write: { buffer in try writer.write(piece, from: buffer, chunk: chunk) })
                 result.dataBytes += piece.dataBytes

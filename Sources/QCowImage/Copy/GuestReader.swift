@@ -4,7 +4,8 @@
 ///
 /// The copier reads in plan order from one thread; it names every range it will read
 /// before the first read (`willRead`), so a source over a network may keep several
-/// reads in flight ahead of the copy.
+/// reads in flight ahead of the copy, and reads each chunk with `read(exchanging:…)`,
+/// so such a source may hand over the buffer it read the chunk into instead of copying it.
 public protocol GuestReader: AnyObject {
     /// A name for messages (the image path, or the export's URI).
     var name: String { get }
@@ -13,13 +14,28 @@ public protocol GuestReader: AnyObject {
     func blockStatus(at offset: UInt64, maxLength: UInt64) throws -> BlockStatus
     /// Reads guest data; past the end reads as zeros.
     func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws
-    /// The ranges the copy will read, in this order, before the first read.
-    func willRead(_ ranges: [Range<UInt64>]) throws
+    /// The ranges the copy will read, in this order, before the first read: each is read in
+    /// pieces cut where a multiple of `chunk` bytes falls, each piece into a buffer of
+    /// `bufferSize` bytes (page aligned) with `read(exchanging:…)`.
+    func willRead(_ ranges: [Range<UInt64>], chunk: Int, bufferSize: Int) throws
+    /// Reads `count` bytes at `offset` (a piece of the announced plan) into `buffer`, or
+    /// returns another buffer of the announced size that holds them at its start and keeps
+    /// `buffer` in exchange. Both are allocated with `UnsafeMutableRawBufferPointer.allocate`
+    /// (page aligned); each side frees the buffers it ends up with.
+    func read(exchanging buffer: UnsafeMutableRawBufferPointer, count: Int, at offset: UInt64) throws
+        -> UnsafeMutableRawBufferPointer?
 }
 
 extension GuestReader {
     /// A local file reads fast enough when asked.
-    public func willRead(_ ranges: [Range<UInt64>]) throws {}
+    public func willRead(_ ranges: [Range<UInt64>], chunk: Int, bufferSize: Int) throws {}
+
+    /// A source without buffers of its own reads into the caller's.
+    public func read(exchanging buffer: UnsafeMutableRawBufferPointer, count: Int, at offset: UInt64) throws
+        -> UnsafeMutableRawBufferPointer? {
+        try read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<count]), at: offset)
+        return nil
+    }
 
     /// Calls `body` for consecutive extents covering `range` (clipped to the disk).
     public func forEachExtent(in range: Range<UInt64>, _ body: (BlockStatus) throws -> Void) throws {

@@ -11,7 +11,8 @@ import Dispatch
 /// by the next `submit` or by `finish`; later work is skipped.
 public final class WriteBehind: @unchecked Sendable {
     public let bufferSize: Int
-    private let buffers: [UnsafeMutableRawBufferPointer]
+    /// Each slot's buffer (only the caller's thread touches the array; a fill may swap one).
+    private var buffers: [UnsafeMutableRawBufferPointer]
     private var free: [Int]
     private let freeCount: DispatchSemaphore
     private let lock = DispatchSemaphore(value: 1)
@@ -60,6 +61,17 @@ public final class WriteBehind: @unchecked Sendable {
     public func submitWhole(fill: (UnsafeMutableRawBufferPointer) throws -> Int?,
                             process: ((UnsafeMutableRawBufferPointer) throws -> Void)? = nil,
                             write: @escaping (UnsafeRawBufferPointer) throws -> Void) throws {
+        try submitExchanging(fill: { (try fill($0), nil) }, process: process, write: write)
+    }
+
+    /// As `submitWhole`, for a `fill` that may hand back a buffer of its own holding the bytes
+    /// instead (`bufferSize` bytes, page aligned, from `UnsafeMutableRawBufferPointer.allocate`),
+    /// having taken the one it was given: the pipeline goes on with that one and frees it.
+    /// A `fill` that throws has taken nothing.
+    public func submitExchanging(fill: (UnsafeMutableRawBufferPointer) throws
+                                     -> (count: Int?, exchanged: UnsafeMutableRawBufferPointer?),
+                                 process: ((UnsafeMutableRawBufferPointer) throws -> Void)? = nil,
+                                 write: @escaping (UnsafeRawBufferPointer) throws -> Void) throws {
         if let failure = firstFailure() { throw failure }
         freeCount.wait()
         lock.wait()
@@ -67,7 +79,12 @@ public final class WriteBehind: @unchecked Sendable {
         lock.signal()
         let filled: Int?
         do {
-            filled = try fill(buffers[slot])
+            let outcome = try fill(buffers[slot])
+            if let exchanged = outcome.exchanged {
+                precondition(exchanged.count == bufferSize, "an exchanged buffer of another size")
+                buffers[slot] = exchanged
+            }
+            filled = outcome.count
         } catch {
             release(slot)
             throw error
