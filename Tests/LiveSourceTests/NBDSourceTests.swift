@@ -227,10 +227,11 @@ import TestSupport
         return true
     }
 
-    /// The read-ahead reads on its own threads, on 2 connections when the export allows
-    /// multi-conn (qemu-nbd -e 2: the server sees 2 clients), keeps several requests in
-    /// flight, fills its window without the caller reading and stops there (its memory
-    /// bound). What it read before the server went is served afterwards, byte-exact.
+    /// The read-ahead reads on its own threads, on as many connections as the server lets in
+    /// when the export allows multi-conn (qemu-nbd -e 2: 2 clients; the third is kept waiting,
+    /// and the read-ahead goes on without it after a few seconds, not the read timeout), keeps
+    /// several requests in flight, fills its window without the caller reading and stops there
+    /// (its memory bound). What it read before the server went is served afterwards, byte-exact.
     @Test func readAheadUsesTwoConnectionsAndReadsWithoutTheCaller() throws {
         let dir = TempDir("nbdsrc-multi")
         let mib = 1 << 20
@@ -240,20 +241,23 @@ import TestSupport
         let expected = try Data.contents(of: raw)
         let server = try QemuNBD(image: disk, bitmap: nil, directory: dir, shared: 2)
         defer { server.stop() }
-        let source = try NBDSource(uri: Self.uri(server), tracking: nil, timeout: 10)
+        let source = try NBDSource(uri: Self.uri(server), tracking: nil, timeout: 30)
         defer { source.close() }
         #expect(source.connection.canMultiConn)
         #expect(server.openSockets == 2)  // listening + this client
         source.connection.readAheadBytes = UInt64(16 * mib)
-        try source.connection.willRead([0..<UInt64(40 * mib)])
+        let started = Date()
+        try source.connection.willRead([0..<UInt64(40 * mib)], chunk: mib, bufferSize: mib)
+        let waited = Date().timeIntervalSince(started)
+        #expect(waited < NBDConnection.extraHandshake + 2, "willRead took \(waited) s")
         #expect(source.connection.readAheadStats?.connections == 2)
         #expect(server.openSockets == 3)  // a second client
-        // Nobody reads: the window (16 segments of 1 MiB) fills anyway, and no further.
+        // Nobody reads: the window (16 segments of 1 MiB, 8 requests each) fills anyway, and no further.
         #expect(Self.eventually { source.connection.readAheadStats?.ready == 16 })
         usleep(200_000)
         let stats = source.connection.readAheadStats
         #expect(stats?.ready == 16)
-        #expect((stats?.peakInFlight ?? 0) >= 2 && (stats?.peakInFlight ?? 0) <= 16)
+        #expect((stats?.peakInFlight ?? 0) >= 2 && (stats?.peakInFlight ?? 0) <= 16 * 8)
 
         server.stop()
         var buffer = [UInt8](repeating: 0xee, count: 16 * mib)
@@ -263,6 +267,26 @@ import TestSupport
         }
         #expect(throws: LiveError.self) {
             try buffer.withUnsafeMutableBytes { try source.read(into: $0, at: UInt64(16 * mib)) }
+        }
+    }
+
+    /// A server that lets enough clients in (qemu-nbd -e 8) gets four connections, as from
+    /// nbdcopy: QEMU's server works on at most 16 requests of one client at a time. The plan
+    /// read through them equals qemu-img convert's bytes.
+    @Test func readAheadUsesFourConnections() throws {
+        let dir = TempDir("nbdsrc-four")
+        let disk = try Self.makeDisk(dir, size: "24M", before: (0..<24).map { "write -P \($0 + 0x31) \($0)M 1M" }, after: [])
+        let raw = dir.file("disk.raw")
+        try Tools.qemuImg("convert", "-f", "qcow2", "-O", "raw", disk, raw)
+        let server = try QemuNBD(image: disk, bitmap: nil, directory: dir, shared: 8)
+        defer { server.stop() }
+        let source = try NBDSource(uri: Self.uri(server), tracking: nil, timeout: 10)
+        defer { source.close() }
+        try source.connection.willRead([0..<(24 << 20)], chunk: 4 << 20, bufferSize: 4 << 20)
+        #expect(source.connection.readAheadStats?.connections == 4)
+        #expect(server.openSockets == 5)  // listening + 4 clients
+        if try Self.readAll(source) != Data.contents(of: raw) {
+            Issue.record("the plan read through four connections differs from qemu-img convert's bytes")
         }
     }
 
