@@ -11,6 +11,16 @@ import Glibc
 /// `QBACKUP_DEBUG_LIVE_PAUSE=SECONDS` sleeps that long: for tests that strike at seeded
 /// moments of a short window.
 enum DebugHold {
+    /// `QBACKUP_DEBUG_LIBVIRT_WRITTEN_HOLD=PATH`: a libvirt run, once every disk's layer is
+    /// written and before it checks the job and records them, creates PATH.reached and waits
+    /// until PATH exists (at most two minutes).
+    static func written() {
+        guard let path = ProcessInfo.processInfo.environment["QBACKUP_DEBUG_LIBVIRT_WRITTEN_HOLD"] else { return }
+        FileManager.default.createFile(atPath: path + ".reached", contents: nil)
+        let deadline = Date().addingTimeInterval(120)
+        while access(path, F_OK) != 0 && Date() < deadline { usleep(10_000) }
+    }
+
     static func here() {
         let environment = ProcessInfo.processInfo.environment
         if let path = environment["QBACKUP_DEBUG_LIVE_HOLD"] {

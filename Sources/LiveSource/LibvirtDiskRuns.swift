@@ -97,7 +97,22 @@ final class DiskRuns: @unchecked Sendable {
             }
         }
         decide(.opened, go)
-        decide(.written, go && meet(.written))
+        var written = go && meet(.written)
+        if written, active {
+            #if DEBUG
+            DebugHold.written()
+            #endif
+            // Aborted from outside (virsh domjobabort), libvirt ends the fleecing before the
+            // export, so a read in between may see guest writes made after the point in time.
+            // (When libvirtd cannot be asked, having restarted, QEMU's job lives on: go ahead.)
+            let current: Int32?
+            do { current = try layout.domain.currentJob() } catch { current = LibvirtDomain.backupOperation }
+            if current != LibvirtDomain.backupOperation {
+                noteFailure(LiveError(.io, "domain '\(layout.domain.name)': the backup job ended before every disk was read (aborted outside qbackup?), so what was read may not be of its point in time; no layer is recorded"))
+                written = false
+            }
+        }
+        decide(.written, written)
         workers.wait()
 
         let (committed, targets, results) = locked {

@@ -143,6 +143,9 @@ final class LibvirtDomain {
 
     // MARK: jobs
 
+    /// `currentJob()`'s operation for a backup job (VIR_DOMAIN_JOB_OPERATION_BACKUP).
+    static let backupOperation = Int32(VIR_DOMAIN_JOB_OPERATION_BACKUP.rawValue)
+
     /// The domain's current job: nil when there is none, else its operation (9 = backup).
     func currentJob() throws -> Int32? {
         var type: Int32 = 0

@@ -280,11 +280,35 @@ import TestSupport
         #expect(s.waitForJob(while: run), "the backup job never appeared")
         #expect(try libvirt.checkpoints(s.domain).count == 2, "the job made a checkpoint")
         try libvirt.must(["domjobabort", s.domain])
+        // libvirt ends the job (and its export) after domjobabort returns, once QEMU's block jobs
+        // are cancelled: the run goes on only when the job is gone, as the scenario says.
+        let deadline = Date().addingTimeInterval(30)
+        while try s.hasJob(), Date() < deadline { usleep(10_000) }
+        #expect(try !s.hasJob(), "the aborted job never ended")
         let failed = run.wait()
         #expect(failed.status != 0, "\(failed.stderr)")
         #expect(failed.stderr.contains("qbackup: error:"), "\(failed.stderr)")
         #expect(try s.layers("vda").count == 1 && s.layers("vdb").count == 1, "no layer of the failed job is recorded")
         #expect(try libvirt.checkpoints(s.domain) == kept, "the failed job's checkpoint is deleted")
+        #expect(try !s.hasJob())
+
+        // After every disk's layer is written, before they are recorded: the job aborted from
+        // outside. What was read may postdate the point in time, so nothing is recorded.
+        let hold = s.dir.file("written.release")
+        let late = try RunningQBackup(["backup", "--libvirt", s.domain, "--connect", libvirt.uri, "--repo", s.repo],
+                                      environment: ["QBACKUP_DEBUG_LIBVIRT_WRITTEN_HOLD": hold], directory: s.dir)
+        let reachedBy = Date().addingTimeInterval(60)
+        while !FileManager.default.fileExists(atPath: hold + ".reached"), late.isRunning, Date() < reachedBy { usleep(10_000) }
+        #expect(FileManager.default.fileExists(atPath: hold + ".reached"), "the run never wrote its layers")
+        try libvirt.must(["domjobabort", s.domain])
+        let gone = Date().addingTimeInterval(30)
+        while try s.hasJob(), Date() < gone { usleep(10_000) }
+        FileManager.default.createFile(atPath: hold, contents: nil)
+        let ended = late.wait()
+        #expect(ended.status != 0, "\(ended.stderr)")
+        #expect(ended.stderr.contains("the backup job ended before every disk was read"), "\(ended.stderr)")
+        #expect(try s.layers("vda").count == 1 && s.layers("vdb").count == 1, "no layer of the aborted job is recorded")
+        #expect(try libvirt.checkpoints(s.domain) == kept, "the aborted job's checkpoint is deleted")
         #expect(try !s.hasJob())
 
         let next = try s.backup()
