@@ -17,6 +17,11 @@ enum DebugHold {
     static func written() {
         guard let path = ProcessInfo.processInfo.environment["QBACKUP_DEBUG_LIBVIRT_WRITTEN_HOLD"] else { return }
         FileManager.default.createFile(atPath: path + ".reached", contents: nil)
+        waitUntilExists(path)
+    }
+
+    /// Waits until `path` exists, at most two minutes.
+    private static func waitUntilExists(_ path: String) {
         let deadline = Date().addingTimeInterval(120)
         while access(path, F_OK) != 0 && Date() < deadline { usleep(10_000) }
     }
@@ -24,8 +29,7 @@ enum DebugHold {
     static func here() {
         let environment = ProcessInfo.processInfo.environment
         if let path = environment["QBACKUP_DEBUG_LIVE_HOLD"] {
-            let deadline = Date().addingTimeInterval(120)
-            while access(path, F_OK) != 0 && Date() < deadline { usleep(10_000) }
+            waitUntilExists(path)
         } else if let pause = environment["QBACKUP_DEBUG_LIVE_PAUSE"], let seconds = Double(pause) {
             usleep(UInt32(seconds * 1_000_000))
         }

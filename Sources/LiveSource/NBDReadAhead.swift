@@ -48,8 +48,9 @@ final class NBDReadAhead: @unchecked Sendable {
     private struct Segment {
         var range: Range<UInt64>
         /// Requests sent for it whose replies are not in yet.
-        var pending = 0
-        var ready = false
+        var pending: Int
+        /// Every reply is in: its bytes may be taken.
+        var ready: Bool { pending == 0 }
     }
 
     let readers: [Reader]
@@ -399,10 +400,7 @@ final class NBDReadAhead: @unchecked Sendable {
                 problem = "the NBD server did not answer a read within \(Int(timeout)) s"
             }
             mutex.lock()
-            for seq in completed {
-                segments[seq % window]?.pending -= 1
-                if segments[seq % window]?.pending == 0 { segments[seq % window]?.ready = true }
-            }
+            for seq in completed { segments[seq % window]?.pending -= 1 }
             inFlight -= completed.count
             if let problem { fail("\(uri): \(problem)") }
             if !completed.isEmpty || problem != nil { mutex.broadcast() }
