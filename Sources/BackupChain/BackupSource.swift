@@ -30,7 +30,7 @@ extension BackupSource {
 }
 
 extension BackupSource {
-    /// Sources whose reads fail when the disk goes away (NBD) need no check.
+    /// Sources whose reads fail when the disk goes away need no check.
     public func checkUnchanged() throws {}
 }
 

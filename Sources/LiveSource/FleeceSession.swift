@@ -178,6 +178,22 @@ final class FleeceSession {
         #endif
     }
 
+    // MARK: - While the copy runs
+
+    /// The states of a job that still copies old data aside before the guest overwrites it.
+    static let holdingStates: Set<String> = ["running", "paused", "ready", "standby"]
+
+    /// Throws unless the fleecing job still holds the point in time. A job cancelled from
+    /// outside (`block-job-cancel`) takes its copy-before-write filter with it, and the export
+    /// goes on serving: reads made after that may see guest writes newer than the point.
+    func checkPointInTime() throws {
+        let jobs = try qmp.execute("query-block-jobs") as? [[String: Any]] ?? []
+        let status = jobs.first { $0["device"] as? String == names.job }?["status"] as? String
+        if let status, Self.holdingStates.contains(status) { return }
+        if status == nil { jobStarted = false }
+        throw LiveError(.io, "the fleecing job '\(names.job)' \(status.map { "is \($0)" } ?? "is gone") (cancelled outside qbackup?), so what was read may not be of the backup's point in time; no layer is recorded, and the next backup copies these changes again")
+    }
+
     // MARK: - Cleanup
 
     /// Removes the export, job, overlay node and file and our server, in that order (each

@@ -33,6 +33,9 @@ public final class NBDSource: BackupSource {
     public var disk: BackupManifest.Source
     /// Set when the engine has recorded the layer in the manifest (see the type's comment).
     public private(set) var committed = false
+    /// Throws when the export may no longer be of its point in time (the QMP workflow's
+    /// fleecing job ended); the engine asks once the layer is written, before recording it.
+    public var pointInTimeCheck: (() throws -> Void)?
 
     let connection: NBDConnection
     /// The last base:allocation reply, so one request answers many `blockStatus` calls.
@@ -132,6 +135,11 @@ public final class NBDSource: BackupSource {
             offset = last.end
         }
         if let r = run { try body(r) }
+    }
+
+    /// A disk that goes away fails the reads; what remains to ask is `pointInTimeCheck`.
+    public func checkUnchanged() throws {
+        try pointInTimeCheck?()
     }
 
     /// The engine calls this once the layer is durable: qbackup resets no bitmap of an NBD export.

@@ -114,6 +114,7 @@ public enum QMPBackup {
                                         mode: .qmp, timeout: request.timeout)
                 // The repository belongs to the image file behind the node, as an offline backup's would.
                 nbd.disk = .localFile(disk.file)
+                nbd.pointInTimeCheck = { try fleece.checkPointInTime() }
                 source = nbd
                 return nbd
             }

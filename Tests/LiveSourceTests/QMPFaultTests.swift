@@ -128,6 +128,33 @@ import TestSupport
         try s.checkEveryPoint()
     }
 
+    /// qbackup's fleecing job cancelled from outside mid-backup: the export stays up but no
+    /// longer holds the point in time (a guest write made after the cancel reads through). The
+    /// run fails and records nothing; the next backup is an incremental that misses nothing.
+    @Test func fleecingJobCancelledMidBackup() throws {
+        let s = try Self.interruptedBackup("live-job-cancel", first: 0xa1,
+                                           changed: (0xa2, at: 2 << 20, length: 64 << 10)) { s, vm in
+            let jobs = try vm.monitor.execute("query-block-jobs") as? [[String: Any]] ?? []
+            let job = try #require(jobs.compactMap { $0["device"] as? String }.first { $0.hasPrefix("qb-job-") })
+            try vm.monitor.execute("block-job-cancel", ["device": job, "force": true])
+            let deadline = Date().addingTimeInterval(30)
+            while !(try vm.monitor.execute("query-block-jobs") as? [Any] ?? []).isEmpty && Date() < deadline {
+                usleep(10_000)
+            }
+            // After the point in time, over the changed range: the held run would read it.
+            try s.write(0xa3, at: 2 << 20, length: 64 << 10)
+            try vm.flush()
+        }
+        let layers = try JSONHelpers.parse(try QBackupBinary.run(["list", s.repo, "--output", "json"]).stdout)
+            as? [String: Any]
+        #expect((layers?["layers"] as? [Any])?.count == 1, "the failed run recorded a layer")
+        let next = try s.backup()
+        #expect(next["kind"] as? String == "incremental")
+        #expect(next["bytes-copied"] as? Int == 64 << 10)
+        try s.checkNothingLeft()
+        try s.checkEveryPoint()
+    }
+
     /// The NBD connection dropped (the export deleted under it): a clear error, the bits merged
     /// back, the next backup incremental and complete.
     @Test func nbdConnectionDropped() throws {
